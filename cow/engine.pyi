@@ -1,0 +1,93 @@
+"""Type stubs for the compiled copy-on-write engine (cow/engine.pyx)."""
+
+from collections.abc import Buffer
+from typing import Literal
+
+BLOCK_NOT_ALLOCATED: int  # 0: data comes from the backing
+BLOCK_ALLOCATED: int      # 1: data is in the overlay
+BLOCK_TRIMMED: int        # 3: reads as zeroes
+
+EXTENT_HOLE: int          # 1, the same value as NBD_STATE_HOLE
+EXTENT_ZERO: int          # 2, the same value as NBD_STATE_ZERO
+
+DEPTH_OVERLAY: int        # 1 (qemu:allocation-depth of a block held in the overlay)
+DEPTH_BACKING: int        # 2 (qemu:allocation-depth of a block read from the backing)
+
+CACHE_MODE_READ: int      # blk_cache: read the block from the backing (warm its cache)
+CACHE_MODE_COW: int       # blk_cache: copy the block up into the overlay
+
+MIN_BLOCK_SIZE: int       # 4096
+DEFAULT_BLOCK_SIZE: int   # 65536
+
+def parse_block_size(value: str | int) -> int:
+    """Parse a block size such as 65536, "64K", "4M"; ValueError says what is allowed."""
+
+def parse_size(value: str | int) -> int:
+    """Parse a byte size with an optional K/M/G/T/P suffix (powers of 1024)."""
+
+class Engine:
+    """A copy-on-write view of a read-only backing.
+
+    backing: a file or block device path, or an NBD URI (nbd://, nbds://, nbd+unix://...).
+    Every method that does I/O releases the GIL for the whole call, backing reads included.
+    Errors from I/O raise OSError (errno set, message naming the operation); bad arguments
+    raise ValueError before any I/O.
+    """
+
+    def __init__(
+        self,
+        backing: str,
+        *,
+        block_size: int | str = 65536,
+        cow_on_read: bool | str = False,  # False, True, or an absolute path: on while it exists
+        cow_on_cache: bool = False,
+        lock_mode: Literal["fine", "global"] = "fine",
+        tmpdir: str | None = None,  # default $TMPDIR, else /var/tmp
+        overlay_max_size: int | None = None,  # bytes; writes needing more fail with ENOSPC
+        nbd_connections: int = 4,  # libnbd handles for an NBD backing
+    ) -> None: ...
+
+    @property
+    def size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def nr_blocks(self) -> int: ...
+    @property
+    def backing(self) -> str: ...
+    @property
+    def backing_is_nbd(self) -> bool: ...
+    @property
+    def lock_mode(self) -> str: ...
+    @property
+    def closed(self) -> bool: ...
+
+    # Byte-range API: one call per NBD request.
+    def pread(self, buf: Buffer, offset: int) -> None:
+        """Fill the writable buffer buf (len(buf) bytes) from offset."""
+    def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None: ...
+    def zero(self, count: int, offset: int, may_trim: bool = True, fast: bool = False) -> None:
+        """Make the range read as zeroes. fast=True fails at once with OSError(ENOTSUP)
+        when that would need a backing read (an unaligned piece of a block not yet copied up)."""
+    def trim(self, count: int, offset: int) -> None: ...
+    def cache(self, count: int, offset: int) -> None: ...
+    def flush(self) -> None: ...
+    def extents(self, count: int, offset: int, req_one: bool = False) -> list[tuple[int, int]]:
+        """(length, type) runs from offset, type a mask of EXTENT_HOLE | EXTENT_ZERO.
+        May cover less than count (at least one run, unless count is 0); never past the size."""
+    def allocation_depth(self, count: int, offset: int, req_one: bool = False) -> list[tuple[int, int]]:
+        """(length, depth) runs: DEPTH_OVERLAY for allocated or trimmed blocks, DEPTH_BACKING else."""
+    def stats(self) -> dict[str, int]:
+        """allocated_blocks, trimmed_blocks, overlay_bytes (space the overlay file uses)."""
+    def close(self) -> None: ...
+
+    # Block API (nbdkit blk.h vocabulary); blknum counts blocks, buffers are block_size bytes.
+    def blk_set_size(self, new_size: int) -> None: ...
+    def blk_status(self, blknum: int) -> int: ...
+    def blk_read(self, blknum: int, buf: Buffer) -> None: ...
+    def blk_write(self, blknum: int, buf: Buffer) -> None: ...
+    def blk_trim(self, blknum: int) -> None: ...
+    def blk_cache(self, blknum: int, mode: int = ...) -> None: ...
+
+    def __enter__(self) -> Engine: ...
+    def __exit__(self, *exc: object) -> None: ...
