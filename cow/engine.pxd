@@ -81,6 +81,7 @@ cdef extern from "<libnbd.h>" nogil:
     int nbd_shutdown(nbd_handle *h, uint32_t flags)
     uint32_t LIBNBD_CMD_FLAG_REQ_ONE
     int LIBNBD_SIZE_MAXIMUM
+    int LIBNBD_SIZE_MINIMUM
     const char *LIBNBD_CONTEXT_BASE_ALLOCATION
 
 
@@ -109,6 +110,7 @@ cdef struct backing_t:
     unsigned int next_handle
     uint64_t size
     uint64_t max_request
+    uint64_t min_block       # NBD: requests must be aligned to this (1: no constraint)
     bint base_allocation
     bint can_cache
 

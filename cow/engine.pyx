@@ -126,11 +126,31 @@ cdef int full_pread(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexc
     while count > 0:
         r = pread(fd, buf, count, <off_t>offset)
         if r < 0:
-            if errno == 4:   # EINTR
+            if errno == EINTR:
                 continue
             return -errno
         if r == 0:
             return -EIO      # unexpected end of file
+        buf += r
+        count -= r
+        offset += r
+    return 0
+
+
+cdef int overlay_pread(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
+    """Like full_pread, for the sparse overlay: it is never sized up front (a file as large as the
+    disk may exceed the file system's limit, or RLIMIT_FSIZE), so what lies past its end was never
+    written and reads as zeroes."""
+    cdef ssize_t r
+    while count > 0:
+        r = pread(fd, buf, count, <off_t>offset)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if r == 0:
+            memset(buf, 0, count)
+            return 0
         buf += r
         count -= r
         offset += r
@@ -142,7 +162,7 @@ cdef int full_pwrite(int fd, const uint8_t *buf, uint64_t count, uint64_t offset
     while count > 0:
         r = pwrite(fd, buf, count, <off_t>offset)
         if r < 0:
-            if errno == 4:
+            if errno == EINTR:
                 continue
             return -errno
         if r == 0:
@@ -213,15 +233,15 @@ cdef inline void backing_put_handle(backing_t *b, int index) noexcept nogil:
 
 
 cdef int nbd_error() noexcept nogil:
+    """A failed backing request is the backing's fault: EIO to the client, whatever libnbd's errno
+    says about its own state (a dead connection gives ENOTCONN, then EINVAL for "invalid state")."""
     cdef int e = nbd_get_errno()
-    return -(e if e > 0 else EIO)
+    return -(ENOMEM if e == ENOMEM else EIO)
 
 
 cdef int backing_read(backing_t *b, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
     """Read count bytes at offset; bytes past the end of the backing read as zeroes."""
-    cdef uint64_t n = 0, chunk
-    cdef int r = 0, idx
-    cdef nbd_handle *h
+    cdef uint64_t n = 0
     if offset < b.size:
         n = b.size - offset
         if n > count:
@@ -232,7 +252,15 @@ cdef int backing_read(backing_t *b, uint8_t *buf, uint64_t count, uint64_t offse
         return 0
     if b.fd >= 0:
         return full_pread(b.fd, buf, n, offset)
-    h = backing_get_handle(b, &idx)
+    if (offset | n) & (b.min_block - 1):
+        return backing_read_aligned(b, buf, n, offset)
+    return backing_nbd_pread(b, buf, n, offset)
+
+
+cdef int backing_nbd_pread(backing_t *b, uint8_t *buf, uint64_t n, uint64_t offset) noexcept nogil:
+    cdef uint64_t chunk
+    cdef int r = 0, idx
+    cdef nbd_handle *h = backing_get_handle(b, &idx)
     while n > 0:
         chunk = n if n < b.max_request else b.max_request
         if nbd_pread(h, buf, chunk, offset, 0) == -1:
@@ -242,6 +270,27 @@ cdef int backing_read(backing_t *b, uint8_t *buf, uint64_t count, uint64_t offse
         offset += chunk
         n -= chunk
     backing_put_handle(b, idx)
+    return r
+
+
+cdef int backing_read_aligned(backing_t *b, uint8_t *buf, uint64_t count,
+                              uint64_t offset) noexcept nogil:
+    """An NBD server with a minimum block size refuses unaligned requests: read the aligned range
+    around [offset, offset+count) (count > 0, inside the backing) into a bounce buffer."""
+    cdef uint64_t mask = b.min_block - 1
+    cdef uint64_t start = offset & ~mask
+    cdef uint64_t end = (offset + count + mask) & ~mask
+    cdef uint8_t *bounce
+    cdef int r
+    if end > b.size:
+        end = b.size    # a size that is not a multiple of the minimum: the last piece is short
+    bounce = <uint8_t *>malloc(end - start)
+    if bounce == NULL:
+        return -ENOMEM
+    r = backing_nbd_pread(b, bounce, end - start, start)
+    if r == 0:
+        memcpy(buf, bounce + (offset - start), count)
+    free(bounce)
     return r
 
 
@@ -280,13 +329,19 @@ cdef int nbd_extent_cb(void *user_data, const char *metacontext, uint64_t offset
 cdef int backing_extents(backing_t *b, runs_t *runs, uint64_t offset, uint64_t count) noexcept nogil:
     """Describe [offset, offset+count) of the backing: its holes pass through as hole|zero."""
     cdef uint64_t end = offset + count
-    cdef uint64_t pos = offset, data, hole, ask
+    cdef uint64_t pos = offset, data, hole, ask, start
     cdef off_t r
     cdef int idx, rc
     cdef nbd_handle *h
     cdef nbd_extents_ctx ctx
     cdef nbd_extent_callback cb
-    cdef size_t before
+    if end > b.size:        # past the backing's end (a grown disk): zeroes
+        if offset >= b.size:
+            return runs_add(runs, count, T_HOLE_ZERO)
+        rc = backing_extents(b, runs, offset, b.size - offset)
+        if rc < 0 or runs_full(runs):
+            return rc
+        return runs_add(runs, end - b.size, T_HOLE_ZERO)
     if b.fd >= 0:
         while pos < end and not runs_full(runs):
             r = lseek(b.fd, <off_t>pos, SEEK_DATA)
@@ -324,9 +379,12 @@ cdef int backing_extents(backing_t *b, runs_t *runs, uint64_t offset, uint64_t c
         ask = end - pos
         if ask > <uint64_t>0x80000000:
             ask = <uint64_t>0x80000000
-        before = runs.n
+        start = pos & ~(b.min_block - 1)       # the server may insist on aligned requests
+        ask = ((pos + ask + b.min_block - 1) & ~(b.min_block - 1)) - start
+        if start + ask > b.size:
+            ask = b.size - start
         h = backing_get_handle(b, &idx)
-        rc = nbd_block_status(h, ask, pos, cb, LIBNBD_CMD_FLAG_REQ_ONE if runs.req_one else 0)
+        rc = nbd_block_status(h, ask, start, cb, LIBNBD_CMD_FLAG_REQ_ONE if runs.req_one else 0)
         if rc == -1:
             rc = nbd_error()
         backing_put_handle(b, idx)
@@ -401,6 +459,7 @@ cdef class Engine:
         self.b.handles = NULL
         self.b.handle_locks = NULL
         self.b.nr_handles = 0
+        self.b.min_block = 1
         self.bitmap = NULL
         self.stripes = NULL
         self.zero_block = NULL
@@ -478,10 +537,11 @@ cdef class Engine:
         else:
             raise ValueError(f"cow: backing {path!r} is not a regular file or block device")
         self.b.max_request = UINT64_MAX
+        self.b.min_block = 1
 
     def _open_nbd(self, str uri, int nconn):
         cdef nbd_handle *h
-        cdef int64_t size, maxreq
+        cdef int64_t size, maxreq, minblk
         cdef bytes buri = uri.encode()
         cdef const char *curi = buri
         cdef int rc, i
@@ -517,6 +577,8 @@ cdef class Engine:
                 self.b.size = size
                 self.b.base_allocation = nbd_can_meta_context(h, b"base:allocation") == 1
                 self.b.can_cache = nbd_can_cache(h) == 1
+                minblk = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM)
+                self.b.min_block = minblk if minblk > 1 and (minblk & (minblk - 1)) == 0 else 1
                 maxreq = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM)
                 self.b.max_request = maxreq if 0 < maxreq < NBD_CHUNK else NBD_CHUNK
                 # Extra connections only where the server says they see the same data.
@@ -730,7 +792,7 @@ cdef class Engine:
             pthread_mutex_lock(&self.global_lock)
             state = self.get_state(blknum)
         if state == BLOCK_ALLOCATED:
-            r = full_pread(self.fd, block, n, blknum << self.blkshift)
+            r = overlay_pread(self.fd, block, n, blknum << self.blkshift)
             if n < self.blksize:
                 memset(block + n, 0, self.blksize - n)
         elif state == BLOCK_TRIMMED:
@@ -924,7 +986,7 @@ cdef class Engine:
             n = (run_end if run_end < end else end) - offset
             cor = False
             if state == BLOCK_ALLOCATED:
-                r = full_pread(self.fd, buf, n, offset)
+                r = overlay_pread(self.fd, buf, n, offset)
             elif state == BLOCK_TRIMMED:
                 memset(buf, 0, n)
             else:
@@ -1197,12 +1259,14 @@ cdef class Engine:
     def stats(self):
         cdef struct_stat st
         cdef uint64_t used = 0
+        self.enter()
         if self.fd >= 0 and fstat(self.fd, &st) == 0:
             used = <uint64_t>st.st_blocks * 512
         with nogil:
             pthread_mutex_lock(&self.lock)
         alloc, trimmed = self.nr_allocated, self.nr_trimmed
         pthread_mutex_unlock(&self.lock)
+        self.leave()
         return {"allocated_blocks": alloc, "trimmed_blocks": trimmed, "overlay_bytes": used,
                 "block_size": self.blksize, "nr_blocks": self.nrblocks}
 
@@ -1214,6 +1278,16 @@ cdef class Engine:
         cdef uint64_t nblocks = (new_size_u + self.blksize - 1) >> self.blkshift
         cdef uint64_t nbytes = (nblocks + 3) >> 2
         cdef uint8_t *p
+        cdef struct_stat st
+        self.enter()
+        try:
+            self._set_size(new_size_u, nblocks, nbytes)
+        finally:
+            self.leave()
+
+    cdef _set_size(self, uint64_t new_size_u, uint64_t nblocks, uint64_t nbytes):
+        cdef uint8_t *p
+        cdef struct_stat st
         with nogil:
             pthread_mutex_lock(&self.lock)
             # Blocks past a shrunk end forget their state (and their counts).
@@ -1237,15 +1311,19 @@ cdef class Engine:
         if nblocks & 3:
             p[nblocks >> 2] &= (1 << ((nblocks & 3) * 2)) - 1
         pthread_mutex_unlock(&self.lock)
-        if ftruncate(self.fd, <off_t>(nblocks << self.blkshift)) != 0:
-            raise OSError(errno, f"cow: cannot size the overlay: {os.strerror(errno)}")
+        # The overlay grows as blocks are written; a shrunk disk gives back what lies past its end.
+        if fstat(self.fd, &st) == 0 and <uint64_t>st.st_size > (nblocks << self.blkshift):
+            if ftruncate(self.fd, <off_t>(nblocks << self.blkshift)) != 0:
+                raise OSError(errno, f"cow: cannot shrink the overlay: {os.strerror(errno)}")
 
     def blk_status(self, blknum):
         cdef uint64_t blknum_u = u64(blknum, "blknum")
         cdef int s
         self.check_blknum(blknum_u)
+        self.enter()
         with nogil:
             s = self.get_state(blknum_u)
+        self.leave()
         return s
 
     cdef int check_blknum(self, uint64_t blknum) except -1:
