@@ -1,0 +1,112 @@
+"""Run real nbdkit with the cow engine as its python plugin.
+
+    python -m cow.nbdkit --print-plugin-path
+    python -m cow.nbdkit [nbdkit options] BACKING [cow-block-size=N] [cow-on-read=...] [cow-on-cache=...]
+
+BACKING is a file or device path, an NBD URI (nbd://, nbds://, nbd+unix://...), or an explicit
+file=PATH / uri=URI.  nbdkit options (-f, -U SOCKET, -r, --run CMD, --filter=NAME, ...) may come before
+or after it, as with nbdkit itself.  The second form replaces this process with
+
+    nbdkit [nbdkit options] python PLUGIN-PATH file=BACKING|uri=BACKING [cow-*=...]
+"""
+
+import os
+import re
+import shutil
+import sys
+
+PLUGIN_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nbdkit_plugin.py")
+
+# nbdkit(1) options that take a value (in the next word unless given as -Xvalue / --name=value).
+_SHORT_WITH_VALUE = set("DegiPptUu")
+_LONG_WITH_VALUE = {
+    "debug", "exportname", "export", "export-name", "filter", "group", "ipaddr", "ip-addr", "log",
+    "mask-handshake", "pidfile", "pid-file", "port", "run", "selinux-label", "threads", "tls",
+    "tls-certificates", "tls-psk", "unix", "user",
+}
+_BACKING_KEYS = ("file=", "uri=")
+_PARAM = re.compile(r"[A-Za-z_][\w.-]*=")  # key=value, as nbdkit tells them from a bare value
+
+USAGE = ("usage: python -m cow.nbdkit --print-plugin-path\n"
+         "       python -m cow.nbdkit [nbdkit options] BACKING [cow-block-size=N] "
+         "[cow-on-read=false|true|/PATH] [cow-on-cache=false|true]")
+
+
+class UsageError(Exception):
+    pass
+
+
+def split_arguments(argv):
+    """Split argv into (nbdkit options, plugin parameters); the parameters start with the backing."""
+    options, params = [], []
+    backing = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            params.extend(argv[i:])
+            break
+        if arg.startswith("--") and len(arg) > 2:
+            options.append(arg)
+            name = arg[2:].split("=", 1)[0]
+            if "=" not in arg and name in _LONG_WITH_VALUE:
+                if i == len(argv):
+                    raise UsageError(f"option {arg} needs a value")
+                options.append(argv[i])
+                i += 1
+        elif arg.startswith("-") and len(arg) > 1:
+            options.append(arg)
+            # A cluster such as -fv or -fU SOCKET: a letter taking a value ends the cluster.
+            for j, letter in enumerate(arg[1:], start=1):
+                if letter in _SHORT_WITH_VALUE:
+                    if j == len(arg) - 1:
+                        if i == len(argv):
+                            raise UsageError(f"option -{letter} needs a value")
+                        options.append(argv[i])
+                        i += 1
+                    break
+        elif arg.startswith(_BACKING_KEYS):
+            if backing is not None:
+                raise UsageError(f"more than one backing: {backing} and {arg}")
+            backing = arg
+        elif "://" not in arg and _PARAM.match(arg):
+            params.append(arg)  # a key=value parameter for the plugin
+        else:
+            if backing is not None:
+                raise UsageError(f"more than one backing: {backing} and {arg}")
+            backing = ("uri=" if "://" in arg else "file=") + arg
+    if backing is None:
+        raise UsageError("no BACKING given")
+    return options, [backing, *params]
+
+
+def nbdkit_command(argv, nbdkit="nbdkit"):
+    """The nbdkit command line that serves argv's backing through the plugin."""
+    options, params = split_arguments(argv)
+    return [nbdkit, *options, "python", PLUGIN_PATH, *params]
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv in (["--print-plugin-path"], ["--plugin-path"]):
+        print(PLUGIN_PATH)
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    try:
+        cmd = nbdkit_command(argv)
+    except UsageError as exc:
+        print(f"cow.nbdkit: {exc}\n{USAGE}", file=sys.stderr)
+        return 2
+    binary = shutil.which("nbdkit")
+    if binary is None:
+        print("cow.nbdkit: nbdkit is not installed (Debian: apt install nbdkit nbdkit-plugin-python)",
+              file=sys.stderr)
+        return 127
+    os.execv(binary, cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

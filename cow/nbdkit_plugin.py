@@ -1,0 +1,266 @@
+"""nbdkit python plugin: serve the copy-on-write engine inside real nbdkit.
+
+    nbdkit python PATH-TO-THIS-FILE file=BACKING | uri=nbd://...
+                 [cow-block-size=N] [cow-on-read=false|true|/PATH] [cow-on-cache=false|true]
+
+`python -m cow.nbdkit --print-plugin-path` prints PATH-TO-THIS-FILE.  The parameters have the names,
+defaults and meanings of nbdkit's cow filter (nbdkit-cow-filter(1)).  One engine, created at start-up,
+serves every connection, so all clients share one overlay; the backing is opened read-only.
+
+nbdkit runs this file as `__main__` with neither its folder nor any virtual environment on sys.path,
+so it imports nothing relative: it adds the site-packages folder it was installed into (two levels
+above this file) and imports `cow.engine` from there.  Every callback only delegates to the engine;
+the engine releases the GIL for each whole call, so with the parallel thread model requests from
+nbdkit's worker threads overlap in I/O.
+"""
+
+import errno
+import functools
+import os
+import site
+import sys
+
+API_VERSION = 2
+
+_SITE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _SITE_DIR not in sys.path:
+    # In front, so that this installation's `cow` wins over any other on the system path;
+    # addsitedir then processes the folder's .pth files.
+    sys.path.insert(0, _SITE_DIR)
+site.addsitedir(_SITE_DIR)
+
+import nbdkit  # noqa: E402  (the module nbdkit's python plugin provides)
+
+try:
+    from cow.engine import Engine, parse_block_size  # noqa: E402
+except ImportError as exc:
+    sys.tracebacklimit = 0  # nbdkit prints this at start-up: one message, no traceback
+    raise ImportError(
+        f"cannot import cow.engine from {_SITE_DIR} with nbdkit's Python "
+        f"{sys.version_info.major}.{sys.version_info.minor}: {exc}. The package must be installed "
+        "into a Python of the same version as nbdkit's python plugin (see: nbdkit python --dump-plugin)"
+    ) from exc
+
+
+class ConfigError(Exception):
+    """A missing or bad parameter: reported by nbdkit as one error line at start-up."""
+
+
+_PARAMETERS = ("file", "uri", "cow-block-size", "cow-on-read", "cow-on-cache")
+_TRUE = ("1", "true", "t", "yes", "y", "on")
+_FALSE = ("0", "false", "f", "no", "n", "off")
+
+_params = {}   # key -> value, as given on the command line
+_engine = None  # the one Engine, made in config_complete, closed in cleanup
+
+
+def _parse_bool(key, value):
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ConfigError(f"{key}={value}: expected a boolean (true or false)")
+
+
+def _parse_cow_on_read(value):
+    if value.startswith("/"):
+        return value  # on while this path exists
+    try:
+        return _parse_bool("cow-on-read", value)
+    except ConfigError:
+        raise ConfigError(f"cow-on-read={value}: expected true, false or an absolute path") from None
+
+
+def _engine_arguments(params):
+    """Check the parameters; return (backing, keyword arguments for Engine)."""
+    unknown = [k for k in params if k not in _PARAMETERS]
+    if unknown:
+        raise ConfigError(
+            f"unknown parameter {unknown[0]}={params[unknown[0]]} "
+            f"(known: {', '.join(p + '=' for p in _PARAMETERS)})")
+    if ("file" in params) == ("uri" in params):
+        raise ConfigError("give the backing as exactly one of file=PATH or uri=nbd://...")
+    if "file" in params:
+        if not params["file"]:
+            raise ConfigError("file=: the backing path is empty")
+        # nbdkit may change directory to / when it forks into the background.
+        backing = os.path.realpath(params["file"])
+        if not os.path.exists(backing):
+            raise ConfigError(f"file={params['file']}: no such file or device")
+    else:
+        backing = params["uri"]
+        if "://" not in backing or not backing.startswith("nbd"):
+            raise ConfigError(f"uri={backing}: expected an NBD URI (nbd://, nbds://, nbd+unix://...)")
+    kwargs = {}
+    if "cow-block-size" in params:
+        try:
+            kwargs["block_size"] = parse_block_size(params["cow-block-size"])
+        except ValueError as exc:
+            raise ConfigError(f"cow-block-size={params['cow-block-size']}: {exc}") from None
+    if "cow-on-read" in params:
+        kwargs["cow_on_read"] = _parse_cow_on_read(params["cow-on-read"])
+    if "cow-on-cache" in params:
+        kwargs["cow_on_cache"] = _parse_bool("cow-on-cache", params["cow-on-cache"])
+    return backing, kwargs
+
+
+def _fail_at_start_up(exc):
+    # nbdkit logs a Python error with its traceback; without one the log is one line.
+    sys.tracebacklimit = 0
+    raise exc from None
+
+
+def _set_errno(exc):
+    """Pass the errno of exc to nbdkit, which sends it to the client (else the client sees EIO)."""
+    code = getattr(exc, "errno", None)
+    if not code:
+        code = errno.EINVAL if isinstance(exc, ValueError) else errno.EIO
+    nbdkit.set_error(code)
+
+
+# -- start-up -----------------------------------------------------------------------------------
+
+def config(key, value):
+    _params[key] = value
+
+
+def config_complete():
+    global _engine
+    try:
+        backing, kwargs = _engine_arguments(_params)
+        nbdkit.debug(f"cow: backing {backing}, engine options {kwargs}")
+        _engine = Engine(backing, **kwargs)
+    except ConfigError as exc:
+        _fail_at_start_up(exc)
+    except (OSError, ValueError) as exc:
+        key = "file" if "file" in _params else "uri"
+        _fail_at_start_up(ConfigError(f"{key}={_params[key]}: {exc}"))
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def cleanup():
+    if _engine is not None:
+        _engine.close()
+
+
+# -- per connection: the handle is the shared engine -------------------------------------------
+
+def open(readonly):
+    return _engine
+
+
+def get_size(h):
+    return h.size
+
+
+_MAX_PREFERRED = 32 * 1024 * 1024  # nbdkit refuses a larger preferred block size
+
+
+def block_size(h):
+    # Any request size works; whole blocks avoid read-modify-write.
+    return (1, min(h.block_size, _MAX_PREFERRED), 0xFFFFFFFF)
+
+
+def can_write(h):
+    return True
+
+
+def can_flush(h):
+    return True
+
+
+def can_trim(h):
+    return True
+
+
+def can_zero(h):
+    return True
+
+
+def can_fast_zero(h):
+    return True
+
+
+def can_fua(h):
+    return nbdkit.FUA_NATIVE
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NATIVE
+
+
+def can_extents(h):
+    return True
+
+
+def can_multi_conn(h):
+    # One overlay for all connections, and flush covers all of it.
+    return True
+
+
+# -- data path ----------------------------------------------------------------------------------
+
+def _passes_errno(callback):
+    """An engine error reaches the client with its errno (nbdkit.set_error), then re-raises."""
+    @functools.wraps(callback)
+    def wrapper(*args):
+        try:
+            return callback(*args)
+        except (OSError, ValueError) as exc:
+            _set_errno(exc)
+            raise
+    return wrapper
+
+
+@_passes_errno
+def pread(h, buf, offset, flags):
+    h.pread(buf, offset)  # fills nbdkit's buffer in place
+
+
+@_passes_errno
+def pwrite(h, buf, offset, flags):
+    h.pwrite(buf, offset, bool(flags & nbdkit.FLAG_FUA))
+
+
+@_passes_errno
+def flush(h, flags):
+    h.flush()
+
+
+@_passes_errno
+def trim(h, count, offset, flags):
+    h.trim(count, offset)
+    if flags & nbdkit.FLAG_FUA:
+        h.flush()
+
+
+@_passes_errno
+def zero(h, count, offset, flags):
+    # ENOTSUP from a fast zero reaches the client as ENOTSUP; nbdkit's python plugin takes
+    # ENOTSUP from a plain zero as "write the zeroes with pwrite instead".
+    h.zero(count, offset,
+           may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+           fast=bool(flags & nbdkit.FLAG_FAST_ZERO))
+    if flags & nbdkit.FLAG_FUA:
+        h.flush()
+
+
+@_passes_errno
+def cache(h, count, offset, flags):
+    h.cache(count, offset)
+
+
+@_passes_errno
+def extents(h, count, offset, flags):
+    runs = h.extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))
+    # The engine gives (length, type) runs from offset; nbdkit wants (offset, length, type).
+    # Its type bits are NBD_STATE_HOLE / NBD_STATE_ZERO, the same as nbdkit.EXTENT_*.
+    result = []
+    for length, kind in runs:
+        result.append((offset, length, kind))
+        offset += length
+    return result
