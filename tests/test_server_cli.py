@@ -1,0 +1,151 @@
+"""The command line of python -m cow.server: help, errors, captive mode, socket activation, TCP."""
+
+import re
+import signal
+import subprocess
+
+import nbd
+import pytest
+
+from support_server import PYTHON, server_command
+
+SIZE = 1024 * 1024
+
+
+def run(args, timeout=60, **kw):
+    return subprocess.run(server_command(*args) if args else server_command(None), timeout=timeout,
+                          capture_output=True, text=True, **kw)
+
+
+def test_help_documents_every_option_with_examples():
+    r = run([None, "--help"])
+    assert r.returncode == 0
+    for opt in ("--unix", "--port", "--ipaddr", "--readonly", "--exportname", "--threads",
+                "--pidfile", "--run", "--cow-block-size", "--cow-on-read", "--cow-on-cache",
+                "--lock-mode", "--overlay-max-size", "--tmpdir", "--verbose", "BACKING"):
+        assert opt in r.stdout, opt
+    assert "examples:" in r.stdout
+    assert "nbdinfo --map -- [ python -m cow.server disk.img ]" in r.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--no-such-option"], "unrecognized arguments"),
+    (["--lock-mode", "coarse"], "invalid choice"),
+    (["-p", "99999"], "out of range"),
+    (["--cow-on-read", "maybe"], "absolute path"),
+    (["--threads", "-3"], "expected a number"),
+])
+def test_bad_option_is_one_clear_line(backing_factory, args, words):
+    disk = backing_factory(SIZE)
+    r = run([disk, "-U", "/nonexistent/x.sock", *args])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error:" in lines[0] and words in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda tmp: tmp / "missing.img", "No such file or directory"),
+    (lambda tmp: tmp, "Is a directory"),
+])
+def test_unreadable_backing_is_one_clear_line(tmp_path, make, words):
+    r = run([make(tmp_path), "-U", tmp_path / "s.sock"])
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot open backing" in lines[0] and words in lines[0], r.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--cow-block-size", "3000"], "--cow-block-size"),
+    (["--overlay-max-size", "lots"], "--overlay-max-size"),
+    (["--tmpdir", "/nonexistent-dir"], "--tmpdir"),
+])
+def test_bad_engine_option_is_one_clear_line(backing_factory, tmp_path, args, words):
+    r = run([backing_factory(SIZE), "-U", tmp_path / "s.sock", *args])
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0], r.stderr
+
+
+def test_socket_path_that_cannot_be_bound(backing_factory, tmp_path):
+    r = run([backing_factory(SIZE), "-U", tmp_path / "no-dir" / "s.sock"])
+    assert r.returncode == 1 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_captive_run_sets_variables_and_returns_the_status(backing_factory, tmp_path):
+    disk = backing_factory(SIZE)
+    out = tmp_path / "vars.txt"
+    r = run([disk, "-e", "exp", "--run",
+             f'echo "$uri|$unixsocket|$port|$exportname" > {out}; nbdinfo --size "$uri"; exit 7'])
+    assert r.returncode == 7, r.stderr
+    uri, sock, port, name = out.read_text().strip().split("|")
+    assert uri == f"nbd+unix:///exp?socket={sock}" and port == "" and name == "exp"
+    assert r.stdout.strip() == str(SIZE)
+
+
+def test_captive_run_copies_the_export(backing_factory, tmp_path):
+    disk = backing_factory(SIZE)
+    copy = tmp_path / "copy.img"
+    r = run([disk, "-U", tmp_path / "s.sock", "--run", f'nbdcopy "$uri" {copy}'])
+    assert r.returncode == 0, r.stderr
+    assert copy.read_bytes() == disk.read_bytes()
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_captive_run_over_tcp(backing_factory):
+    disk = backing_factory(SIZE)
+    r = run([disk, "-p", "0", "--run", 'echo "$port $uri"; nbdinfo --size "$uri"'])
+    assert r.returncode == 0, r.stderr
+    port, uri, size = r.stdout.split()
+    assert uri == f"nbd://127.0.0.1:{port}" and size == str(SIZE)
+
+
+def test_systemd_socket_activation_with_nbdinfo(backing_factory):
+    disk = backing_factory(SIZE)
+    cmd = ["nbdinfo", "--json", "--", "[", *server_command(disk), "]"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    import json
+    info = json.loads(r.stdout)
+    assert info["exports"][0]["export-size"] == SIZE
+    r = subprocess.run(["nbdinfo", "--map", "--", "[", *server_command(disk), "]"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "hole,zero" in r.stdout and "data" in r.stdout
+
+
+def test_socket_activation_with_libnbd(backing_factory):
+    disk = backing_factory(SIZE)
+    h = nbd.NBD()
+    h.connect_systemd_socket_activation(server_command(disk, "-r"))
+    assert h.get_size() == SIZE and h.is_read_only()
+    assert h.pread(100, 0) == disk.read_bytes()[:100]
+    h.shutdown()
+
+
+def test_tcp_listener_and_startup_line(backing_factory):
+    disk = backing_factory(SIZE)
+    proc = subprocess.Popen(server_command(disk, "-p", "0"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        m = re.search(r"serving (\S+) \((\d+) bytes.* at (nbd://127\.0\.0\.1:(\d+))$", line.strip())
+        assert m, line
+        assert m.group(1) == str(disk) and int(m.group(2)) == SIZE
+        h = nbd.NBD()
+        h.connect_uri(m.group(3))
+        assert h.pread(512, 0) == disk.read_bytes()[:512]
+        h.shutdown()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+def test_python_path_is_not_needed():
+    """The module runs from the installed package (-P): the help works from any directory."""
+    r = subprocess.run([PYTHON, "-P", "-m", "cow.server", "--help"], cwd="/", capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "usage:" in r.stdout

@@ -1,0 +1,274 @@
+"""Malformed input over raw sockets: a client that breaks the framing loses only its own
+connection; the server, and every other connection, go on; no partial write lands."""
+
+import struct
+
+import nbd
+import pytest
+
+from cow import protocol as P
+from support_server import RawClient, start_server
+
+SIZE = 4 * 1024 * 1024
+
+
+@pytest.fixture
+def disk(backing_factory):
+    return backing_factory(SIZE)
+
+
+@pytest.fixture
+def served(disk, tmp_path):
+    """(socket path, a healthy libnbd handle opened before the misbehaviour, backing path)."""
+    with start_server(disk, tmp_path=tmp_path) as (uri, proc):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        yield proc.sock_path, h, disk, proc
+        # The healthy connection still works after whatever the test did.
+        assert len(h.pread(4096, 0)) == 4096
+        h.shutdown()
+
+
+def backing_bytes(path, offset, count):
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(count)
+
+
+def vm_hwm_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+# ---- handshake ---------------------------------------------------------------------------------
+
+def test_garbage_instead_of_client_flags(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.greeting(client_flags=None)
+        c.send(b"\xde\xad\xbe\xef")  # unknown client flag bits
+        assert c.is_closed()
+
+
+def test_garbage_instead_of_an_option(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.greeting()
+        c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert c.is_closed()
+
+
+def test_absurd_option_length_closes_at_once(served):
+    sock, h, _, proc = served
+    before = vm_hwm_kib(proc.pid)
+    with RawClient(sock) as c:
+        c.greeting()
+        c.send(struct.pack(">QII", P.IHAVEOPT, P.NBD_OPT_GO, 0xFFFFFFF0))
+        assert c.is_closed()
+    assert vm_hwm_kib(proc.pid) - before < 32 * 1024
+
+
+def test_client_vanishes_mid_handshake_and_mid_option(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.greeting(client_flags=None)
+        c.send(b"\0\0")  # half of the client flags
+    with RawClient(sock) as c:
+        c.greeting()
+        c.send(struct.pack(">QII", P.IHAVEOPT, P.NBD_OPT_GO, 100) + b"only part")
+
+
+def test_unknown_and_malformed_options_are_answered_and_haggling_goes_on(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.greeting()
+        assert c.option(77, b"whatever") == [(P.NBD_REP_ERR_UNSUP, b"option 77 not supported")]
+        assert c.option(P.NBD_OPT_EXTENDED_HEADERS)[0][0] == P.NBD_REP_ERR_UNSUP
+        assert c.option(P.NBD_OPT_STARTTLS)[0][0] == P.NBD_REP_ERR_POLICY
+        assert c.option(P.NBD_OPT_GO, b"\0\0\0\x09abc")[0][0] == P.NBD_REP_ERR_INVALID
+        assert c.option(P.NBD_OPT_LIST, b"x")[0][0] == P.NBD_REP_ERR_INVALID
+        assert c.option(P.NBD_OPT_INFO, P.pack_info_go_data("nope"))[0][0] == P.NBD_REP_ERR_UNKNOWN
+        replies = c.option(P.NBD_OPT_GO, P.pack_info_go_data(""))
+        assert replies[-1][0] == P.NBD_REP_ACK
+        c.request(P.NBD_CMD_READ, 0, 16, cookie=5)
+        assert c.reply(16)[:2] == (5, 0)
+
+
+def test_abort(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.greeting()
+        assert c.option(P.NBD_OPT_ABORT) == [(P.NBD_REP_ACK, b"")]
+        assert c.is_closed()
+
+
+def test_export_name_old_style(served):
+    sock, h, disk, _ = served
+    with RawClient(sock) as c:
+        c.greeting(client_flags=P.NBD_FLAG_C_FIXED_NEWSTYLE)
+        c.send(P.pack_option(P.NBD_OPT_EXPORT_NAME, b""))
+        size, flags = struct.unpack(">QH", c.recv_exact(10))
+        assert size == SIZE and flags & P.NBD_FLAG_HAS_FLAGS
+        assert c.recv_exact(124) == bytes(124)
+        c.request(P.NBD_CMD_READ, 100, 50, cookie=1)
+        assert c.reply(50) == (1, 0, backing_bytes(disk, 100, 50))
+        c.request(P.NBD_CMD_DISC)
+        assert c.is_closed()
+    with RawClient(sock) as c:
+        c.greeting()
+        c.send(P.pack_option(P.NBD_OPT_EXPORT_NAME, b"no such export"))
+        assert c.is_closed()
+
+
+# ---- transmission ------------------------------------------------------------------------------
+
+def test_bad_request_magic_closes_only_that_connection(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.negotiate()
+        c.send(P.pack_request(P.NBD_CMD_READ, 0, 512, magic=0x12345678))
+        assert c.is_closed()
+
+
+def test_truncated_write_payload_writes_nothing(served):
+    sock, h, disk, _ = served
+    with RawClient(sock) as c:
+        c.negotiate()
+        c.request(P.NBD_CMD_WRITE, 65536, 8192, cookie=1, payload=b"\xee" * 8000)
+    # The connection is gone; nothing of the 8000 bytes reached the overlay.
+    assert h.pread(8192, 65536) == backing_bytes(disk, 65536, 8192)
+
+
+def test_truncated_large_write_payload_writes_nothing(served):
+    sock, h, disk, _ = served
+    with RawClient(sock) as c:
+        c.negotiate()
+        c.request(P.NBD_CMD_WRITE, 0, 2 << 20, cookie=1, payload=b"\xee" * (1 << 20))
+    assert h.pread(2 << 20, 0) == backing_bytes(disk, 0, 2 << 20)
+
+
+def test_eof_without_disc(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.negotiate()
+        c.request(P.NBD_CMD_READ, 0, 512, cookie=1)
+        assert c.reply(512)[1] == 0
+    with RawClient(sock) as c:
+        c.negotiate()
+        c.send(P.pack_request(P.NBD_CMD_READ, 0, 512)[:10])  # half a header
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_oversize_write_is_refused_without_allocating_and_the_connection_goes_on(served,
+                                                                                 structured):
+    sock, h, disk, proc = served
+    count = 64 * 1024 * 1024 + 4096
+    before = vm_hwm_kib(proc.pid)
+    with RawClient(sock, timeout=60) as c:
+        c.negotiate(structured=structured)
+        c.request(P.NBD_CMD_WRITE, 0, count, cookie=7)
+        chunk = b"\x77" * (1 << 20)
+        sent = 0
+        while sent < count:
+            n = min(len(chunk), count - sent)
+            c.send(chunk[:n])
+            sent += n
+        assert c.reply()[:2] == (7, P.NBD_EINVAL)
+        c.request(P.NBD_CMD_READ, 0, 4096, cookie=8)
+        assert c.reply(4096) == (8, 0, backing_bytes(disk, 0, 4096))
+    assert vm_hwm_kib(proc.pid) - before < 32 * 1024
+    assert h.pread(4096, 0) == backing_bytes(disk, 0, 4096)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_oversize_read_is_refused(served, structured):
+    sock, h, _, proc = served
+    before = vm_hwm_kib(proc.pid)
+    with RawClient(sock) as c:
+        c.negotiate(structured=structured)
+        c.request(P.NBD_CMD_READ, 0, 0xFFFFFFFF, cookie=3)
+        assert c.reply() == (3, P.NBD_EINVAL, b"")
+        c.request(P.NBD_CMD_READ, 0, 100, cookie=4)
+        assert c.reply(100)[:2] == (4, 0)
+    assert vm_hwm_kib(proc.pid) - before < 32 * 1024
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("cmd, flags, offset, count, error", [
+    (42, 0, 0, 512, P.NBD_EINVAL),                                   # unknown command
+    (P.NBD_CMD_RESIZE, 0, 0, 512, P.NBD_EINVAL),
+    (P.NBD_CMD_READ, 1 << 12, 0, 512, P.NBD_EINVAL),                 # unknown flag
+    (P.NBD_CMD_TRIM, P.NBD_CMD_FLAG_DF, 0, 512, P.NBD_EINVAL),       # flag not for TRIM
+    (P.NBD_CMD_READ, 0, 0, 0, P.NBD_EINVAL),                         # zero length
+    (P.NBD_CMD_READ, 0, 2**64 - 512, 1024, P.NBD_EINVAL),            # offset + count wraps
+    (P.NBD_CMD_WRITE_ZEROES, 0, 2**64 - 512, 1024, P.NBD_ENOSPC),
+    (P.NBD_CMD_CACHE, 0, SIZE, 1, P.NBD_EINVAL),
+    (P.NBD_CMD_FLUSH, 0, 4096, 0, P.NBD_EINVAL),
+])
+def test_bad_requests_get_errors_and_the_stream_stays_in_step(served, structured, cmd, flags,
+                                                               offset, count, error):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.negotiate(structured=structured)
+        c.request(cmd, offset, count, flags=flags, cookie=11)
+        assert c.reply() == (11, error, b"")
+        c.request(P.NBD_CMD_READ, 0, 100, cookie=12)
+        assert c.reply(100)[:2] == (12, 0)
+
+
+def test_write_with_bad_flags_consumes_its_payload(served):
+    sock, h, disk, _ = served
+    with RawClient(sock) as c:
+        c.negotiate()
+        c.request(P.NBD_CMD_WRITE, 0, 4096, flags=P.NBD_CMD_FLAG_REQ_ONE, cookie=1,
+                  payload=b"\x99" * 4096)
+        assert c.reply()[:2] == (1, P.NBD_EINVAL)
+        c.request(P.NBD_CMD_WRITE, SIZE, 4096, cookie=2, payload=b"\x99" * 4096)
+        assert c.reply()[:2] == (2, P.NBD_ENOSPC)
+        c.request(P.NBD_CMD_READ, 0, 4096, cookie=3)
+        assert c.reply(4096) == (3, 0, backing_bytes(disk, 0, 4096))
+
+
+def test_structured_read_error_uses_an_error_chunk(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.negotiate(structured=True)
+        c.request(P.NBD_CMD_READ, SIZE, 512, cookie=9)
+        (magic,) = struct.unpack(">I", c.recv_exact(4))
+        assert magic == P.NBD_STRUCTURED_REPLY_MAGIC
+        flags, rtype, cookie, length = struct.unpack(">HHQI", c.recv_exact(16))
+        assert (flags, rtype, cookie) == (P.NBD_REPLY_FLAG_DONE, P.NBD_REPLY_TYPE_ERROR, 9)
+        error, msg_len = struct.unpack(">IH", c.recv_exact(6))
+        assert error == P.NBD_EINVAL and length == 6 + msg_len
+        c.recv_exact(msg_len)
+
+
+def test_block_status_raw(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.negotiate(structured=True, contexts=("base:allocation",))
+        c.request(P.NBD_CMD_BLOCK_STATUS, 0, 65536 * 3, cookie=4)
+        cookie, error, data = c.reply()
+        assert (cookie, error) == (4, 0)
+        (cid,) = struct.unpack_from(">I", data)
+        assert cid == P.META_CONTEXT_IDS["base:allocation"]
+        runs = [struct.unpack_from(">II", data, 4 + 8 * i) for i in range((len(data) - 4) // 8)]
+        assert sum(n for n, _ in runs) == 65536 * 3
+
+
+def test_replies_are_not_held_back_while_the_server_waits_for_input(served):
+    """Inline replies are batched only while more requests are already buffered: a READ
+    answered before the rest of a WRITE payload arrives is not stuck behind it."""
+    sock, h, disk, _ = served
+    with RawClient(sock) as c:
+        c.negotiate(structured=False)
+        c.send(P.pack_request(P.NBD_CMD_READ, 0, 512, cookie=1)
+               + P.pack_request(P.NBD_CMD_WRITE, 8192, 4096, cookie=2) + b"\x5a" * 1000)
+        assert c.reply(512) == (1, 0, backing_bytes(disk, 0, 512))  # before the payload ends
+        c.send(b"\x5a" * 3096)
+        assert c.reply() == (2, 0, b"")
+        c.request(P.NBD_CMD_READ, 8192, 4096, cookie=3)
+        assert c.reply(4096) == (3, 0, b"\x5a" * 4096)
