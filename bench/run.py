@@ -1,0 +1,572 @@
+"""One command that measures cow against nbdkit and qemu on this machine, in one run.
+
+    .venv/bin/python bench/run.py             # defaults: about 10 minutes on 2 cores
+    .venv/bin/python bench/run.py --quick     # under 3 minutes
+    .venv/bin/python bench/run.py --targets cow-server,nbdkit-cow --workloads randwrite-4k,seed
+
+Rounds are interleaved (every workload on every target, then the next round, with the target order
+rotated each round); each run gets a fresh server; tables show medians and ratios against nbdkit's
+C cow filter. Results: bench/results/<date>.md (+ .json, .png), copied to bench/results/latest.*.
+Run it with the project's .venv python (it needs python3-libnbd and matplotlib).
+"""
+
+import argparse
+import atexit
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    import nbd  # noqa: F401  (python3-libnbd: the .venv sees Debian's site-packages)
+except ImportError:
+    sys.exit("bench/run.py needs python3-libnbd: run it with the project's .venv/bin/python")
+
+import report
+import targets as tg
+import workloads as wl
+from report import Metric, Results
+
+REPO = Path(__file__).resolve().parent.parent
+SCALING_JOBS = ("randwrite-4k", "seqread-1m")
+SECTIONS = ("pipeline", "seed", "scaling", "startup")
+SEED_CONFIGS = [  # (column, target, options, label)
+    ("cow-server-global", "cow-server", {"lock_mode": "global"}, "cow.server --lock-mode global"),
+    ("cow-server-fine", "cow-server", {"lock_mode": "fine"}, "cow.server --lock-mode fine"),
+    ("cow-shim-nbd", "cow-shim", {}, "nbdkit + cow shim (fine)"),
+    ("nbdkit-cow-nbd", "nbdkit-cow", {}, "nbdkit --filter=cow nbd (C)"),
+]
+
+
+def parse_size(text):
+    text = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in mult:
+        return int(float(text[:-1]) * mult[text[-1]])
+    return int(text)
+
+
+def human_size(n):
+    for unit, m in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= m and n % m == 0:
+            return f"{n // m} {unit}"
+    return f"{n} bytes"
+
+
+def split_list(values):
+    out = []
+    for v in values or ():
+        out += [x for x in v.replace(",", " ").split() if x]
+    return out
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    all_workloads = [j.key for j in wl.FIO_JOBS] + list(SECTIONS)
+    p.add_argument("--targets", nargs="+", metavar="T",
+                   help=f"targets to measure (default: all available): {', '.join(tg.BY_NAME)}")
+    p.add_argument("--workloads", nargs="+", metavar="W",
+                   help=f"workloads (default: all): {', '.join(all_workloads)}")
+    p.add_argument("--quick", action="store_true", help="1 round, short runs, smaller disks (<3 min)")
+    p.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
+    p.add_argument("--size", help="backing size for fio and the pipeline (default 1G, quick 256M)")
+    p.add_argument("--runtime", type=float, help="seconds per fio run (default 3, quick 1)")
+    p.add_argument("--scaling-runtime", type=float, help="seconds per scaling run (default 1.5, quick 1)")
+    p.add_argument("--jobs", type=int, default=4, help="fio jobs = NBD connections (default 4)")
+    p.add_argument("--iodepth", type=int, default=8, help="fio iodepth per job (default 8)")
+    p.add_argument("--connections", default=None,
+                   help="scaling connection counts (default 1,2,4,8; quick 1,4,8)")
+    p.add_argument("--copy-connections", type=int, default=4, help="nbdcopy connections (default 4)")
+    p.add_argument("--copy-to", choices=("null", "file"), default="null",
+                   help="nbdcopy destination: null: (default) or a file in the work folder")
+    p.add_argument("--seed-size", help="delayed backing size (default 256M, quick 64M)")
+    p.add_argument("--seed-delay-ms", type=int, help="delay per backing read (default 4, quick 2)")
+    p.add_argument("--startup-size", default="16T", help="sparse backing for start-up (default 16T)")
+    p.add_argument("--out-dir", default=str(REPO / "bench" / "results"), help="results folder")
+    p.add_argument("--workdir", help="scratch folder for backings, overlays (TMPDIR) and copies "
+                   "(default: a new folder in /dev/shm if it has room, else /var/tmp; removed after)")
+    p.add_argument("--python", help="python that runs cow.server (default: .venv/bin/python)")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG chart")
+    a = p.parse_args(argv)
+
+    q = a.quick
+    a.rounds = a.rounds or (1 if q else 3)
+    a.size = parse_size(a.size or ("256M" if q else "1G"))
+    a.runtime = a.runtime or (1.0 if q else 3.0)
+    a.scaling_runtime = a.scaling_runtime or (1.0 if q else 1.5)
+    a.connections = [int(x) for x in split_list([a.connections or ("1,4,8" if q else "1,2,4,8")])]
+    a.seed_size = parse_size(a.seed_size or ("64M" if q else "256M"))
+    a.seed_delay_ms = a.seed_delay_ms or (2 if q else 4)
+    a.startup_size = parse_size(a.startup_size)
+    a.python = a.python or (str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists()
+                            else sys.executable)
+    a.workloads = split_list(a.workloads) or all_workloads
+    bad = [w for w in a.workloads if w not in all_workloads]
+    if bad:
+        p.error(f"unknown workloads {bad}; choose from {all_workloads}")
+    a.explicit_targets = bool(a.targets)
+    a.targets = split_list(a.targets) or list(tg.BY_NAME)
+    bad = [t for t in a.targets if t not in tg.BY_NAME]
+    if bad:
+        p.error(f"unknown targets {bad}; choose from {list(tg.BY_NAME)}")
+    if a.size < 4 * wl.MiB or a.size % 4096:
+        p.error("--size must be a multiple of 4 KiB and at least 4M")
+    return a
+
+
+class Context:
+    def __init__(self, args):
+        self.python = args.python
+        self.env = dict(os.environ)
+        self.env["PATH"] = "/usr/bin:/usr/sbin:" + self.env.get("PATH", "")
+        self.max_connections = max([8, args.jobs, args.copy_connections, *args.connections])
+        self.shim_path = None
+
+
+def first_line(cmd):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+        return out.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return "?"
+
+
+def fs_type(path):
+    """The file system type of the mount holding path (from /proc/mounts)."""
+    best, kind = "", "?"
+    path = os.path.realpath(path)
+    try:
+        for line in open("/proc/mounts"):
+            parts = line.split()
+            mnt = parts[1]
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, kind = mnt, parts[2]
+    except OSError:
+        pass
+    return kind
+
+
+def default_scratch(a):
+    """tmpfs when it has room: the servers are measured, not this machine's disk and its writeback
+    (which other work on the machine disturbs). Room: backing, an overlay and a copy, with margin."""
+    need = 4 * a.size + 2 * a.seed_size + (1 << 30)
+    try:
+        st = os.statvfs("/dev/shm")
+        if st.f_bavail * st.f_frsize >= need:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return "/var/tmp"
+
+
+def machine_info(ctx):
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / (1 << 20):.1f} GiB"
+    except OSError:
+        pass
+    distro = "?"
+    try:
+        for line in open("/etc/os-release"):
+            if line.startswith("PRETTY_NAME="):
+                distro = line.split("=", 1)[1].strip().strip('"')
+    except OSError:
+        pass
+    commit = first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "cow"],
+                           capture_output=True, text=True).stdout.strip()
+    if dirty and commit != "?" and "fatal" not in commit:
+        commit += " + uncommitted changes in cow/"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory": mem,
+        "kernel": platform.release(),
+        "distro": distro,
+        "nbdkit": first_line(["nbdkit", "--version"]),
+        "qemu": first_line(["qemu-nbd", "--version"]),
+        "fio": first_line(["fio", "--version"]),
+        "libnbd": first_line(["nbdcopy", "--version"]),
+        "python": first_line([ctx.python, "-c", "import sys; print(sys.version.split()[0])"]),
+        "commit": commit if commit != "?" and "fatal" not in commit else "(no commit yet)",
+        "loadavg_start": loadavg(),
+    }
+
+
+def loadavg():
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+class Bench:
+    def __init__(self, args, ctx, targets, workdir):
+        self.a = args
+        self.ctx = ctx
+        self.targets = targets
+        self.workdir = Path(workdir)
+        self.results = Results()
+        self.mem = Results()         # peak RSS (MiB) per workload and target
+        self.multi_conn = {}
+        self.t0 = time.monotonic()
+        self.counter = 0
+
+    def log(self, msg):
+        el = int(time.monotonic() - self.t0)
+        print(f"[{el // 60:02d}:{el % 60:02d}] {msg}", file=sys.stderr, flush=True)
+
+    def tag(self):
+        self.counter += 1
+        return str(self.counter)
+
+    def start(self, target, backing, **opts):
+        server = target.start(self.ctx, backing, self.workdir, self.tag(), **opts)
+        self.multi_conn.setdefault(target.name, server.multi_conn)
+        return server
+
+    def attempt(self, what, column, fn):
+        try:
+            return fn()
+        except Exception as e:  # a failing target is reported in the table, the run goes on
+            msg = str(e).strip() or type(e).__name__
+            self.results.errors.append((what, column, msg))
+            self.log(f"ERROR {what} on {column}: {msg.splitlines()[0] if msg else ''}")
+            return None
+
+    # One measurement of one workload on one target: a fresh server, then stop it.
+    def fio_once(self, job, target, numjobs, runtime, key):
+        def go():
+            with self.start(target, self.backing) as server:
+                res = wl.run_fio(job, server.uri, size=self.a.size, numjobs=numjobs,
+                                 iodepth=self.a.iodepth, runtime_s=runtime,
+                                 out_json=self.workdir / "fio.json", cwd=self.workdir)
+                peak = server.peak_rss_kib()
+            self.results.add(key, target.name, res["value"])
+            self.mem.add(key, target.name, peak / 1024 if peak else None)
+            self.log(f"{key:<16} {target.name:<12} {report.fmt_value(res['value'], job.unit):>8} "
+                     f"{job.unit:<5} peak RSS {peak / 1024 if peak else 0:.0f} MiB")
+        self.attempt(key, target.name, go)
+
+    def pipeline_once(self, target):
+        def go():
+            with self.start(target, self.backing) as server:
+                prep = wl.pipeline_prep(server.uri, self.a.size)
+                dest = "null:" if self.a.copy_to == "null" else self.workdir / "copy-out.img"
+                try:
+                    copy = wl.nbdcopy_time(server.uri, dest, self.a.copy_connections, self.workdir)
+                finally:
+                    if dest != "null:":
+                        Path(dest).unlink(missing_ok=True)
+                peak = server.peak_rss_kib()
+            self.results.add("pipeline-prep", target.name, prep)
+            self.results.add("pipeline-copy", target.name, copy)
+            self.mem.add("pipeline", target.name, peak / 1024 if peak else None)
+            self.log(f"{'pipeline':<16} {target.name:<12} prep {prep:.2f} s, nbdcopy {copy:.2f} s, "
+                     f"peak RSS {peak / 1024 if peak else 0:.0f} MiB")
+        self.attempt("pipeline-copy", target.name, go)
+
+    def seed_once(self, column, target, opts):
+        def go():
+            delayed = tg.DelayedBacking()
+            with self.start(delayed, self.seed_backing, delay_ms=self.a.seed_delay_ms) as back:
+                with self.start(target, back.uri, **opts) as server:
+                    secs = wl.nbdcopy_time(server.uri, "null:", self.a.copy_connections, self.workdir)
+                    peak = server.peak_rss_kib()
+            self.results.add("seed-copy", column, secs)
+            self.mem.add("seed", column, peak / 1024 if peak else None)
+            self.log(f"{'seed':<16} {column:<18} nbdcopy {secs:.2f} s")
+        self.attempt("seed-copy", column, go)
+
+    def startup_once(self, target):
+        def go():
+            # COW overlays go beside the sparse backing: a temporary overlay file as large as
+            # 16 TiB does not fit on ext4 (nbdkit's filter fails with EFBIG there).
+            tmp = {"TMPDIR": str(Path(self.sparse_backing).parent)}
+            with self.start(target, self.sparse_backing, env=tmp) as server:
+                rss = server.rss_kib()
+                secs = server.startup_s
+            self.results.add("startup-s", target.name, secs * 1000)
+            self.results.add("startup-rss", target.name, rss / 1024 if rss else None)
+            self.log(f"{'startup ' + human_size(self.a.startup_size):<16} {target.name:<12} "
+                     f"{secs * 1000:.0f} ms, "
+                     f"RSS {rss / 1024 if rss else 0:.1f} MiB")
+        self.attempt("startup-s", target.name, go)
+
+    def prepare(self):
+        w = self.a.workloads
+        if any(j.key in w for j in wl.FIO_JOBS) or "pipeline" in w or "scaling" in w:
+            self.log(f"making a {human_size(self.a.size)} sample backing")
+            self.backing = wl.make_backing(self.workdir / "backing.img", self.a.size)
+        if "seed" in w:
+            self.seed_backing = wl.make_backing(self.workdir / "seed-backing.img", self.a.seed_size)
+        if "startup" in w:
+            self.sparse_backing = self.make_huge_sparse()
+
+    def make_huge_sparse(self):
+        """A sparse file of --startup-size; ext4 stops just short of 16 TiB, tmpfs does not."""
+        for folder in (self.workdir, Path("/dev/shm")):
+            path = Path(folder) / f"cow-bench-sparse-{os.getpid()}.img"
+            try:
+                return wl.make_sparse(path, self.a.startup_size)
+            except OSError:
+                path.unlink(missing_ok=True)
+        raise RuntimeError(f"cannot make a {human_size(self.a.startup_size)} sparse file")
+
+    def run(self):
+        a, w = self.a, self.a.workloads
+        fio_jobs = [j for j in wl.FIO_JOBS if j.key in w]
+        by_name = {t.name: t for t in self.targets}
+        seed_configs = [c for c in SEED_CONFIGS if c[1] in by_name]
+        for rnd in range(a.rounds):
+            order = self.targets[rnd % len(self.targets):] + self.targets[:rnd % len(self.targets)]
+            self.log(f"round {rnd + 1}/{a.rounds}: order {' '.join(t.name for t in order)}")
+            for job in fio_jobs:
+                for t in order:
+                    self.fio_once(job, t, a.jobs, a.runtime, job.key)
+            if "pipeline" in w:
+                for t in order:
+                    self.pipeline_once(t)
+            if "seed" in w:
+                k = rnd % max(1, len(seed_configs))
+                for column, name, opts, _ in seed_configs[k:] + seed_configs[:k]:
+                    self.seed_once(column, by_name[name], opts)
+            if "scaling" in w:
+                for key in SCALING_JOBS:
+                    for n in a.connections:
+                        for t in order:
+                            self.fio_once(wl.FIO_BY_KEY[key], t, n, a.scaling_runtime, f"{key}@{n}")
+            if "startup" in w:
+                for t in order:
+                    self.startup_once(t)
+
+
+def render(bench, meta, argv):
+    a, res = bench.a, bench.results
+    cols = [t.name for t in bench.targets]
+    labels = {t.name: t.label for t in bench.targets}
+    ref = tg.REFERENCE
+    w = a.workloads
+    out = []
+    out.append(f"# cow benchmark, {meta['date']}\n")
+    out.append(f"- Machine: {meta['cores']} cores ({meta['cpu']}), {meta['memory']} RAM, "
+               f"{meta['distro']}, Linux {meta['kernel']}")
+    out.append(f"- Versions: {meta['nbdkit']}; {meta['qemu']}; {meta['fio']}; {meta['libnbd']}; "
+               f"Python {meta['python']} (cow.server); cow {meta['commit']}")
+    cmd = " ".join(shlex.quote(x) for x in [".venv/bin/python", "bench/run.py", *argv])
+    out.append(f"- Command: `{cmd}`")
+    out.append(f"- Load average (1/5/15 min) at start: {meta['loadavg_start']}; at end: "
+               f"{meta.get('loadavg_end', '?')}; wall time {meta.get('wall', '?')}")
+    out.append(f"- Scratch folder (backings, overlays via TMPDIR, copies): {meta.get('scratch', '?')}")
+    out.append(f"- Backing: {human_size(a.size)} sparse file, data in two of every three 64 KiB "
+               f"pieces and a hole in the third; fio `--ioengine=nbd` over a Unix socket, "
+               f"{a.jobs} jobs (one NBD connection each) × iodepth {a.iodepth}, {a.runtime:g} s per run")
+    out.append(f"- {a.rounds} round(s), interleaved (target order rotated each round), a fresh server "
+               f"for every run; cells are medians; ratios (×) are speed relative to nbdkit's C cow "
+               f"filter, >1 is faster (for times: its time / ours)")
+    out.append("- Targets: " + "; ".join(f"**{labels[c]}** (`{c}`)" for c in cols))
+    out.append("")
+
+    main = [Metric(j.key, f"{j.title}", j.unit, True) for j in wl.FIO_JOBS if j.key in w]
+    pipe = [Metric("pipeline-prep", "pipeline: trim ¼ + rewrite pieces, 1 conn", "s", False),
+            Metric("pipeline-copy", f"pipeline: nbdcopy whole export, {a.copy_connections} conns",
+                   "s", False)] if "pipeline" in w else []
+    if main or pipe:
+        out.append("## Throughput and copy pipeline\n")
+        out.append(report.table(res, main + pipe, cols, labels, ref))
+        if pipe:
+            out.append(f"\nPipeline: through the overlay over one connection, trim 1 MiB of every "
+                       f"4 MiB and write {max(8, a.size // (2 * wl.MiB))} pieces (64 KiB aligned, "
+                       f"4 KiB and 196 KiB unaligned), then `nbdcopy --connections="
+                       f"{a.copy_connections}` of the whole export to "
+                       f"{'null:' if a.copy_to == 'null' else 'a file'}.")
+        out.append("")
+
+    seed_ratio = None
+    if "seed" in w:
+        scols = [c for c, *_ in SEED_CONFIGS if res.count("seed-copy", c)]
+        slabels = {c: lab for c, _, _, lab in SEED_CONFIGS}
+        out.append("## The seed's experiment: global lock vs fine-grained locking\n")
+        out.append(f"Backing: {human_size(a.seed_size)} sample served by `nbdkit --filter=delay file "
+                   f"delay-read={a.seed_delay_ms}ms` (a remote disk); the server under test serves "
+                   f"a COW view of it; `nbdcopy --connections={a.copy_connections}` copies the export "
+                   f"to null:. Median seconds (lower is better).\n")
+        out.append("| configuration | nbdcopy (s) | speed vs global lock |")
+        out.append("|---|---|---|")
+        g = res.median("seed-copy", "cow-server-global")
+        for c in scols:
+            v = res.median("seed-copy", c)
+            r = report.ratio(v, g, False)
+            out.append(f"| {slabels[c]} | {report.fmt_value(v, 's')} | "
+                       f"{f'{r:.2f}×' if r is not None else '—'} |")
+        f = res.median("seed-copy", "cow-server-fine")
+        if g and f:
+            seed_ratio = g / f
+            out.append(f"\nThe seed patch measured 3m51s with the global lock against 2m01s with "
+                       f"fine-grained locking (1.91×). Here: {g:.2f} s against {f:.2f} s "
+                       f"(**{seed_ratio:.2f}×**).")
+        c_ref = res.median("seed-copy", "nbdkit-cow-nbd")
+        if f and c_ref:
+            out.append(f"nbdkit's C cow filter over the same delayed backing: {c_ref:.2f} s "
+                       f"(our fine mode is {c_ref / f:.2f}× its speed).")
+        out.append("")
+
+    scaling_metrics = []
+    if "scaling" in w:
+        for key in SCALING_JOBS:
+            j = wl.FIO_BY_KEY[key]
+            for n in a.connections:
+                scaling_metrics.append(Metric(f"{key}@{n}", f"{j.title}, {n} conn", j.unit, True))
+        out.append(f"## Scaling with connections (fio numjobs, iodepth {a.iodepth}, "
+                   f"{a.scaling_runtime:g} s per run)\n")
+        out.append(report.table(res, scaling_metrics, cols, labels, ref))
+        out.append("")
+
+    mem_rows = [Metric(m.key, m.title, "MiB", False) for m in main]
+    if pipe:
+        mem_rows.append(Metric("pipeline", "copy pipeline", "MiB", False))
+    if "scaling" in w:
+        mem_rows += [Metric(m.key, m.title, "MiB", False) for m in scaling_metrics]
+    if mem_rows:
+        out.append("## Memory: peak RSS of the server process (VmHWM, MiB, median)\n")
+        out.append(report.table(bench.mem, mem_rows, cols, labels, ref, show_ratio=False))
+        out.append("")
+
+    if "startup" in w:
+        out.append(f"## Start-up over a {human_size(a.startup_size)} sparse backing\n")
+        out.append("Time from spawning the server to the first completed NBD handshake, and its "
+                   "RSS right after (qemu-nbd's `qemu-img create` of the overlay is not counted).\n")
+        out.append(report.table(res, [Metric("startup-s", "start-up", "ms", False),
+                                      Metric("startup-rss", "RSS after handshake", "MiB", False)],
+                                cols, labels, ref, first="measure"))
+        out.append("")
+
+    out.append("## Notes\n")
+    mc = ", ".join(f"{c}: {'yes' if bench.multi_conn[c] else 'no'}" for c in cols if c in bench.multi_conn)
+    out.append(f"- Multi-conn advertised (nbdcopy uses one connection without it): {mc}")
+    if getattr(bench, "skipped", None):
+        for name, why in bench.skipped:
+            out.append(f"- Skipped {name}: {why}")
+    spreads = sorted(((max(v) / min(v), key, col) for (key, col), v in res.values.items()
+                      if len(v) >= 2 and min(v) > 0), reverse=True)
+    if spreads:
+        wide = [x for x in spreads if x[0] > 1.5]
+        worst = ", ".join(f"{key} on {col} {r:.1f}×" for r, key, col in wide[:6])
+        out.append(f"- Noise: {len(wide)} of {len(spreads)} cells spread more than 1.5× (max/min) "
+                   f"over the rounds" + (f"; widest: {worst}" if worst else "")
+                   + " (all values in the .json file).")
+    for what, col, msg in res.errors:
+        out.append(f"- ERROR {what} on {col}: {msg.splitlines()[0] if msg else ''}")
+    out.append("")
+    return "\n".join(out), main + pipe, scaling_metrics, seed_ratio
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    a = parse_args(argv)
+    ctx = Context(a)
+    for tool in ("nbdkit", "qemu-nbd", "qemu-img", "fio", "nbdcopy"):
+        if not shutil.which(tool, path=ctx.env["PATH"]):
+            sys.exit(f"missing tool {tool} (run ./dev setup)")
+
+    chosen, skipped = [], []
+    for name in a.targets:
+        t = tg.BY_NAME[name]
+        why = t.available(ctx)
+        if why is None:
+            chosen.append(t)
+        elif a.explicit_targets:
+            sys.exit(f"target {name} is not available: {why}")
+        else:
+            skipped.append((name, why))
+            print(f"skipping {name}: {why}", file=sys.stderr)
+    if not chosen:
+        sys.exit("no target available")
+
+    atexit.register(tg.kill_started)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    workdir = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="cow-bench-",
+                                                                      dir=default_scratch(a)))
+    workdir.mkdir(parents=True, exist_ok=True)
+    # Overlays (nbdkit's and ours honour TMPDIR) go to the work folder too.
+    ctx.env["TMPDIR"] = str(workdir)
+    bench = Bench(a, ctx, chosen, workdir)
+    bench.skipped = skipped
+    meta = machine_info(ctx)
+    meta["scratch"] = f"{workdir} ({fs_type(workdir)})"
+    try:
+        bench.prepare()
+        bench.run()
+    finally:
+        tg.kill_started()
+        sparse = getattr(bench, "sparse_backing", None)
+        if sparse is not None:
+            Path(sparse).unlink(missing_ok=True)
+        if not a.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    meta["loadavg_end"] = loadavg()
+    el = int(time.monotonic() - bench.t0)
+    meta["wall"] = f"{el // 60}m{el % 60:02d}s"
+    text, ratio_metrics, scaling_metrics, seed_ratio = render(bench, meta, argv)
+    print(text)
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    md = out_dir / f"{stamp}.md"
+    md.write_text(text)
+    shutil.copyfile(md, out_dir / "latest.md")
+    raw = {"meta": meta, "argv": argv, **bench.results.to_json(),
+           "peak_rss_mib": bench.mem.to_json()["values"], "multi_conn": bench.multi_conn}
+    (out_dir / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
+    shutil.copyfile(out_dir / f"{stamp}.json", out_dir / "latest.json")
+    if not a.no_chart:
+        cols = [t.name for t in chosen]
+        labels = {t.name: t.label for t in chosen}
+        scaling = []
+        for key in SCALING_JOBS:
+            keys = [(n, f"{key}@{n}") for n in a.connections]
+            if any(bench.results.count(k, c) for _, k in keys for c in cols):
+                j = wl.FIO_BY_KEY[key]
+                scaling.append((j.title, j.unit, keys))
+        # The seed experiment's fine-mode servers against the C filter over the same slow backing.
+        for col, seed_col in (("cow-server", "cow-server-fine"), ("cow-shim", "cow-shim-nbd"),
+                              (tg.REFERENCE, "nbdkit-cow-nbd")):
+            bench.results.add("seed-chart", col, bench.results.median("seed-copy", seed_col))
+        ratio_metrics = ratio_metrics + [Metric("seed-chart", "seed: nbdcopy over a delayed NBD "
+                                                "backing (fine)", "s", False)]
+        metrics = [m for m in ratio_metrics if any(bench.results.count(m.key, c) for c in cols)]
+        if metrics or scaling:
+            png = out_dir / f"{stamp}.png"
+            report.chart(png, bench.results, metrics, scaling, cols, labels, tg.REFERENCE,
+                         f"cow benchmark, {meta['date']}, {meta['cores']} cores "
+                         f"(median of {a.rounds} round(s))")
+            shutil.copyfile(png, out_dir / "latest.png")
+            print(f"chart: {png}", file=sys.stderr)
+    print(f"results: {md} (and {out_dir / 'latest.md'})", file=sys.stderr)
+    bench.log("done")
+    return 1 if bench.results.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

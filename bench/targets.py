@@ -1,0 +1,275 @@
+"""The servers under test: how to start each one over a backing, and how to stop it.
+
+Every target serves one export on a Unix socket. A backing is either a file path or an NBD URI
+(the seed experiment's delayed backing); a target that cannot take an NBD backing says so.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nbd
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Processes this run started (pid -> Popen), so that an interrupted run stops exactly those.
+_STARTED = {}
+
+
+def kill_started():
+    for proc in list(_STARTED.values()):
+        _stop_proc(proc)
+
+
+def _stop_proc(proc):
+    _STARTED.pop(proc.pid, None)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def read_status_kib(pid, field_name):
+    """A kB field of /proc/PID/status (VmHWM, VmRSS), in KiB; None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def nbd_handshake(uri):
+    """Connect, complete the handshake, return (size, can_multi_conn); raises nbd.Error."""
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        return h.get_size(), bool(h.can_multi_conn())
+    finally:
+        h.shutdown()
+        del h
+
+
+@dataclass
+class Server:
+    """One running server process."""
+
+    target: "Target"
+    proc: subprocess.Popen
+    sock: Path
+    log: Path
+    cleanup: list = field(default_factory=list)
+    multi_conn: bool = False
+    startup_s: float = 0.0  # from spawning the process to the first completed handshake
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///?socket={self.sock}"
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def peak_rss_kib(self):
+        return read_status_kib(self.pid, "VmHWM")
+
+    def rss_kib(self):
+        return read_status_kib(self.pid, "VmRSS")
+
+    def stop(self):
+        _stop_proc(self.proc)
+        for path in self.cleanup:
+            Path(path).unlink(missing_ok=True)
+        Path(self.sock).unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def log_tail(path, n=15):
+    try:
+        lines = Path(path).read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-n:])
+
+
+class Target:
+    """A kind of server. Subclasses build the command line (and any files it needs)."""
+
+    name = ""        # command-line name (--targets)
+    label = ""       # column heading
+    nbd_backing = False  # can serve a copy-on-write view of an NBD URI backing
+
+    def available(self, ctx):
+        """None when usable, else a short reason."""
+        return None
+
+    def command(self, ctx, backing, sock, workdir, cleanup, **opts):
+        raise NotImplementedError
+
+    def start(self, ctx, backing, workdir, tag, timeout=60.0, env=None, **opts):
+        """Start a fresh server over backing; return a Server once a client completed a handshake."""
+        workdir = Path(workdir)
+        sock = workdir / f"{self.name}-{tag}.sock"
+        log = workdir / f"{self.name}-{tag}.log"
+        sock.unlink(missing_ok=True)
+        cleanup = []
+        cmd = self.command(ctx, str(backing), str(sock), workdir, cleanup, **opts)
+        t_spawn = time.monotonic()
+        with open(log, "wb") as logf:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    cwd=workdir, env={**ctx.env, **(env or {})})
+        _STARTED[proc.pid] = proc
+        server = Server(self, proc, sock, log, cleanup)
+        try:
+            server.multi_conn = wait_ready(server, timeout)
+        except BaseException:
+            server.stop()
+            raise
+        server.startup_s = time.monotonic() - t_spawn
+        return server
+
+
+def wait_ready(server, timeout):
+    """Poll until an NBD handshake succeeds; return can_multi_conn."""
+    deadline = time.monotonic() + timeout
+    last = None
+    refused_handshakes = 0
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{server.target.name} exited with status {server.proc.returncode}:\n"
+                               + log_tail(server.log))
+        if os.path.exists(server.sock):
+            try:
+                return nbd_handshake(server.uri)[1]
+            except nbd.Error as e:
+                last = e
+                # Connected, but the server turned the handshake down: it will not get better.
+                if "handshake" in str(e):
+                    refused_handshakes += 1
+                    if refused_handshakes >= 5:
+                        raise RuntimeError(f"{server.target.name}: {e}\n" + log_tail(server.log))
+        time.sleep(0.005)
+    raise TimeoutError(f"{server.target.name} not ready after {timeout:.0f} s ({last}):\n"
+                       + log_tail(server.log))
+
+
+def nbdkit_base(sock):
+    return ["nbdkit", "-f", "--exit-with-parent", "-U", sock]
+
+
+def nbd_plugin_args(uri):
+    """nbdkit's nbd plugin arguments for a Unix-socket NBD URI made by this suite."""
+    prefix = "nbd+unix:///?socket="
+    if not uri.startswith(prefix):
+        raise ValueError(f"unsupported backing URI {uri}")
+    return ["nbd", f"socket={uri[len(prefix):]}"]
+
+
+class CowServer(Target):
+    name = "cow-server"
+    label = "cow.server"
+    nbd_backing = True
+
+    def available(self, ctx):
+        r = subprocess.run([ctx.python, "-P", "-c", "import cow.server"], capture_output=True,
+                           text=True, env=ctx.env, cwd="/")
+        if r.returncode != 0:
+            err = (r.stderr.strip().splitlines() or ["?"])[-1]
+            return f"cannot import cow.server (run ./dev setup): {err}"
+        return None
+
+    def command(self, ctx, backing, sock, workdir, cleanup, lock_mode=None, **opts):
+        cmd = [ctx.python, "-P", "-m", "cow.server", "-U", sock]
+        if lock_mode:
+            cmd += ["--lock-mode", lock_mode]
+        return cmd + [backing]
+
+
+class CowShim(Target):
+    name = "cow-shim"
+    label = "nbdkit + cow shim"
+    nbd_backing = True
+
+    def available(self, ctx):
+        try:
+            r = subprocess.run([ctx.python, "-P", "-m", "cow.nbdkit", "--print-plugin-path"],
+                               capture_output=True, text=True, env=ctx.env, cwd="/", timeout=60)
+        except subprocess.TimeoutExpired:
+            return "cow.nbdkit --print-plugin-path timed out"
+        path = r.stdout.strip()
+        if r.returncode != 0 or not path or not os.path.exists(path):
+            err = (r.stderr.strip().splitlines() or ["no plugin path printed"])[-1]
+            return f"cow.nbdkit --print-plugin-path failed: {err}"
+        ctx.shim_path = path
+        return None
+
+    def command(self, ctx, backing, sock, workdir, cleanup, **opts):
+        key = "uri" if "://" in backing else "file"
+        return nbdkit_base(sock) + ["python", ctx.shim_path, f"{key}={backing}"]
+
+
+class NbdkitCow(Target):
+    name = "nbdkit-cow"
+    label = "nbdkit cow filter (C)"
+    nbd_backing = True
+
+    def command(self, ctx, backing, sock, workdir, cleanup, **opts):
+        if "://" in backing:
+            return nbdkit_base(sock) + ["--filter=cow"] + nbd_plugin_args(backing)
+        return nbdkit_base(sock) + ["--filter=cow", "file", backing]
+
+
+class QemuNbd(Target):
+    name = "qemu-nbd"
+    label = "qemu-nbd qcow2 overlay"
+
+    def command(self, ctx, backing, sock, workdir, cleanup, **opts):
+        overlay = Path(workdir) / f"overlay-{Path(sock).stem}.qcow2"
+        overlay.unlink(missing_ok=True)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing,
+                        str(overlay)], check=True, cwd=workdir)
+        cleanup.append(overlay)
+        # -t: keep serving after a client leaves; --shared: allow the parallel connections;
+        # --discard=unmap: honour trims as the COW engines do.
+        return ["qemu-nbd", "-k", sock, "-t", f"--shared={ctx.max_connections}", "--discard=unmap",
+                "-f", "qcow2", str(overlay)]
+
+
+class NbdkitFile(Target):
+    name = "nbdkit-file"
+    label = "nbdkit file, no COW (ceiling)"
+
+    def command(self, ctx, backing, sock, workdir, cleanup, **opts):
+        # Beside the backing: the 16 TiB sparse backing lives on a file system that can hold it.
+        copy = Path(backing).parent / f"copy-{Path(sock).stem}.img"
+        copy.unlink(missing_ok=True)
+        subprocess.run(["cp", "--sparse=always", backing, str(copy)], check=True)
+        cleanup.append(copy)
+        return nbdkit_base(sock) + ["file", str(copy)]
+
+
+class DelayedBacking(Target):
+    """Not a target: the seed experiment's slow backing (nbdkit file with reads delayed)."""
+
+    name = "delayed-backing"
+
+    def command(self, ctx, backing, sock, workdir, cleanup, delay_ms=4, **opts):
+        return nbdkit_base(sock) + ["--filter=delay", "file", backing, f"delay-read={delay_ms}ms"]
+
+
+ALL_TARGETS = [CowServer(), CowShim(), NbdkitCow(), QemuNbd(), NbdkitFile()]
+REFERENCE = "nbdkit-cow"
+BY_NAME = {t.name: t for t in ALL_TARGETS}

@@ -1,0 +1,50 @@
+"""bench/run.py --quick on a tiny backing runs every target and writes its table and chart.
+
+Nothing here looks at a measured number: performance lives in bench/, never in the test suite.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+from conftest import PYTHON
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = ["cow-server", "cow-shim", "nbdkit-cow", "qemu-nbd", "nbdkit-file"]
+FIO_ROWS = ["random 4 KiB writes", "random 4 KiB reads", "random 64 KiB read/write 50/50",
+            "sequential 1 MiB reads", "sequential 1 MiB writes"]
+
+
+def test_quick_run_writes_table_and_chart(tmp_path):
+    out = tmp_path / "results"
+    cmd = [PYTHON, str(REPO / "bench" / "run.py"), "--quick", "--targets", *TARGETS,
+           "--size", "16M", "--runtime", "0.2", "--scaling-runtime", "0.2", "--connections", "2",
+           "--seed-size", "4M", "--seed-delay-ms", "1", "--startup-size", "1G",
+           "--workdir", str(tmp_path / "work"), "--out-dir", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    table = (out / "latest.md").read_text()
+    assert table.strip() == r.stdout.strip()
+    assert "--quick" in table and "Linux " in table and "nbdkit 1." in table
+    header = next(line for line in table.splitlines() if line.startswith("| workload |"))
+    for label in ["cow.server", "cow shim", "nbdkit cow filter (C) (ref)", "qemu-nbd", "nbdkit file"]:
+        assert label in header
+    for row in FIO_ROWS + ["pipeline: nbdcopy whole export", "2 conn", "start-up (ms)",
+                           "cow.server --lock-mode global", "cow.server --lock-mode fine"]:
+        assert row in table, row
+    assert "ERROR" not in table and "| error" not in table
+
+    raw = json.loads((out / "latest.json").read_text())
+    assert raw["errors"] == []
+    measured = {(v["metric"], v["column"]) for v in raw["values"]}
+    for target in TARGETS:
+        for metric in ["randwrite-4k", "seqread-1m", "pipeline-copy", "randwrite-4k@2", "startup-s"]:
+            assert (metric, target) in measured
+    assert ("seed-copy", "cow-server-global") in measured
+    assert ("seed-copy", "cow-server-fine") in measured
+
+    png = out / "latest.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The scratch folder given with --workdir is kept, but no server is left behind on it.
+    assert not list((tmp_path / "work").glob("*.sock"))
