@@ -223,7 +223,7 @@ class Action(enum.Enum):
     CONTINUE = "continue"  # read the next next_read_size() bytes
     CLOSE = "close"  # close the connection (phase is CLOSED)
     TRANSMISSION = "transmission"  # the export is chosen: serve requests
-    STARTTLS = "starttls"  # upgrade the socket to TLS, then continue (not offered yet)
+    STARTTLS = "starttls"  # upgrade the socket to TLS, call tls_started(), then continue
 
 
 @dataclass(frozen=True)
@@ -327,18 +327,30 @@ def nbd_error_name(error: int) -> str:
             NBD_ESHUTDOWN: "ESHUTDOWN", 0: "OK"}.get(error, str(error))
 
 
+TLS_MODES = ("off", "on", "require")
+
+
 class ServerConnection:
     """The server side of one NBD connection, as a state machine over bytes.
 
     Handshake and options: send :meth:`greeting`, then loop reading exactly
     :meth:`next_read_size` bytes and passing them to :meth:`receive`.  Option handling
     is a table (``self.option_handlers``, option number -> method taking the option data
-    and returning an :class:`Output`) so that, for example, STARTTLS can be given a real
-    handler later without touching the rest.
+    and returning an :class:`Output`).
+
+    TLS (``tls``: "off", "on" or "require", as nbdkit's ``--tls``): NBD_OPT_STARTTLS is
+    answered with an ACK and :attr:`Action.STARTTLS`; the caller then runs the TLS handshake
+    on the socket and calls :meth:`tls_started`, which forgets what was negotiated in plain
+    text, as the spec requires.  With "require", before TLS every option but STARTTLS and
+    ABORT gets NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which cannot be refused, closes).
     """
 
-    def __init__(self, export: Export, *, max_options: int = MAX_OPTIONS):
+    def __init__(self, export: Export, *, max_options: int = MAX_OPTIONS, tls: str = "off"):
+        if tls not in TLS_MODES:
+            raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")
         self.export = export
+        self.tls_mode = tls
+        self.tls_active = False  # the TLS handshake has completed on this connection
         self.phase = Phase.HANDSHAKE
         self.max_options = max_options
         self.options_seen = 0
@@ -418,6 +430,14 @@ class ServerConnection:
         return Output()
 
     def _option(self, option: int, data: bytes) -> Output:
+        if (self.tls_mode == "require" and not self.tls_active
+                and option not in (NBD_OPT_STARTTLS, NBD_OPT_ABORT)):
+            if option == NBD_OPT_EXPORT_NAME:  # no way to refuse it but to hang up
+                return self._close("EXPORT_NAME before STARTTLS on a server that requires TLS")
+            if not self.fixed_newstyle:
+                return self._close(f"option {option} before STARTTLS (TLS is required)")
+            return Output(self._error(option, NBD_REP_ERR_TLS_REQD,
+                                      "TLS is required: send NBD_OPT_STARTTLS first"))
         if option == NBD_OPT_EXPORT_NAME:
             return self._opt_export_name(data)
         if not self.fixed_newstyle:
@@ -469,7 +489,21 @@ class ServerConnection:
     def _opt_starttls(self, option: int, data: bytes) -> Output:
         if data:
             raise _Malformed("STARTTLS takes no data")
-        return Output(self._error(option, NBD_REP_ERR_POLICY, "TLS is not enabled on this server"))
+        if self.tls_mode == "off":
+            return Output(self._error(option, NBD_REP_ERR_POLICY,
+                                      "TLS is not enabled on this server"))
+        if self.tls_active:
+            raise _Malformed("TLS is already active on this connection")
+        return Output(option_reply(option, NBD_REP_ACK), Action.STARTTLS)
+
+    def tls_started(self) -> None:
+        """The TLS handshake after STARTTLS succeeded: option state negotiated in plain
+        text is forgotten (the spec: a man in the middle could have chosen it)."""
+        if self.phase is not Phase.OPTIONS or self._pending_option is not None:
+            raise ValueError("tls_started() outside option haggling")
+        self.tls_active = True
+        self.structured_replies = False
+        self.meta_contexts = {}
 
     def _opt_structured_reply(self, option: int, data: bytes) -> Output:
         if data:
