@@ -1174,46 +1174,31 @@ cdef class Engine:
             raise_errno(-r, "pwrite", view.len, offset_u)
 
     def zero(self, count, offset, bint may_trim=True, bint fast=False):
-        cdef uint64_t count_u = u64(count, "count")
-        cdef uint64_t offset_u = u64(offset, "offset")
-        cdef int r = 0
-        self.check_range("zero", count_u, offset_u)
-        if count_u == 0:
-            return
-        self.enter()
-        with nogil:
-            r = self.c_zero(count_u, offset_u, may_trim, fast)
-        self.leave()
-        if r < 0:
-            raise_errno(-r, "zero", count_u, offset_u)
+        self.range_op("zero", count, offset, may_trim, fast, False)
 
     def trim(self, count, offset):
-        cdef uint64_t count_u = u64(count, "count")
-        cdef uint64_t offset_u = u64(offset, "offset")
-        cdef int r = 0
-        self.check_range("trim", count_u, offset_u)
-        if count_u == 0:
-            return
-        self.enter()
-        with nogil:
-            r = self.c_zero(count_u, offset_u, True, False)
-        self.leave()
-        if r < 0:
-            raise_errno(-r, "trim", count_u, offset_u)
+        self.range_op("trim", count, offset, True, False, False)
 
     def cache(self, count, offset):
+        self.range_op("cache", count, offset, False, False, True)
+
+    cdef range_op(self, str op, count, offset, bint may_trim, bint fast, bint cache):
+        """zero, trim and cache: check the range, then one nogil engine call (cache: c_cache)."""
         cdef uint64_t count_u = u64(count, "count")
         cdef uint64_t offset_u = u64(offset, "offset")
         cdef int r = 0
-        self.check_range("cache", count_u, offset_u)
+        self.check_range(op, count_u, offset_u)
         if count_u == 0:
             return
         self.enter()
         with nogil:
-            r = self.c_cache(count_u, offset_u)
+            if cache:
+                r = self.c_cache(count_u, offset_u)
+            else:
+                r = self.c_zero(count_u, offset_u, may_trim, fast)
         self.leave()
         if r < 0:
-            raise_errno(-r, "cache", count_u, offset_u)
+            raise_errno(-r, op, count_u, offset_u)
 
     def flush(self):
         cdef int r = 0
