@@ -121,8 +121,11 @@ cdef int is_nbd_uri(str s):
 # ---------------------------------------------------------------------------------------------
 # Plain I/O helpers (no engine state).
 
-cdef int full_pread(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
+cdef int pread_upto(int fd, uint8_t *buf, uint64_t count, uint64_t offset,
+                    uint64_t *got) noexcept nogil:
+    """Read until count bytes or end of file; *got says how many were read."""
     cdef ssize_t r
+    got[0] = 0
     while count > 0:
         r = pread(fd, buf, count, <off_t>offset)
         if r < 0:
@@ -130,31 +133,32 @@ cdef int full_pread(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexc
                 continue
             return -errno
         if r == 0:
-            return -EIO      # unexpected end of file
+            return 0
         buf += r
         count -= r
         offset += r
+        got[0] += r
     return 0
+
+
+cdef int full_pread(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
+    """Read exactly count bytes; an unexpected end of file is EIO."""
+    cdef uint64_t got = 0
+    cdef int r = pread_upto(fd, buf, count, offset, &got)
+    if r == 0 and got < count:
+        return -EIO
+    return r
 
 
 cdef int overlay_pread(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
     """Like full_pread, for the sparse overlay: it is never sized up front (a file as large as the
     disk may exceed the file system's limit, or RLIMIT_FSIZE), so what lies past its end was never
     written and reads as zeroes."""
-    cdef ssize_t r
-    while count > 0:
-        r = pread(fd, buf, count, <off_t>offset)
-        if r < 0:
-            if errno == EINTR:
-                continue
-            return -errno
-        if r == 0:
-            memset(buf, 0, count)
-            return 0
-        buf += r
-        count -= r
-        offset += r
-    return 0
+    cdef uint64_t got = 0
+    cdef int r = pread_upto(fd, buf, count, offset, &got)
+    if r == 0 and got < count:
+        memset(buf + got, 0, count - got)
+    return r
 
 
 cdef int full_pwrite(int fd, const uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:

@@ -32,28 +32,11 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from conftest import wait_for_socket  # noqa: F401  (re-exported for other test modules)
 from cow import protocol as P
 
 PYTHON = sys.executable
 _counter = itertools.count()
-
-
-def wait_for_socket(path, proc=None, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited early with status {proc.returncode}")
-        if os.path.exists(path):
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(str(path))
-                return
-            except OSError:
-                pass
-            finally:
-                s.close()
-        time.sleep(0.02)
-    raise TimeoutError(f"socket {path} did not appear")
 
 
 def server_command(backing, *options):
