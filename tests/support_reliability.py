@@ -21,6 +21,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import support_server
+
 PYTHON = sys.executable
 
 # --- wire constants (from the NBD spec, doc/proto.md) -----------------------------------------
@@ -190,44 +192,18 @@ def start_nbdkit(tmp_path: Path, *args, name="nbdkit"):
 
 # --- a raw client -----------------------------------------------------------------------------
 
-class Closed(Exception):
-    """The server closed the connection."""
+# recv_exact raises EOFError when the server closes the connection.
+Closed = EOFError
 
 
-class RawClient:
-    """NBD over a plain socket, for tests that send what real clients never do."""
+class RawClient(support_server.RawClient):
+    """NBD over a plain socket, for tests that send what real clients never do: the server
+    tests' raw client, plus a whole handshake and at_eof."""
 
     def __init__(self, path, timeout=30.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(path))
-        self.structured = False
+        super().__init__(path, timeout)
         self.size = None
         self.eflags = None
-
-    def close(self):
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def send(self, data: bytes):
-        self.sock.sendall(data)
-
-    def recv_exact(self, n: int) -> bytes:
-        out = bytearray()
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
-                raise Closed(f"connection closed after {len(out)} of {n} bytes")
-            out += chunk
-        return bytes(out)
 
     def at_eof(self, timeout=30.0) -> bool:
         """True once the server has closed its end (reads return EOF or a reset)."""
