@@ -1,7 +1,9 @@
 """Type stubs for the compiled copy-on-write engine (cow/engine.pyx)."""
 
-from collections.abc import Buffer
+from collections.abc import Buffer, Sequence
 from typing import Literal
+
+from cow.backing import Backing
 
 BLOCK_NOT_ALLOCATED: int  # 0: data comes from the backing
 BLOCK_ALLOCATED: int      # 1: data is in the overlay
@@ -28,7 +30,9 @@ def parse_size(value: str | int) -> int:
 class Engine:
     """A copy-on-write view of a read-only backing.
 
-    backing: a file or block device path, or an NBD URI (nbd://, nbds://, nbd+unix://...).
+    backing: a file or block device path, an NBD URI (nbd://, nbds://, nbd+unix://...), a command
+    serving NBD on socket activation (a sequence: argv), or a Backing shared with other engines
+    (the engine does not close a Backing it was given).
     Every method that does I/O releases the GIL for the whole call, backing reads included.
     Errors from I/O raise OSError (errno set, message naming the operation); bad arguments
     raise ValueError before any I/O.
@@ -36,7 +40,7 @@ class Engine:
 
     def __init__(
         self,
-        backing: str,
+        backing: str | Sequence[str] | Backing,
         *,
         block_size: int | str = 65536,
         cow_on_read: bool | str = False,  # False, True, or an absolute path: on while it exists
@@ -44,7 +48,7 @@ class Engine:
         lock_mode: Literal["fine", "global"] = "fine",
         tmpdir: str | None = None,  # default $TMPDIR, else /var/tmp
         overlay_max_size: int | None = None,  # bytes; writes needing more fail with ENOSPC
-        nbd_connections: int = 4,  # libnbd handles for an NBD backing
+        nbd_connections: int = 4,  # most libnbd handles, for a backing that has multi-conn
     ) -> None: ...
 
     @property
@@ -56,7 +60,9 @@ class Engine:
     @property
     def backing(self) -> str: ...
     @property
-    def backing_is_nbd(self) -> bool: ...
+    def backing_is_nbd(self) -> bool: ...  # an NBD URI or a command
+    @property
+    def backing_error(self) -> str | None: ...  # what broke the NBD backing's connection
     @property
     def lock_mode(self) -> str: ...
     @property
@@ -82,7 +88,8 @@ class Engine:
     def close(self) -> None: ...
 
     # Block API (nbdkit blk.h vocabulary); blknum counts blocks, buffers are block_size bytes.
-    def blk_set_size(self, new_size: int) -> None: ...
+    def blk_set_size(self, new_size: int) -> None:
+        """Resize (at most 2**63-1 bytes); OSError(EBUSY) while other calls are in flight."""
     def blk_status(self, blknum: int) -> int: ...
     def blk_read(self, blknum: int, buf: Buffer) -> None: ...
     def blk_write(self, blknum: int, buf: Buffer) -> None: ...

@@ -233,7 +233,9 @@ class Engines:
 
     def __call__(self, backing, **kw):
         kw.setdefault("tmpdir", self.tmpdir)
-        eng = E.Engine(str(backing), **kw)
+        if isinstance(backing, os.PathLike):
+            backing = str(backing)
+        eng = E.Engine(backing, **kw)
         self.made.append(eng)
         return eng
 

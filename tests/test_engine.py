@@ -542,6 +542,45 @@ def test_blk_set_size(engines, backing_factory):
         eng.blk_set_size(-1)
 
 
+@pytest.mark.parametrize("size", [2**64 - 1, 2**63, 2**63 - 1])
+def test_blk_set_size_too_large_is_refused(engines, backing_factory, size):
+    """A size whose block count overflows (above INT64_MAX) is refused; INT64_MAX itself needs a
+    bitmap of 2**49 bytes at 4K blocks: MemoryError.  Either way nothing changes, and a write far
+    out is refused, not a crash."""
+    eng = engines(backing_factory(130000), block_size="4K")
+    with pytest.raises(ValueError if size > 2**63 - 1 else MemoryError):
+        eng.blk_set_size(size)
+    assert eng.size == 130000 and eng.nr_blocks == 32
+    with pytest.raises(ValueError):
+        eng.pwrite(b"x", 2**62)
+    eng.pwrite(b"x" * 10, 100)
+    assert states(eng)[0] == AL
+
+
+def test_blk_set_size_refused_during_io(engines, nbdkit, tmp_path):
+    """Resizing while another call is in flight is refused with EBUSY (the bitmap would move
+    under it); once idle, it works."""
+    import threading
+    import time
+
+    log = tmp_path / "backing.log"
+    uri = nbdkit("--filter=log", "--filter=delay", "memory", "1M", "rdelay=1",
+                 f"logfile={log}")
+    eng = engines(uri)
+    reader = threading.Thread(target=eng.pread, args=(bytearray(4096), 0))
+    reader.start()
+    deadline = time.monotonic() + 30
+    while "Read id=" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(OSError) as ei:
+        eng.blk_set_size(2 << 20)
+    assert ei.value.errno == errno.EBUSY
+    reader.join(30)
+    eng.blk_set_size(2 << 20)
+    assert eng.size == 2 << 20
+
+
 def test_flush_and_fua(disk):
     d = disk(130000)
     d.eng.flush()

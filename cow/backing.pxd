@@ -1,0 +1,97 @@
+# The backing's C-level interface (cow/backing.pyx implements it; cow/engine.pyx uses it).
+# Declarations only.
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+
+from cow.clib cimport nbd_handle, pthread_t, pthread_mutex_t, pthread_cond_t
+
+
+# Extent kinds, as NBD's base:allocation flags: 0 data, NBD_STATE_HOLE | NBD_STATE_ZERO.
+cdef enum:
+    T_DATA = 0
+    T_HOLE_ZERO = 3
+
+
+# A growing list of (length, kind) runs, built without the GIL.
+cdef struct runs_t:
+    uint64_t *length
+    uint32_t *kind
+    size_t n
+    size_t cap
+    size_t limit        # stop adding new runs past this many
+    bint req_one        # ... or past the first
+
+cdef int runs_add(runs_t *runs, uint64_t length, uint32_t kind) noexcept nogil
+cdef bint runs_full(const runs_t *runs) noexcept nogil
+cdef void runs_free(runs_t *runs) noexcept nogil
+
+
+# One piece of a vectored read: count bytes at offset into buf.
+cdef struct piece_t:
+    uint8_t *buf
+    uint64_t count
+    uint64_t offset
+
+
+# One libnbd handle and the thread that drives it: engine threads submit requests with
+# nbd_aio_* from any thread; the dispatcher polls the socket and runs libnbd's state machine,
+# which calls each request's completion callback.
+cdef struct conn_t:
+    nbd_handle *h
+    int fd                  # the handle's socket
+    int wake                # eventfd: a submitter needs the socket watched for writing
+    pthread_t thread
+    bint started
+    int stop                # atomic: close() asks the dispatcher to return
+    int dead                # atomic: the connection broke; requests fail at once
+    int in_flight           # atomic: requests submitted and not completed (for balancing)
+    const char *what        # the backing's description, for the log line
+    char error[512]         # what broke it (libnbd's message)
+
+
+# Requests in flight that one engine call waits for (on its stack): libnbd's completion callback,
+# run by the dispatcher, counts them down.
+cdef struct batch_t:
+    pthread_mutex_t m
+    pthread_cond_t done
+    int pending
+    int error
+    conn_t *conn
+
+
+cdef class Backing:
+    cdef int fd                         # a file or block device, else -1
+    cdef conn_t *conns                  # NBD: nr_conns handles
+    cdef int nr_conns
+    cdef int calls                      # atomic: calls in progress (close waits for them)
+    cdef pthread_mutex_t start_lock
+    cdef int dispatch_pid               # atomic: the process whose dispatchers run
+    cdef bint closing
+    cdef uint64_t c_size
+    cdef uint64_t max_request           # NBD: largest request the server takes
+    cdef uint64_t min_block             # NBD: requests aligned to this (1: no constraint)
+    cdef bint base_allocation           # NBD: the server describes holes
+    cdef bint nbd_cache                 # NBD: the server takes NBD_CMD_CACHE
+    cdef bytes what_c                   # description, kept alive for conn_t.what
+
+    cdef readonly str description       # the path, URI or command, for messages
+    cdef readonly bint is_nbd           # an NBD export (a URI or a command)
+    cdef readonly object command        # the command's argv (a tuple), else None
+
+    cdef int _connect(self, nbd_handle *h, uri) except? -2
+    cdef _prepare_dispatcher(self, conn_t *c)
+    cdef int start_dispatchers(self) noexcept nogil
+    cdef void _release(self) noexcept
+    cdef conn_t *pick(self) noexcept nogil
+    cdef uint64_t clip(self, piece_t *p) noexcept nogil
+    cdef int submit_read(self, batch_t *w, uint8_t *buf, uint64_t count,
+                         uint64_t offset) noexcept nogil
+    cdef int submit_unaligned(self, batch_t *w, piece_t *p, uint64_t k,
+                              uint8_t **bounce) noexcept nogil
+    cdef int nbd_extents(self, runs_t *runs, uint64_t pos, uint64_t end) noexcept nogil
+
+    # The interface the engine uses.
+    cdef int read(self, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil
+    cdef int read_pieces(self, piece_t *pieces, int n) noexcept nogil
+    cdef int extents(self, runs_t *runs, uint64_t offset, uint64_t count) noexcept nogil
+    cdef void cache(self, uint64_t count, uint64_t offset) noexcept nogil

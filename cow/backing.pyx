@@ -1,0 +1,749 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The read-only backing: how the engine reads it, asks where its holes are, and warms it.
+
+Three kinds, one interface (`cow/backing.pxd`), none of which knows about blocks:
+
+* a file or block device: pread, SEEK_DATA / SEEK_HOLE, posix_fadvise;
+* an NBD export given by URI (nbd://, nbds://, nbd+unix://...), through libnbd;
+* a command that serves NBD on systemd socket activation (any nbdkit plugin, qemu-nbd...),
+  started by libnbd and stopped when the backing closes.
+
+Over NBD, requests are asynchronous: every engine thread submits its own with nbd_aio_*
+(any number in flight on one handle, each thread waiting only for its own), and one
+dispatcher thread per handle, a plain pthread that never touches Python, polls the socket and
+runs libnbd's state machine, which completes the requests.  Extra handles are opened only where
+the server advertises multi-conn (it then promises that they all see the same data); each
+request goes to the least busy one.  When a connection breaks, libnbd fails every request in
+flight on it, later ones fail at once, and one line on stderr says what broke.
+
+Every C-level method is `noexcept nogil` and returns 0 or -errno; a failed NBD request is EIO
+(ENOMEM stays ENOMEM), whatever libnbd says about its own state.
+"""
+
+from libc.errno cimport errno, EIO, ENOMEM, ENXIO, EINTR, EINVAL
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memset, memcpy, strncpy
+from posix.types cimport off_t
+from posix.unistd cimport usleep
+
+from cow.clib cimport *
+
+import os
+import shlex
+
+cdef enum:
+    NBD_CHUNK = 32 * 1024 * 1024    # largest read request we send
+    MAX_CONNECTIONS = 64
+    STATUS_MAX = 0x80000000         # largest block status request we send
+
+
+def is_nbd_uri(s):
+    """An NBD URI, as libnbd takes it (nbd_connect_uri)."""
+    return isinstance(s, str) and s.split(":", 1)[0] in (
+        "nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs of extents.
+
+cdef int runs_add(runs_t *runs, uint64_t length, uint32_t kind) noexcept nogil:
+    """Append a run, merging it into the previous one of the same kind."""
+    cdef size_t cap
+    cdef void *p
+    if length == 0:
+        return 0
+    if runs.n > 0 and runs.kind[runs.n - 1] == kind:
+        runs.length[runs.n - 1] += length
+        return 0
+    if runs.n == runs.cap:
+        cap = runs.cap * 2 if runs.cap else 16
+        p = realloc(runs.length, cap * sizeof(uint64_t))
+        if p == NULL:
+            return -ENOMEM
+        runs.length = <uint64_t *>p
+        p = realloc(runs.kind, cap * sizeof(uint32_t))
+        if p == NULL:
+            return -ENOMEM
+        runs.kind = <uint32_t *>p
+        runs.cap = cap
+    runs.length[runs.n] = length
+    runs.kind[runs.n] = kind
+    runs.n += 1
+    return 0
+
+
+cdef bint runs_full(const runs_t *runs) noexcept nogil:
+    return runs.n >= runs.limit or (runs.req_one and runs.n >= 1)
+
+
+cdef void runs_free(runs_t *runs) noexcept nogil:
+    free(runs.length)
+    free(runs.kind)
+    runs.length = NULL
+    runs.kind = NULL
+    runs.n = runs.cap = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+cdef int full_pread(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
+    """Read exactly count bytes; an unexpected end of file is EIO."""
+    cdef ssize_t r
+    while count > 0:
+        r = pread(fd, buf, count, <off_t>offset)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if r == 0:
+            return -EIO
+        buf += r
+        count -= r
+        offset += r
+    return 0
+
+
+cdef int file_extents(int fd, runs_t *runs, uint64_t pos, uint64_t end) noexcept nogil:
+    cdef off_t r
+    cdef uint64_t data, hole
+    cdef int rc
+    while pos < end and not runs_full(runs):
+        r = lseek(fd, <off_t>pos, SEEK_DATA)
+        if r < 0:
+            if errno == ENXIO:      # no data from here to the end of the file
+                return runs_add(runs, end - pos, T_HOLE_ZERO)
+            return runs_add(runs, end - pos, T_DATA)   # no SEEK_DATA here: all data
+        data = <uint64_t>r
+        if data > pos:
+            rc = runs_add(runs, (data if data < end else end) - pos, T_HOLE_ZERO)
+            if rc < 0:
+                return rc
+            pos = data
+            continue
+        r = lseek(fd, <off_t>pos, SEEK_HOLE)
+        hole = end if r < 0 else <uint64_t>r
+        if hole > end or hole <= pos:
+            hole = end
+        rc = runs_add(runs, hole - pos, T_DATA)
+        if rc < 0:
+            return rc
+        pos = hole
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# NBD: requests in flight, and the dispatcher that completes them.
+
+cdef void batch_init(batch_t *w, conn_t *conn) noexcept nogil:
+    pthread_mutex_init(&w.m, NULL)
+    pthread_cond_init(&w.done, NULL)
+    w.pending = 0
+    w.error = 0
+    w.conn = conn
+
+
+cdef int nbd_status(int err) noexcept nogil:
+    """A failed backing request is the backing's fault: EIO, whatever libnbd's errno says about
+    its own state (a dead connection gives ENOTCONN, then EINVAL for "invalid state")."""
+    return -(ENOMEM if err == ENOMEM else EIO)
+
+
+cdef int batch_wait(batch_t *w) noexcept nogil:
+    """Wait for every request of the batch; 0 or the first error."""
+    cdef int err
+    pthread_mutex_lock(&w.m)
+    while w.pending > 0:
+        pthread_cond_wait(&w.done, &w.m)
+    err = w.error
+    pthread_mutex_unlock(&w.m)
+    pthread_cond_destroy(&w.done)
+    pthread_mutex_destroy(&w.m)
+    return nbd_status(err) if err else 0
+
+
+cdef void batch_end_one(batch_t *w, int err) noexcept nogil:
+    pthread_mutex_lock(&w.m)
+    if err and not w.error:
+        w.error = err
+    w.pending -= 1
+    if w.pending == 0:
+        pthread_cond_signal(&w.done)
+    pthread_mutex_unlock(&w.m)
+
+
+cdef int on_complete(void *user_data, int *error) noexcept nogil:
+    """libnbd's completion callback (dispatcher thread, handle lock held): count down."""
+    cdef batch_t *w = <batch_t *>user_data
+    cow_atomic_add(&w.conn.in_flight, -1)
+    batch_end_one(w, error[0])
+    return 1        # retire the command: nobody asks for it by cookie
+
+
+cdef inline nbd_completion_callback completion_for(batch_t *w) noexcept nogil:
+    cdef nbd_completion_callback cb
+    cb.callback = on_complete
+    cb.user_data = w
+    cb.free = NULL
+    return cb
+
+
+cdef inline void batch_submitted(batch_t *w) noexcept nogil:
+    """Before a submission: one more request to wait for."""
+    pthread_mutex_lock(&w.m)
+    w.pending += 1
+    pthread_mutex_unlock(&w.m)
+    cow_atomic_add(&w.conn.in_flight, 1)
+
+
+cdef inline void batch_refused(batch_t *w) noexcept nogil:
+    """libnbd refused a submission (no callback will come): count it down as failed."""
+    cdef int e = nbd_get_errno()
+    cow_atomic_add(&w.conn.in_flight, -1)
+    batch_end_one(w, e if e else EIO)
+
+
+cdef void kick(conn_t *c) noexcept nogil:
+    """After submitting: if libnbd could not write the whole request without blocking, the
+    dispatcher must watch the socket for writing too (it may be asleep watching for reading)."""
+    cdef uint64_t one = 1
+    if nbd_aio_get_direction(c.h) & LIBNBD_AIO_DIRECTION_WRITE:
+        write(c.wake, &one, 8)
+
+
+cdef void *dispatch(void *arg) noexcept nogil:
+    """One handle's dispatcher: poll its socket and run libnbd's state machine until close()
+    or until the connection breaks (then libnbd has already failed every request on it)."""
+    cdef conn_t *c = <conn_t *>arg
+    cdef pollfd fds[2]
+    cdef unsigned direction
+    cdef uint64_t junk
+    cdef int r
+    cdef const char *msg
+    fds[1].fd = c.wake
+    fds[1].events = POLLIN
+    while not cow_atomic_load(&c.stop):
+        direction = nbd_aio_get_direction(c.h)
+        fds[0].fd = c.fd
+        fds[0].events = 0
+        if direction & LIBNBD_AIO_DIRECTION_READ:
+            fds[0].events |= POLLIN
+        if direction & LIBNBD_AIO_DIRECTION_WRITE:
+            fds[0].events |= POLLOUT
+        fds[0].revents = fds[1].revents = 0
+        r = poll(fds, 2, -1)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            break
+        if fds[1].revents & POLLIN:
+            read(c.wake, &junk, 8)
+        r = 0
+        if fds[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL):
+            r = nbd_aio_notify_read(c.h)
+        if r == 0 and fds[0].revents & POLLOUT:
+            r = nbd_aio_notify_write(c.h)
+        if r == -1 or nbd_aio_is_dead(c.h) or nbd_aio_is_closed(c.h):
+            if cow_atomic_load(&c.stop):
+                break
+            msg = nbd_get_error()
+            if msg == NULL:
+                msg = "the connection closed"
+            strncpy(c.error, msg, 511)
+            c.error[511] = 0
+            cow_atomic_store(&c.dead, 1)
+            fprintf(stderr, b"cow: the backing connection broke (%s): %s; requests that need "
+                            b"the backing fail with EIO\n", c.what, c.error)
+            break
+    return NULL
+
+
+cdef struct extents_ctx:
+    runs_t *runs
+    uint64_t pos        # next byte not yet described
+    uint64_t end
+
+
+cdef int on_extent(void *user_data, const char *metacontext, uint64_t offset,
+                   uint32_t *entries, size_t nr_entries, int *error) noexcept nogil:
+    cdef extents_ctx *ctx = <extents_ctx *>user_data
+    cdef size_t i, k = 0
+    cdef uint64_t start = offset, length, lo, hi
+    cdef const char *want = b"base:allocation"
+    while want[k] != 0 and metacontext[k] == want[k]:
+        k += 1
+    if want[k] != 0 or metacontext[k] != 0:
+        return 0
+    for i in range(0, nr_entries - nr_entries % 2, 2):
+        length = entries[i]
+        lo = start if start > ctx.pos else ctx.pos
+        hi = start + length
+        if hi > ctx.end:
+            hi = ctx.end
+        if hi > lo and not runs_full(ctx.runs):
+            if runs_add(ctx.runs, hi - lo, entries[i + 1] & 3) < 0:
+                error[0] = ENOMEM
+                return -1
+            ctx.pos = hi
+        start += length
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+cdef class Backing:
+    """The read-only backing: Backing(source, connections=4).
+
+    source: a file or block device path, an NBD URI, or a command (a list: argv) that serves NBD
+    on systemd socket activation.  connections: most libnbd handles for an NBD export that
+    advertises multi-conn (one otherwise, and one for a command)."""
+
+    def __cinit__(self, *args, **kwargs):
+        pthread_mutex_init(&self.start_lock, NULL)
+        self.fd = -1
+        self.conns = NULL
+        self.nr_conns = 0
+        self.min_block = 1
+        self.max_request = UINT64_MAX
+
+    def __init__(self, source, *, int connections=4):
+        if self.description is not None:
+            raise RuntimeError("Backing is already initialised")
+        if connections < 1 or connections > MAX_CONNECTIONS:
+            raise ValueError(f"invalid number of backing connections {connections}: expected 1 "
+                             f"to {MAX_CONNECTIONS}")
+        if isinstance(source, (list, tuple)):
+            argv = tuple(os.fsdecode(a) for a in source)
+            if not argv or not argv[0]:
+                raise ValueError("cow: the backing command is empty")
+            self.command = argv
+            self.description = shlex.join(argv)
+            self.is_nbd = True
+        else:
+            source = os.fsdecode(source)
+            self.description = source
+            self.is_nbd = is_nbd_uri(source)
+        self.what_c = self.description.encode(errors="replace")
+        if self.command is not None:
+            self._open_nbd(None, 1)
+        elif self.is_nbd:
+            self._open_nbd(source, connections)
+        else:
+            self._open_file(source)
+
+    def _open_file(self, str path):
+        cdef struct_stat st
+        cdef uint64_t size = 0
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise OSError(e.errno, f"cow: cannot open backing {path}: {os.strerror(e.errno)}") \
+                from None
+        self.fd = fd
+        if fstat(fd, &st) != 0:
+            raise OSError(errno, f"cow: fstat {path}: {os.strerror(errno)}")
+        if S_ISBLK(st.st_mode):
+            if ioctl(fd, BLKGETSIZE64, &size) != 0:
+                raise OSError(errno, f"cow: size of block device {path}: {os.strerror(errno)}")
+            self.c_size = size
+        elif S_ISREG(st.st_mode):
+            self.c_size = st.st_size
+        else:
+            raise ValueError(f"cow: backing {path!r} is not a regular file or block device")
+
+    def _open_nbd(self, uri, int nconn):
+        cdef conn_t *c
+        cdef int64_t size, maxreq, minblk
+        cdef int rc, i
+        self.conns = <conn_t *>calloc(nconn, sizeof(conn_t))
+        if self.conns == NULL:
+            raise MemoryError()
+        for i in range(nconn):
+            c = &self.conns[i]
+            c.wake = -1
+            c.what = self.what_c
+            c.h = nbd_create()
+            if c.h == NULL:
+                raise OSError(nbd_get_errno() or EIO, f"cow: libnbd: {_nbd_message()}")
+            self.nr_conns = i + 1
+            nbd_set_handle_name(c.h, b"cow-backing")
+            nbd_add_meta_context(c.h, b"base:allocation")
+            rc = self._connect(c.h, uri)
+            if rc == -1:
+                if i == 0:
+                    raise OSError(nbd_get_errno() or EIO,
+                                  f"cow: cannot connect to backing {self.description}: "
+                                  f"{_nbd_message()}")
+                # A server that takes fewer connections still serves us through the ones we have.
+                nbd_close(c.h)
+                c.h = NULL
+                self.nr_conns = i
+                break
+            if i == 0:
+                size = nbd_get_size(c.h)
+                if size < 0:
+                    raise OSError(nbd_get_errno() or EIO,
+                                  f"cow: size of backing {self.description}: {_nbd_message()}")
+                self.c_size = size
+                self.base_allocation = nbd_can_meta_context(c.h, b"base:allocation") == 1
+                self.nbd_cache = nbd_can_cache(c.h) == 1
+                minblk = nbd_get_block_size(c.h, LIBNBD_SIZE_MINIMUM)
+                self.min_block = minblk if minblk > 1 and (minblk & (minblk - 1)) == 0 else 1
+                maxreq = nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM)
+                self.max_request = maxreq if 0 < maxreq < NBD_CHUNK else NBD_CHUNK
+                # Extra connections only where the server says they see the same data.
+                if nbd_can_multi_conn(c.h) != 1:
+                    nconn = 1
+                    break
+        for i in range(self.nr_conns):
+            self._prepare_dispatcher(&self.conns[i])
+
+    cdef int _connect(self, nbd_handle *h, uri) except? -2:
+        cdef bytes buri
+        cdef const char *curi
+        cdef char **argv
+        cdef int rc, i
+        if uri is not None:
+            buri = uri.encode()
+            curi = buri
+            with nogil:
+                rc = nbd_connect_uri(h, curi)
+            return rc
+        args = [os.fsencode(a) for a in self.command]
+        argv = <char **>calloc(len(args) + 1, sizeof(char *))
+        if argv == NULL:
+            raise MemoryError()
+        try:
+            for i in range(len(args)):
+                argv[i] = args[i]
+            with nogil:
+                rc = nbd_connect_systemd_socket_activation(h, argv)
+        finally:
+            free(argv)
+        return rc
+
+    cdef _prepare_dispatcher(self, conn_t *c):
+        c.fd = nbd_aio_get_fd(c.h)
+        if c.fd < 0:
+            raise OSError(nbd_get_errno() or EIO, f"cow: libnbd: {_nbd_message()}")
+        c.wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if c.wake < 0:
+            raise OSError(errno, f"cow: eventfd: {os.strerror(errno)}")
+
+    cdef int start_dispatchers(self) noexcept nogil:
+        """Start the dispatcher threads in this process, at its first request.  Not at open:
+        nbdkit forks after loading a plugin (to daemonize, or for --run), and threads do not
+        survive a fork; the process that serves starts its own."""
+        cdef int i, rc = 0, pid = getpid()
+        if cow_atomic_load(&self.dispatch_pid) == pid:
+            return 0
+        pthread_mutex_lock(&self.start_lock)
+        if self.dispatch_pid != pid:
+            for i in range(self.nr_conns):
+                rc = pthread_create(&self.conns[i].thread, NULL, dispatch, &self.conns[i])
+                if rc != 0:
+                    break
+                self.conns[i].started = True
+            if rc == 0:
+                cow_atomic_store(&self.dispatch_pid, pid)
+        pthread_mutex_unlock(&self.start_lock)
+        return -rc
+
+    cdef void _release(self) noexcept:
+        cdef uint64_t one = 1
+        cdef conn_t *c
+        cdef int i
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+        if self.conns == NULL:
+            return
+        for i in range(self.nr_conns):
+            c = &self.conns[i]
+            if c.started and self.dispatch_pid == getpid():
+                cow_atomic_store(&c.stop, 1)
+                write(c.wake, &one, 8)
+                with nogil:
+                    pthread_join(c.thread, NULL)
+                c.started = False
+            if c.h != NULL:
+                # Say goodbye, unless the connection is dead or served by another process
+                # (a copy of this one made by fork).
+                if not c.dead and self.dispatch_pid in (0, getpid()):
+                    nbd_aio_disconnect(c.h, 0)
+                with nogil:     # a command backing: its process is stopped and waited for
+                    nbd_close(c.h)
+                c.h = NULL
+            if c.wake >= 0:
+                close(c.wake)
+                c.wake = -1
+        free(self.conns)
+        self.conns = NULL
+        self.nr_conns = 0
+
+    def __dealloc__(self):
+        self._release()
+        pthread_mutex_destroy(&self.start_lock)
+
+    def close(self):
+        """Close the backing (a command's server stops); waits for calls still running."""
+        if self.closing:
+            return
+        self.closing = True
+        while cow_atomic_load(&self.calls):
+            with nogil:
+                usleep(1000)
+        self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def size(self):
+        return self.c_size
+
+    @property
+    def connections(self):
+        """libnbd handles in use (0 for a file)."""
+        return self.nr_conns
+
+    @property
+    def error(self):
+        """What broke the NBD connection (libnbd's message), or None while it works."""
+        cdef int i
+        for i in range(self.nr_conns):
+            if cow_atomic_load(&self.conns[i].dead):
+                return self.conns[i].error.decode(errors="replace")
+        return None
+
+    @property
+    def closed(self):
+        return self.closing
+
+    def pread(self, buf, offset):
+        """Fill buf from offset (past the end: zeroes); for tools and tests."""
+        cdef uint8_t[::1] view = buf
+        cdef uint64_t off = offset
+        cdef int r
+        if self.closing:
+            raise ValueError("cow: the backing is closed")
+        with nogil:
+            r = self.read(<uint8_t *>&view[0] if view.shape[0] else NULL, view.shape[0], off)
+        if r < 0:
+            raise OSError(-r, f"cow: backing read offset={off} count={view.shape[0]}: "
+                              f"{os.strerror(-r)}")
+
+    def __repr__(self):
+        return f"<cow.backing.Backing {self.description!r} size={self.c_size}>"
+
+    # -- the C interface ---------------------------------------------------------------------
+
+    cdef conn_t *pick(self) noexcept nogil:
+        """The least busy live handle, or NULL when every one has broken (or no dispatcher
+        could start)."""
+        cdef conn_t *best = NULL
+        cdef int i, load, best_load = 0
+        if self.start_dispatchers() < 0:
+            return NULL
+        for i in range(self.nr_conns):
+            if cow_atomic_load(&self.conns[i].dead):
+                continue
+            load = cow_atomic_load(&self.conns[i].in_flight)
+            if best == NULL or load < best_load:
+                best = &self.conns[i]
+                best_load = load
+        return best
+
+    cdef int read(self, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
+        """Read count bytes at offset; bytes past the end of the backing read as zeroes."""
+        cdef piece_t p
+        p.buf = buf
+        p.count = count
+        p.offset = offset
+        return self.read_pieces(&p, 1)
+
+    cdef int read_pieces(self, piece_t *pieces, int n) noexcept nogil:
+        """Read several pieces; over NBD all of them are in flight at once."""
+        cdef batch_t w
+        cdef conn_t *c
+        cdef uint8_t **bounce
+        cdef uint64_t k, mask = self.min_block - 1
+        cdef int i, r = 0
+        cow_atomic_add(&self.calls, 1)
+        if self.fd >= 0:
+            for i in range(n):
+                k = self.clip(&pieces[i])
+                if k:
+                    r = full_pread(self.fd, pieces[i].buf, k, pieces[i].offset)
+                    if r < 0:
+                        break
+            cow_atomic_add(&self.calls, -1)
+            return r
+        c = self.pick()
+        if c == NULL:
+            cow_atomic_add(&self.calls, -1)
+            return -EIO
+        bounce = <uint8_t **>calloc(n, sizeof(uint8_t *))
+        if bounce == NULL:
+            cow_atomic_add(&self.calls, -1)
+            return -ENOMEM
+        batch_init(&w, c)
+        for i in range(n):
+            k = self.clip(&pieces[i])
+            if k == 0:
+                continue
+            if (pieces[i].offset | k) & mask:
+                r = self.submit_unaligned(&w, &pieces[i], k, &bounce[i])
+            else:
+                r = self.submit_read(&w, pieces[i].buf, k, pieces[i].offset)
+            if r < 0:
+                break
+        kick(c)
+        i = batch_wait(&w)
+        if r == 0:
+            r = i
+        for i in range(n):
+            if bounce[i] != NULL:
+                if r == 0:
+                    memcpy(pieces[i].buf, bounce[i] + (pieces[i].offset & mask),
+                           self.clip(&pieces[i]))
+                free(bounce[i])
+        free(bounce)
+        cow_atomic_add(&self.calls, -1)
+        return r
+
+    cdef uint64_t clip(self, piece_t *p) noexcept nogil:
+        """Zero what lies past the end of the backing; the bytes left to read."""
+        cdef uint64_t k = 0
+        if p.offset < self.c_size:
+            k = self.c_size - p.offset
+            if k > p.count:
+                k = p.count
+        if k < p.count:
+            memset(p.buf + k, 0, p.count - k)
+        return k
+
+    cdef int submit_read(self, batch_t *w, uint8_t *buf, uint64_t count,
+                         uint64_t offset) noexcept nogil:
+        """Submit a read in requests of at most max_request bytes, all in flight at once."""
+        cdef uint64_t chunk
+        while count > 0:
+            chunk = count if count < self.max_request else self.max_request
+            batch_submitted(w)
+            if nbd_aio_pread(w.conn.h, buf, chunk, offset, completion_for(w), 0) == -1:
+                batch_refused(w)
+                return -EIO
+            buf += chunk
+            offset += chunk
+            count -= chunk
+        return 0
+
+    cdef int submit_unaligned(self, batch_t *w, piece_t *p, uint64_t k,
+                              uint8_t **bounce) noexcept nogil:
+        """A server with a minimum block size refuses unaligned requests: read the aligned
+        range around the piece into a bounce buffer (copied out once it has arrived)."""
+        cdef uint64_t mask = self.min_block - 1
+        cdef uint64_t start = p.offset & ~mask
+        cdef uint64_t end = (p.offset + k + mask) & ~mask
+        if end > self.c_size:
+            end = self.c_size   # a size that is not a multiple of the minimum: a short last piece
+        bounce[0] = <uint8_t *>malloc(end - start)
+        if bounce[0] == NULL:
+            return -ENOMEM
+        return self.submit_read(w, bounce[0], end - start, start)
+
+    cdef int extents(self, runs_t *runs, uint64_t offset, uint64_t count) noexcept nogil:
+        """Describe [offset, offset+count): holes pass through as hole|zero; past the end of the
+        backing (a grown disk) is all hole|zero."""
+        cdef uint64_t end = offset + count
+        cdef int rc
+        if end > self.c_size:
+            if offset >= self.c_size:
+                return runs_add(runs, count, T_HOLE_ZERO)
+            rc = self.extents(runs, offset, self.c_size - offset)
+            if rc < 0 or runs_full(runs):
+                return rc
+            return runs_add(runs, end - self.c_size, T_HOLE_ZERO)
+        if self.fd >= 0:
+            return file_extents(self.fd, runs, offset, end)
+        if not self.base_allocation:
+            return runs_add(runs, count, T_DATA)
+        cow_atomic_add(&self.calls, 1)
+        rc = self.nbd_extents(runs, offset, end)
+        cow_atomic_add(&self.calls, -1)
+        return rc
+
+    cdef int nbd_extents(self, runs_t *runs, uint64_t pos, uint64_t end) noexcept nogil:
+        cdef extents_ctx ctx
+        cdef nbd_extent_callback cb
+        cdef batch_t w
+        cdef conn_t *c
+        cdef uint64_t ask, start, mask = self.min_block - 1
+        cdef int rc
+        while pos < end and not runs_full(runs):
+            c = self.pick()
+            if c == NULL:
+                return -EIO
+            ctx.runs = runs
+            ctx.pos = pos
+            ctx.end = end
+            cb.callback = on_extent
+            cb.user_data = &ctx
+            cb.free = NULL
+            ask = end - pos
+            if ask > STATUS_MAX:
+                ask = STATUS_MAX
+            start = pos & ~mask       # the server may insist on aligned requests
+            ask = ((pos + ask + mask) & ~mask) - start
+            if start + ask > self.c_size:
+                ask = self.c_size - start
+            batch_init(&w, c)
+            batch_submitted(&w)
+            if nbd_aio_block_status(c.h, ask, start, cb, completion_for(&w),
+                                    LIBNBD_CMD_FLAG_REQ_ONE if runs.req_one else 0) == -1:
+                batch_refused(&w)
+            else:
+                kick(c)
+            rc = batch_wait(&w)
+            if rc < 0:
+                return rc
+            if ctx.pos <= pos:      # the server said nothing usable: call it data
+                return runs_add(runs, end - pos, T_DATA)
+            pos = ctx.pos
+        return 0
+
+    cdef void cache(self, uint64_t count, uint64_t offset) noexcept nogil:
+        """A hint that the range will be read soon; errors are ignored (it is only advice)."""
+        cdef batch_t w
+        cdef conn_t *c
+        if offset >= self.c_size:
+            return
+        if count > self.c_size - offset:
+            count = self.c_size - offset
+        if self.fd >= 0:
+            posix_fadvise(self.fd, <off_t>offset, <off_t>count, POSIX_FADV_WILLNEED)
+            return
+        if not self.nbd_cache:
+            return
+        c = self.pick()
+        if c == NULL:
+            return
+        cow_atomic_add(&self.calls, 1)
+        batch_init(&w, c)
+        batch_submitted(&w)
+        if nbd_aio_cache(c.h, count if count < self.max_request else self.max_request, offset,
+                         completion_for(&w), 0) == -1:
+            batch_refused(&w)
+        else:
+            kick(c)
+        batch_wait(&w)
+        cow_atomic_add(&self.calls, -1)
+
+
+def _nbd_message():
+    cdef const char *m = nbd_get_error()
+    return m.decode(errors="replace") if m != NULL else "unknown libnbd error"
