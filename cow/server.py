@@ -86,6 +86,7 @@ KEEP_BUFFER = 4 * 1024 * 1024  # larger one-off buffers are not kept between req
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at wmem_max)
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to transmission (qemu-nbd's default)
 SHUTDOWN_GRACE = 20.0  # seconds for in-flight requests at SIGTERM before sends are cut off
+LINGER = 2.0  # seconds a hang-up after a protocol error waits for the client (see _close)
 
 
 def _shutdown_socket(sock, how) -> None:
@@ -297,23 +298,48 @@ class _Connection:
             self.sock.sendall(data)
 
     def run(self) -> None:
+        linger = False
         try:
             if self._handshake():
                 self._transmission()
         except P.ProtocolError as e:
             log.info("connection %d: closing: %s", self.id, e)
+            linger = True  # the client may still be sending
         except OSError as e:
             log.info("connection %d: closing: %s", self.id, e)
         except Exception:  # our bug: this connection ends, the server goes on
             log.error("connection %d: internal error:\n%s", self.id, traceback.format_exc())
         finally:
             if self.workers is not None:
-                self.workers.close()
+                self.workers.close()  # their replies are sent before the close
+            self._close(linger)
+            self.server._forget(self)
+
+    def _close(self, linger: bool) -> None:
+        """Close the socket, without losing replies the client has not received yet.
+
+        close(2) on a socket with input not yet read makes the kernel reset the connection,
+        and a reset throws away whatever the client had not received (over TCP a large reply
+        may still sit in our send buffer).  So where the client may still be sending (after a
+        protocol error), our side is ended first (the replies, then FIN) and the client's
+        input is read and dropped until it closes its side or LINGER seconds pass."""
+        sock = self.sock
+        try:
+            if linger:
+                _shutdown_socket(sock, socket.SHUT_WR)
+                deadline = time.monotonic() + LINGER
+                scratch = bytearray(65536)
+                while (left := deadline - time.monotonic()) > 0:
+                    sock.settimeout(left)
+                    if not socket.socket.recv_into(sock, scratch):  # raw bytes, even under TLS
+                        break
+        except OSError:
+            pass
+        finally:
             try:
-                self.sock.close()
+                sock.close()
             except OSError:
                 pass
-            self.server._forget(self)
 
     def _handshake(self) -> bool:
         """Greeting and option haggling, all within the handshake timeout (a client that
@@ -464,6 +490,15 @@ class _Connection:
                     workers.submit((cmd, flags, cookie, offset, count, payload, owned))
                 else:
                     batch.add(handle(cmd, flags, cookie, offset, count, payload, batch))
+        except Exception:
+            # A bad magic (the stream is out of step) or our own bug: nothing more is read,
+            # but every request executed so far still gets its reply before the hang-up
+            # (workers' replies are sent before run() closes the socket).
+            try:
+                batch.flush()
+            except OSError:
+                pass
+            raise
         finally:
             proto.disconnect()
         batch.flush()

@@ -90,12 +90,16 @@ def start_server(backing, *options, tmp_path, env=None, check_exit=True, timeout
 
 
 class RawClient:
-    """A hand-driven NBD client over a plain socket (for malformed input)."""
+    """A hand-driven NBD client over a plain socket (for malformed input).  ``address`` is a
+    Unix socket path, or a (host, port) pair for TCP."""
 
-    def __init__(self, sock_path, timeout=20.0):
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(timeout)
-        self.sock.connect(str(sock_path))
+    def __init__(self, address, timeout=20.0):
+        if isinstance(address, tuple):
+            self.sock = socket.create_connection(address, timeout)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(timeout)
+            self.sock.connect(str(address))
         self.structured = False
 
     def close(self):

@@ -2,11 +2,13 @@
 connection; the server, and every other connection, go on; no partial write lands."""
 
 import struct
+import threading
 
 import nbd
 import pytest
 
 from cow import protocol as P
+from support_reliability import run_tcp_server
 from support_server import RawClient, start_server
 
 SIZE = 4 * 1024 * 1024
@@ -272,3 +274,65 @@ def test_replies_are_not_held_back_while_the_server_waits_for_input(served):
         assert c.reply() == (2, 0, b"")
         c.request(P.NBD_CMD_READ, 8192, 4096, cookie=3)
         assert c.reply(4096) == (3, 0, b"\x5a" * 4096)
+
+
+
+def reply_to_any(c, read_counts):
+    """One reply whose cookie is not known in advance: (cookie, error, data).  read_counts maps
+    the cookie of each READ to its length (a simple reply does not say how much data follows)."""
+    if c.structured:
+        return c.reply()
+    magic, error, cookie = struct.unpack(">IIQ", c.recv_exact(16))
+    assert magic == P.NBD_SIMPLE_REPLY_MAGIC, hex(magic)
+    n = read_counts.get(cookie, 0)
+    return cookie, error, c.recv_exact(n) if n and not error else b""
+
+
+@pytest.mark.parametrize("structured", [False, True])
+@pytest.mark.parametrize("large", [False, True], ids=["inline", "workers"])
+def test_requests_before_a_bad_magic_are_all_answered(served, structured, large):
+    """WRITE, READ and FLUSH, then a request with a bad magic, in one burst: the server executes
+    the three and sends their replies (inline ones and workers' alike) before it hangs up."""
+    sock, h, disk, _ = served
+    n = 512 * 1024 if large else 4096  # a large WRITE goes to the connection's workers
+    with RawClient(sock) as c:
+        c.negotiate(structured=structured)
+        c.send(P.pack_request(P.NBD_CMD_WRITE, 65536, n, cookie=1) + b"\x6b" * n
+               + P.pack_request(P.NBD_CMD_READ, 0, 512, cookie=2)
+               + P.pack_request(P.NBD_CMD_FLUSH, cookie=3)
+               + P.pack_request(P.NBD_CMD_READ, 0, 512, cookie=4, magic=0x12345678))
+        got = {}
+        for _ in range(3):
+            cookie, error, data = reply_to_any(c, {2: 512})
+            got[cookie] = (error, data)
+        assert got == {1: (0, b""), 2: (0, backing_bytes(disk, 0, 512)), 3: (0, b"")}
+        assert c.is_closed()
+    assert h.pread(n, 65536) == b"\x6b" * n
+
+
+def test_large_reply_before_a_bad_magic_arrives_whole_over_tcp(disk, tmp_path):
+    """Over TCP a reply can still sit in the server's send buffer when it hangs up, and closing
+    a socket with input not yet read makes the kernel send a reset, which throws that data
+    away.  A 4 MiB READ, a bad magic, then more bytes: the READ's reply must arrive whole,
+    then the end of the stream."""
+    with run_tcp_server(tmp_path, disk) as (srv, port):
+        with RawClient(("127.0.0.1", port)) as c:
+            c.negotiate(structured=False)
+            burst = (P.pack_request(P.NBD_CMD_READ, 0, SIZE, cookie=1)
+                     + P.pack_request(P.NBD_CMD_FLUSH, cookie=2, magic=0x12345678)
+                     + b"junk after the bad request" * 40000)
+
+            def send():
+                try:
+                    c.send(burst)
+                except OSError:
+                    pass  # the server hung up before taking it all: allowed
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            try:
+                cookie, error, data = reply_to_any(c, {1: SIZE})
+                assert (cookie, error) == (1, 0) and data == backing_bytes(disk, 0, SIZE)
+                assert c.is_closed()
+            finally:
+                sender.join(30)
