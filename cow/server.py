@@ -34,7 +34,8 @@ drips bytes, is dropped and its thread freed; ``--max-connections`` closes
 connections beyond the limit at once, before the greeting.  TLS (``cow/tls.py``
 builds the context) starts on NBD_OPT_STARTTLS; under TLS a connection is served
 entirely on its own thread, without workers (an OpenSSL connection must not be
-read and written from two threads at once).  At SIGTERM the server stops reading
+read and written from two threads at once), and its TLS session is shut down
+(close_notify) before the socket is closed.  At SIGTERM the server stops reading
 requests, lets those in flight finish, and after a grace period cuts off clients
 that do not read their replies.
 """
@@ -86,7 +87,7 @@ KEEP_BUFFER = 4 * 1024 * 1024  # larger one-off buffers are not kept between req
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at wmem_max)
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to transmission (qemu-nbd's default)
 SHUTDOWN_GRACE = 20.0  # seconds for in-flight requests at SIGTERM before sends are cut off
-LINGER = 2.0  # seconds a hang-up after a protocol error waits for the client (see _close)
+LINGER = 2.0  # seconds a closing connection waits for the client (see _Connection._close)
 
 
 def _shutdown_socket(sock, how) -> None:
@@ -316,7 +317,14 @@ class _Connection:
             self.server._forget(self)
 
     def _close(self, linger: bool) -> None:
-        """Close the socket, without losing replies the client has not received yet.
+        """Close the socket, TLS session first, without losing replies the client has not
+        received yet.
+
+        Under TLS the session is shut down before the socket is closed (the spec: MUST after
+        NBD_CMD_DISC, SHOULD otherwise): close_notify goes out, then the client's input is
+        dropped until its own close_notify or end of stream, for at most LINGER seconds.
+        Only this thread uses the TLS connection by now (under TLS there are no workers, and
+        other threads only ever shut down the descriptor).
 
         close(2) on a socket with input not yet read makes the kernel reset the connection,
         and a reset throws away whatever the client had not received (over TCP a large reply
@@ -325,6 +333,12 @@ class _Connection:
         input is read and dropped until it closes its side or LINGER seconds pass."""
         sock = self.sock
         try:
+            if isinstance(sock, ssl.SSLSocket):
+                sock.settimeout(LINGER)
+                try:
+                    sock.unwrap()
+                except (OSError, ValueError):  # the client is gone or did not answer in time
+                    pass
             if linger:
                 _shutdown_socket(sock, socket.SHUT_WR)
                 deadline = time.monotonic() + LINGER

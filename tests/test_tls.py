@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import ssl
 import struct
@@ -21,7 +22,7 @@ import nbd
 import pytest
 
 from support_reliability import (
-    CMD_BLOCK_STATUS, CMD_READ, EINVAL, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO,
+    CMD_BLOCK_STATUS, CMD_DISC, CMD_READ, EINVAL, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_INFO,
     OPT_LIST, OPT_SET_META_CONTEXT, OPT_STARTTLS, OPT_STRUCTURED_REPLY, PYTHON, REP_ACK,
     REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TLS_REQD, RawClient, run_server,
     run_tcp_server,
@@ -301,6 +302,43 @@ def test_options_before_starttls_are_forgotten(pki, disk, tmp_path):
         assert err == EINVAL
         c.disconnect()
 
+
+
+def _tls_client_in_transmission(pki, srv, backing):
+    """A raw client through STARTTLS and GO, one READ done; its TLS socket reports an end of
+    stream without close_notify as an error (as OpenSSL clients do: Python's context ignores
+    it by default, and its sockets suppress it)."""
+    c = RawClient(srv.sock)
+    c.greeting()
+    c.client_flags()
+    c.option(OPT_STARTTLS)
+    assert c.option_replies(OPT_STARTTLS) == [(REP_ACK, b"")]
+    ctx = ssl.create_default_context(cafile=str(pki.client / "ca-cert.pem"))
+    ctx.load_cert_chain(str(pki.client / "client-cert.pem"), str(pki.client / "client-key.pem"))
+    ctx.options &= ~ssl.OP_IGNORE_UNEXPECTED_EOF
+    c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", suppress_ragged_eofs=False)
+    c.option(OPT_GO, RawClient.info_data())
+    c.option_replies(OPT_GO)
+    err, data, _ = c.call(CMD_READ, 0, 512)
+    assert err == 0 and data == backing[:512]
+    return c
+
+
+def test_disc_and_shutdown_end_the_tls_session_with_close_notify(pki, disk, tmp_path):
+    """The spec: on NBD_CMD_DISC the server MUST close down the TLS session, then the TCP
+    connection (and SHOULD when it hangs up itself, as at shutdown).  A read that meets
+    close_notify returns b""; a bare end of stream raises SSLError (unexpected EOF)."""
+    path, backing = disk
+    with run_server(tmp_path, path, "--tls=require", "--tls-certificates", pki.server) as srv:
+        c = _tls_client_in_transmission(pki, srv, backing)
+        c.request(CMD_DISC)
+        assert c.sock.recv(1) == b""
+        c.close()
+        c = _tls_client_in_transmission(pki, srv, backing)
+        srv.proc.send_signal(signal.SIGTERM)                 # shutdown with the client idle
+        assert c.sock.recv(1) == b""
+        c.close()
+        assert srv.proc.wait(60) == 0
 
 def test_starttls_garbage_instead_of_a_tls_hello(pki, disk, tmp_path):
     path, backing = disk
