@@ -430,6 +430,9 @@ class ServerConnection:
         return Output()
 
     def _option(self, option: int, data: bytes) -> Output:
+        if option == NBD_OPT_SET_META_CONTEXT:
+            # The spec: it replaces the selection "including when this command fails".
+            self.meta_contexts = {}
         if (self.tls_mode == "require" and not self.tls_active
                 and option not in (NBD_OPT_STARTTLS, NBD_OPT_ABORT)):
             if option == NBD_OPT_EXPORT_NAME:  # no way to refuse it but to hang up
@@ -553,8 +556,7 @@ class ServerConnection:
                                       for q in queries):
                     out.append(option_reply(option, NBD_REP_META_CONTEXT,
                                             _U32.pack(0) + ctx.encode()))
-        else:
-            self.meta_contexts = {}
+        else:  # SET: the selection was cleared in _option
             for ctx in self.export.contexts:
                 if ctx in queries:
                     cid = META_CONTEXT_IDS[ctx]

@@ -262,6 +262,24 @@ def test_set_meta_context_selects_and_replaces():
     assert r.reply_type == P.NBD_REP_ERR_INVALID
 
 
+
+@pytest.mark.parametrize("data", [
+    P.pack_meta_context_data("other", ("base:allocation",)),    # unknown export
+    P.pack_meta_context_data("disk", ("base:allocation",))[:-3],  # runs short
+    struct.pack(">I", 1) + b"\xff" + struct.pack(">I", 0),       # name not UTF-8
+], ids=["unknown-export", "truncated", "not-utf8"])
+def test_failed_set_meta_context_clears_the_selection(data):
+    """The spec: SET_META_CONTEXT replaces the selection "including when this command fails"."""
+    conn = connect()
+    send_option(conn, P.NBD_OPT_STRUCTURED_REPLY)
+    meta(conn, P.NBD_OPT_SET_META_CONTEXT, ("base:allocation", "qemu:allocation-depth"))
+    assert len(conn.meta_contexts) == 2
+    [r] = replies(send_option(conn, P.NBD_OPT_SET_META_CONTEXT, data))
+    assert r.reply_type & P.NBD_REP_FLAG_ERROR
+    assert conn.meta_contexts == {}
+    assert go(conn, "disk").action is Action.TRANSMISSION
+    assert conn.check_request(P.NBD_CMD_BLOCK_STATUS, 0, 0, 4096) == P.NBD_EINVAL
+
 # ---- transmission ------------------------------------------------------------------------------
 
 def transmission(structured=True, contexts=("base:allocation",), readonly=False, size=SIZE,

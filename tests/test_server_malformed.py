@@ -99,6 +99,27 @@ def test_unknown_and_malformed_options_are_answered_and_haggling_goes_on(served)
         assert c.reply(16)[:2] == (5, 0)
 
 
+
+def test_failed_set_meta_context_leaves_no_context_selected(served):
+    """A good SET_META_CONTEXT, then one on an unknown export: the failure clears the selection
+    (the spec: "including when this command fails"), so BLOCK_STATUS is refused."""
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.greeting()
+        assert c.option(P.NBD_OPT_STRUCTURED_REPLY)[-1][0] == P.NBD_REP_ACK
+        c.structured = True
+        replies = c.option(P.NBD_OPT_SET_META_CONTEXT,
+                           P.pack_meta_context_data("", ("base:allocation",)))
+        assert [t for t, _ in replies] == [P.NBD_REP_META_CONTEXT, P.NBD_REP_ACK]
+        replies = c.option(P.NBD_OPT_SET_META_CONTEXT,
+                           P.pack_meta_context_data("nope", ("base:allocation",)))
+        assert [t for t, _ in replies] == [P.NBD_REP_ERR_UNKNOWN]
+        assert c.option(P.NBD_OPT_GO, P.pack_info_go_data(""))[-1][0] == P.NBD_REP_ACK
+        c.request(P.NBD_CMD_BLOCK_STATUS, 0, 4096, cookie=1)
+        assert c.reply()[:2] == (1, P.NBD_EINVAL)
+        c.request(P.NBD_CMD_READ, 0, 16, cookie=2)
+        assert c.reply(16)[:2] == (2, 0)
+
 def test_abort(served):
     sock, h, _, _ = served
     with RawClient(sock) as c:
