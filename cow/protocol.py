@@ -363,6 +363,7 @@ class ServerConnection:
         self.readonly = export.readonly
         self.max_payload = export.max_payload
         self._pending_option: tuple[int, int] | None = None  # (option, length) awaiting data
+        self.shutting_down = False  # see begin_shutdown
         self.export_name: str | None = None  # the name the client chose (GO or EXPORT_NAME)
         self.option_handlers = {
             NBD_OPT_ABORT: self._opt_abort,
@@ -433,6 +434,11 @@ class ServerConnection:
         if option == NBD_OPT_SET_META_CONTEXT:
             # The spec: it replaces the selection "including when this command fails".
             self.meta_contexts = {}
+        if self.shutting_down and option != NBD_OPT_ABORT:
+            if option == NBD_OPT_EXPORT_NAME or not self.fixed_newstyle:  # cannot be refused
+                return self._close(f"option {option} while the server is shutting down")
+            return Output(self._error(option, NBD_REP_ERR_SHUTDOWN,
+                                      "the server is shutting down"))
         if (self.tls_mode == "require" and not self.tls_active
                 and option not in (NBD_OPT_STARTTLS, NBD_OPT_ABORT)):
             if option == NBD_OPT_EXPORT_NAME:  # no way to refuse it but to hang up
@@ -566,6 +572,13 @@ class ServerConnection:
         out.append(option_reply(option, NBD_REP_ACK))
         return Output(b"".join(out))
 
+    def begin_shutdown(self) -> None:
+        """The server is shutting down (the spec's wording: "in the process of being shut
+        down").  From now on every option but ABORT is answered NBD_REP_ERR_SHUTDOWN (an
+        EXPORT_NAME, which cannot be refused, closes), and :meth:`check_request` answers every
+        request NBD_ESHUTDOWN.  Requests already validated are not affected."""
+        self.shutting_down = True
+
     # ---- transmission ----------------------------------------------------------------------
 
     def decode_request(self, buf, pos: int = 0) -> tuple[int, int, int, int, int]:
@@ -581,6 +594,8 @@ class ServerConnection:
 
     def check_request(self, cmd: int, flags: int, offset: int, count: int) -> int:
         """Validate a decoded request: 0 if it may be served, else the NBD error to reply."""
+        if self.shutting_down:
+            return NBD_ESHUTDOWN
         allowed = _CMD_FLAGS.get(cmd)
         if allowed is None:
             return NBD_EINVAL  # unknown command

@@ -35,15 +35,21 @@ connections beyond the limit at once, before the greeting.  TLS (``cow/tls.py``
 builds the context) starts on NBD_OPT_STARTTLS; under TLS a connection is served
 entirely on its own thread, without workers (an OpenSSL connection must not be
 read and written from two threads at once), and its TLS session is shut down
-(close_notify) before the socket is closed.  At SIGTERM the server stops reading
-requests, lets those in flight finish, and after a grace period cuts off clients
-that do not read their replies.
+(close_notify) before the socket is closed.
+
+Shutdown.  At SIGTERM requests in flight finish; requests that arrive after
+shutdown began are answered NBD_ESHUTDOWN and options NBD_REP_ERR_SHUTDOWN (the
+spec's SHOULDs), so that clients learn why the connection ends.  A connection in
+transmission ends once nothing is in flight; one still in the handshake gets a
+few seconds to hear why; after a grace period clients that do not read their
+replies are cut off.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import queue
 import socket
 import ssl
@@ -87,6 +93,8 @@ KEEP_BUFFER = 4 * 1024 * 1024  # larger one-off buffers are not kept between req
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at wmem_max)
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to transmission (qemu-nbd's default)
 SHUTDOWN_GRACE = 20.0  # seconds for in-flight requests at SIGTERM before sends are cut off
+SHUTDOWN_HANDSHAKE_WAIT = 5.0  # seconds a client still haggling at SIGTERM may go on (its
+                               # options are answered NBD_REP_ERR_SHUTDOWN) before it is dropped
 LINGER = 2.0  # seconds a closing connection waits for the client (see _Connection._close)
 
 
@@ -289,6 +297,14 @@ class _Connection:
         self.broken = False
         self.workers: _Workers | None = None
         self.handshake_deadline: float | None = None  # while in the handshake (see reap)
+        # Shutdown (see begin_shutdown).  ``waiting``: the reader has answered all it read and
+        # may block for the next request; ``in_workers``: requests handed to workers and not
+        # yet answered.
+        self.stopping = False
+        self.stop_deadline = math.inf  # a handshake still going on is dropped after this
+        self.waiting = False
+        self.in_workers = 0
+        self._in_workers_lock = threading.Lock()
         self._payload_free: list[bytearray] = []
         self._payload_in_use = 0
         self._payload_cond = threading.Condition()
@@ -303,6 +319,7 @@ class _Connection:
         try:
             if self._handshake():
                 self._transmission()
+            linger = self.stopping  # the client may not know yet: let it read, then close
         except P.ProtocolError as e:
             log.info("connection %d: closing: %s", self.id, e)
             linger = True  # the client may still be sending
@@ -360,7 +377,7 @@ class _Connection:
         connects and sends nothing, or drips bytes, is dropped and its thread freed)."""
         timeout = self.server.handshake_timeout
         deadline = time.monotonic() + timeout if timeout else None
-        self.handshake_deadline = deadline
+        self.handshake_deadline = math.inf if deadline is None else deadline
         try:
             ok = self._haggle(deadline)
         except (socket.timeout, TimeoutError):
@@ -445,10 +462,25 @@ class _Connection:
             while not self.broken:
                 if rx.end - rx.start < REQUEST_SIZE:
                     batch.flush()
-                header = rx.read(REQUEST_SIZE)
+                    # The reader may now block for the next request.  At shutdown, once
+                    # nothing is in flight, the connection ends here (see begin_shutdown).
+                    self.waiting = True
+                    if self.stopping and not self.in_workers:
+                        self.waiting = False
+                        log.info("connection %d: closing: the server is shutting down",
+                                 self.id)
+                        break
+                    header = rx.read(REQUEST_SIZE)
+                    self.waiting = False
+                else:
+                    header = rx.read(REQUEST_SIZE)
                 if header is None:
-                    log.info("connection %d: client closed the connection without "
-                             "NBD_CMD_DISC", self.id)
+                    if self.stopping:
+                        log.info("connection %d: closing: the server is shutting down",
+                                 self.id)
+                    else:
+                        log.info("connection %d: client closed the connection without "
+                                 "NBD_CMD_DISC", self.id)
                     break
                 flags, cmd, cookie, offset, count = decode(header)
                 payload = owned = None
@@ -486,8 +518,10 @@ class _Connection:
                 if error:
                     if owned is not None:
                         self._give_back_payload_buffer(owned, count)
-                    batch.add(self._error_reply(cookie, cmd, flags, offset, count, error,
-                                                "invalid request"))
+                    batch.add(self._error_reply(
+                        cookie, cmd, flags, offset, count, error,
+                        "the server is shutting down" if error == P.NBD_ESHUTDOWN
+                        else "invalid request"))
                     continue
                 if inline_only:
                     try:
@@ -501,6 +535,8 @@ class _Connection:
                     # Overlap where it pays: a slow (NBD) backing, or a large transfer.
                     batch.flush()
                     workers = self.workers or self._start_workers()
+                    with self._in_workers_lock:
+                        self.in_workers += 1
                     workers.submit((cmd, flags, cookie, offset, count, payload, owned))
                 else:
                     batch.add(handle(cmd, flags, cookie, offset, count, payload, batch))
@@ -516,6 +552,38 @@ class _Connection:
         finally:
             proto.disconnect()
         batch.flush()
+
+    def begin_shutdown(self, handshake_until: float) -> None:
+        """The server is shutting down (called from the main thread).
+
+        From now on options are answered NBD_REP_ERR_SHUTDOWN and requests NBD_ESHUTDOWN
+        (the protocol's begin_shutdown); requests already in flight complete.  A connection
+        in transmission ends as soon as nothing is in flight: the reader stops instead of
+        waiting for more, and a reader already blocked waiting is woken by shutting the
+        descriptor for reading (by the last worker to finish, if any are busy).  One still in
+        the handshake may go on until ``handshake_until``, so that its client hears why
+        (Server.shutdown then drops it).
+
+        Without a lock between the reader and this thread, a request that arrives at the very
+        moment the reader is woken can find the descriptor shut for reading: its client then
+        sees the connection close, a hard disconnect the spec allows at shutdown."""
+        self.proto.begin_shutdown()
+        self.stop_deadline = handshake_until
+        self.stopping = True
+        if self.waiting and not self.in_workers:
+            _shutdown_socket(self.sock, socket.SHUT_RD)
+
+    def _worker_done(self) -> None:
+        """A worker answered a request: at shutdown, the last one wakes a waiting reader."""
+        with self._in_workers_lock:
+            self.in_workers -= 1
+            idle = not self.in_workers
+        if idle and self.stopping and self.waiting:
+            _shutdown_socket(self.sock, socket.SHUT_RD)
+
+    def handshake_overdue(self, now: float) -> bool:
+        deadline = self.handshake_deadline
+        return deadline is not None and now > min(deadline + 1, self.stop_deadline)
 
     def _start_workers(self) -> _Workers:
         self.workers = _Workers(self, self.server.threads_for_reads or LARGE_WORKERS)
@@ -645,6 +713,7 @@ class _Workers:
                 if owned is not None:
                     conn._give_back_payload_buffer(owned, count)
                 self.slots.release()
+                conn._worker_done()
 
     def close(self) -> None:
         """Finish every queued request, then stop the threads."""
@@ -715,11 +784,12 @@ class Server:
 
     def reap_handshakes(self) -> None:
         """Hang up on clients still in the handshake past their deadline.  The per-recv
-        timeouts catch most; this catches a client that drips one byte per timeout."""
+        timeouts catch most; this catches a client that drips one byte per timeout, and, at
+        shutdown, one that sends nothing more."""
         now = time.monotonic()
         with self._lock:
             late = [conn for conn, _ in self._connections.values()
-                    if conn.handshake_deadline is not None and now > conn.handshake_deadline + 1]
+                    if conn.handshake_overdue(now)]
         for conn in late:
             _shutdown_socket(conn.sock, socket.SHUT_RDWR)
 
@@ -728,18 +798,27 @@ class Server:
             self._connections.pop(conn.id, None)
 
     def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop reading new requests, let the ones in flight finish, wait for the threads.
+        """Tell every connection the server is stopping, let what is in flight finish, wait
+        for the threads.
 
+        From here on options are answered NBD_REP_ERR_SHUTDOWN and requests NBD_ESHUTDOWN,
+        and requests in flight complete (_Connection.begin_shutdown).  A client still in the
+        handshake is dropped SHUTDOWN_HANDSHAKE_WAIT seconds on unless it has gone by then.
         A client that does not read its replies could hold a thread in a send forever: after
         the grace period its connection is shut down both ways, which ends the send."""
+        now = time.monotonic()
         with self._lock:
             self._accepting = False
             items = list(self._connections.values())
         for conn, _ in items:
-            _shutdown_socket(conn.sock, socket.SHUT_RD)
-        deadline = time.monotonic() + grace
+            conn.begin_shutdown(now + SHUTDOWN_HANDSHAKE_WAIT)
+        if self.verbose:
+            log.info("shutting down: %d connection(s) open", len(items))
+        deadline = now + grace
         for _, thread in items:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            while thread.is_alive() and (left := deadline - time.monotonic()) > 0:
+                thread.join(min(left, 0.25))
+                self.reap_handshakes()
         late = [(conn, thread) for conn, thread in items if thread.is_alive()]
         for conn, _ in late:
             _shutdown_socket(conn.sock, socket.SHUT_RDWR)

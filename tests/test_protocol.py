@@ -280,6 +280,28 @@ def test_failed_set_meta_context_clears_the_selection(data):
     assert go(conn, "disk").action is Action.TRANSMISSION
     assert conn.check_request(P.NBD_CMD_BLOCK_STATUS, 0, 0, 4096) == P.NBD_EINVAL
 
+
+def test_options_at_shutdown_get_err_shutdown():
+    """The spec: a server being shut down SHOULD error further options (but ABORT) with
+    NBD_REP_ERR_SHUTDOWN; EXPORT_NAME cannot be refused, so the connection closes."""
+    conn = connect()
+    send_option(conn, P.NBD_OPT_STRUCTURED_REPLY)
+    conn.begin_shutdown()
+    for option, data in [(P.NBD_OPT_LIST, b""), (P.NBD_OPT_GO, P.pack_info_go_data("disk")),
+                         (P.NBD_OPT_INFO, P.pack_info_go_data("disk")), (P.NBD_OPT_STARTTLS, b""),
+                         (P.NBD_OPT_SET_META_CONTEXT, P.pack_meta_context_data("disk", ())),
+                         (777, b"x")]:
+        out = send_option(conn, option, data)
+        [r] = replies(out)
+        assert (r.option, r.reply_type, out.action) == (option, P.NBD_REP_ERR_SHUTDOWN,
+                                                         Action.CONTINUE)
+    out = send_option(conn, P.NBD_OPT_ABORT)
+    assert out.action is Action.CLOSE and replies(out)[0].reply_type == P.NBD_REP_ACK
+    conn = connect()
+    conn.begin_shutdown()
+    out = send_option(conn, P.NBD_OPT_EXPORT_NAME, b"disk")
+    assert out.action is Action.CLOSE and out.data == b""
+
 # ---- transmission ------------------------------------------------------------------------------
 
 def transmission(structured=True, contexts=("base:allocation",), readonly=False, size=SIZE,
@@ -425,3 +447,12 @@ def test_read_reply_at_an_offset_in_a_shared_buffer():
     assert bytes(buf[start:]) == struct.pack(
         ">IHHQIQ", P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
         P.NBD_REPLY_TYPE_OFFSET_DATA, 1, 11, 512) + b"abc"
+
+
+def test_requests_at_shutdown_get_eshutdown():
+    conn = transmission()
+    assert conn.check_request(P.NBD_CMD_READ, 0, 0, 512) == 0
+    conn.begin_shutdown()
+    for cmd, count in [(P.NBD_CMD_READ, 512), (P.NBD_CMD_WRITE, 512), (P.NBD_CMD_FLUSH, 0),
+                       (P.NBD_CMD_BLOCK_STATUS, 512), (P.NBD_CMD_READ, 0)]:
+        assert conn.check_request(cmd, 0, 0, count) == P.NBD_ESHUTDOWN

@@ -2,8 +2,10 @@
 
 import errno
 import os
+import signal
 import struct
 import threading
+import time
 
 import nbd
 import pytest
@@ -383,6 +385,60 @@ def test_sigint_stops_cleanly(disk, tmp_path):
         assert proc.wait(30) == 0
     assert not os.path.exists(proc.sock_path)
 
+
+
+def wait_for_text(path, text, timeout=30.0):
+    """Wait until a log file contains text (a wait for an event, not a timed assertion)."""
+    deadline = time.monotonic() + timeout
+    while text not in (path.read_text() if path.exists() else ""):
+        assert time.monotonic() < deadline, f"{text!r} not in {path}"
+        time.sleep(0.01)
+
+
+def test_shutdown_completes_requests_in_flight_and_answers_later_ones_eshutdown(
+        backing_factory, nbdkit, tmp_path):
+    """At SIGTERM a READ in flight (its NBD backing takes 3 s) still completes; requests that
+    arrive after shutdown began are answered NBD_ESHUTDOWN at once, before it; the client
+    then disconnects and the server exits 0."""
+    from support_server import RawClient
+    from cow import protocol as P
+    disk = backing_factory(SIZE)
+    backing_log = tmp_path / "backing.log"
+    backing_uri = nbdkit("--filter=log", "--filter=delay", "file", disk, "rdelay=3",
+                         f"logfile={backing_log}")
+    with start_server(backing_uri, "-v", tmp_path=tmp_path) as (uri, proc):
+        with RawClient(proc.sock_path) as c:
+            c.negotiate(structured=True)
+            c.request(P.NBD_CMD_READ, 65536, 4096, cookie=1)
+            wait_for_text(backing_log, "Read id=")          # the READ is in flight
+            proc.send_signal(signal.SIGTERM)
+            wait_for_text(proc.log_path, "shutting down")
+            c.request(P.NBD_CMD_WRITE, 8192, 512, cookie=2, payload=b"\x77" * 512)
+            c.request(P.NBD_CMD_FLUSH, cookie=3)
+            got = [c.reply() for _ in range(3)]
+            assert [(cookie, error) for cookie, error, _ in got] == [
+                (2, P.NBD_ESHUTDOWN), (3, P.NBD_ESHUTDOWN), (1, 0)]
+            assert got[2][2] == read_file(disk, 65536, 4096)
+            try:
+                c.request(P.NBD_CMD_DISC)
+            except OSError:
+                pass  # the server may have hung up already: nothing is in flight any more
+            assert c.is_closed()
+        assert proc.wait(30) == 0
+
+
+def test_shutdown_answers_options_err_shutdown(disk, tmp_path):
+    """A client still in option haggling at SIGTERM is told why: its next option gets
+    NBD_REP_ERR_SHUTDOWN (libnbd reports ESHUTDOWN), and it can still abort cleanly."""
+    with start_server(disk, "-v", tmp_path=tmp_path) as (uri, proc):
+        h = nbd.NBD()
+        h.set_opt_mode(True)
+        h.connect_uri(uri)
+        proc.send_signal(signal.SIGTERM)
+        wait_for_text(proc.log_path, "shutting down")
+        assert errnum(h.opt_info) == errno.ESHUTDOWN  # libnbd's reading of ERR_SHUTDOWN
+        h.opt_abort()
+        assert proc.wait(30) == 0
 
 def test_struct_sizes_used_by_raw_clients():
     from cow import protocol as P
