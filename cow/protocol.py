@@ -316,6 +316,19 @@ class _Cursor:
             raise _Malformed(f"{len(self.data) - self.pos} unexpected bytes at the end")
 
 
+def wire_string(text: str, limit: int = MAX_STRING) -> bytes:
+    """text as the spec's string: UTF-8, at most ``limit`` bytes, cut where a character ends.
+    Characters UTF-8 cannot encode (surrogate escapes of undecodable bytes, as in a path from
+    argv) become "?"."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return raw
+    cut = limit
+    while cut and raw[cut] & 0xC0 == 0x80:  # raw[cut] continues a character: back off
+        cut -= 1
+    return raw[:cut]
+
+
 def option_reply(option: int, reply_type: int, data: bytes = b"") -> bytes:
     """One fixed-newstyle option reply."""
     return _OPTION_REPLY.pack(NBD_REP_MAGIC, option, reply_type, len(data)) + data
@@ -463,7 +476,7 @@ class ServerConnection:
 
     @staticmethod
     def _error(option: int, reply_type: int, message: str) -> bytes:
-        return option_reply(option, reply_type, message.encode()[:MAX_STRING])
+        return option_reply(option, reply_type, wire_string(message))
 
     def _enter_transmission(self, name: str) -> None:
         self.phase = Phase.TRANSMISSION
@@ -491,7 +504,7 @@ class ServerConnection:
         if data:
             raise _Malformed("LIST takes no data")
         name = self.export.name.encode()
-        entry = _U32.pack(len(name)) + name + self.export.description.encode()[:MAX_STRING]
+        entry = _U32.pack(len(name)) + name + wire_string(self.export.description)
         return Output(option_reply(option, NBD_REP_SERVER, entry)
                       + option_reply(option, NBD_REP_ACK))
 
@@ -535,7 +548,7 @@ class ServerConnection:
                                     _U16.pack(NBD_INFO_NAME) + self.export.name.encode()))
         if NBD_INFO_DESCRIPTION in requests:
             out.append(option_reply(option, NBD_REP_INFO, _U16.pack(NBD_INFO_DESCRIPTION)
-                                    + self.export.description.encode()[:MAX_STRING]))
+                                    + wire_string(self.export.description)))
         # Sent whether asked for or not (as nbdkit does): clients that did not ask ignore it.
         block_size = _INFO_BLOCK_SIZE.pack(NBD_INFO_BLOCK_SIZE, *self.export.block_size())
         out.append(option_reply(option, NBD_REP_INFO, block_size))
@@ -633,7 +646,7 @@ class ServerConnection:
         (with the message for a human), else a simple reply."""
         if not self.structured_replies:
             return _SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, error, cookie)
-        msg = message.encode()[:MAX_STRING]
+        msg = wire_string(message)
         return (_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_ERROR,
                             cookie, _ERROR_PAYLOAD.size + len(msg))
                 + _ERROR_PAYLOAD.pack(error, len(msg)) + msg)

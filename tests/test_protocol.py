@@ -302,6 +302,43 @@ def test_options_at_shutdown_get_err_shutdown():
     out = send_option(conn, P.NBD_OPT_EXPORT_NAME, b"disk")
     assert out.action is Action.CLOSE and out.data == b""
 
+
+@pytest.mark.parametrize("char", ["é", "€", "😀"], ids=["2-byte", "3-byte", "4-byte"])
+@pytest.mark.parametrize("shift", [0, 1, 2, 3])
+def test_long_strings_are_cut_on_a_character_boundary(char, shift):
+    """Strings the server sends are at most 4096 bytes (the spec's MUST), cut where a UTF-8
+    character ends: an error message echoing a long export name, a long description."""
+    conn = connect(Export(size=SIZE, name="disk", description="x" * shift + char * 4096))
+    send_option(conn, P.NBD_OPT_STRUCTURED_REPLY)
+    name = "y" * shift + char * ((4096 - shift) // len(char.encode()))  # up to 4096 bytes
+    for option, data in [(P.NBD_OPT_INFO, P.pack_info_go_data(name)),
+                         (P.NBD_OPT_SET_META_CONTEXT, P.pack_meta_context_data(name, ())),
+                         (P.NBD_OPT_LIST, b""),
+                         (P.NBD_OPT_INFO, P.pack_info_go_data("disk", (P.NBD_INFO_DESCRIPTION,)))]:
+        out = send_option(conn, option, data)
+        for r in replies(out):
+            if r.reply_type == P.NBD_REP_SERVER:
+                text = r.data[4 + struct.unpack_from(">I", r.data)[0]:]
+            elif r.reply_type == P.NBD_REP_INFO:
+                if struct.unpack_from(">H", r.data)[0] != P.NBD_INFO_DESCRIPTION:
+                    continue
+                text = r.data[2:]
+            elif r.reply_type & P.NBD_REP_FLAG_ERROR:
+                text = r.data
+            else:
+                continue
+            assert len(text) <= P.MAX_STRING
+            assert len(text) > P.MAX_STRING - 4  # cut, not dropped
+            text.decode("utf-8")  # raises if a character was split
+
+
+def test_description_that_is_not_utf8_is_still_sent():
+    """A backing path that is not UTF-8 reaches the description as surrogate escapes (Python's
+    reading of argv): it is sent with replacement characters, not an internal error."""
+    conn = connect(Export(size=SIZE, name="disk", description="view of /tmp/\udcff.img"))
+    [server, ack] = replies(send_option(conn, P.NBD_OPT_LIST))
+    assert server.data.endswith("view of /tmp/?.img".encode()) and ack.reply_type == P.NBD_REP_ACK
+
 # ---- transmission ------------------------------------------------------------------------------
 
 def transmission(structured=True, contexts=("base:allocation",), readonly=False, size=SIZE,
@@ -456,3 +493,12 @@ def test_requests_at_shutdown_get_eshutdown():
     for cmd, count in [(P.NBD_CMD_READ, 512), (P.NBD_CMD_WRITE, 512), (P.NBD_CMD_FLUSH, 0),
                        (P.NBD_CMD_BLOCK_STATUS, 512), (P.NBD_CMD_READ, 0)]:
         assert conn.check_request(cmd, 0, 0, count) == P.NBD_ESHUTDOWN
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_error_chunk_message_is_cut_on_a_character_boundary(shift):
+    conn = transmission()
+    data = conn.error_reply(7, P.NBD_CMD_READ, P.NBD_EIO, "x" * shift + "€" * 2000)
+    err, msglen = struct.unpack_from(">IH", data, 20)
+    assert P.MAX_STRING - 3 < msglen <= P.MAX_STRING
+    data[26:26 + msglen].decode("utf-8")

@@ -120,6 +120,19 @@ def test_failed_set_meta_context_leaves_no_context_selected(served):
         c.request(P.NBD_CMD_READ, 0, 16, cookie=2)
         assert c.reply(16)[:2] == (2, 0)
 
+
+def test_error_message_echoing_a_long_name_is_whole_utf8(served):
+    """INFO on an unknown export whose name is 4095 bytes of 3-byte characters (after one
+    ASCII byte): the error message echoes it, cut to 4096 bytes where a character ends."""
+    sock, h, _, _ = served
+    name = "x" + "€" * 1365
+    with RawClient(sock) as c:
+        c.greeting()
+        [(rtype, message)] = c.option(P.NBD_OPT_INFO, P.pack_info_go_data(name))
+        assert rtype == P.NBD_REP_ERR_UNKNOWN
+        assert P.MAX_STRING - 3 < len(message) <= P.MAX_STRING
+        assert "unknown export" in message.decode("utf-8")
+
 def test_abort(served):
     sock, h, _, _ = served
     with RawClient(sock) as c:
