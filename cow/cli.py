@@ -113,6 +113,17 @@ def _socket_mode(value: str) -> int:
     return mode
 
 
+def _export_name(value: str) -> str:
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that are not UTF-8 (surrogate escapes)
+        raise argparse.ArgumentTypeError("an export name must be UTF-8") from None
+    if len(raw) > P.MAX_STRING:
+        raise argparse.ArgumentTypeError(
+            f"an export name is at most {P.MAX_STRING} bytes (the NBD spec), not {len(raw)}")
+    return value
+
+
 def _port(value: str) -> int:
     n = _nonnegative_int(value)
     if n > 65535:
@@ -167,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "username:hexkey lines, e.g. --tls-psk /etc/cow/keys.psk (needs Python "
                           "3.13+)")
     exp = p.add_argument_group("export")
-    exp.add_argument("-e", "--exportname", metavar="NAME", default="",
+    exp.add_argument("-e", "--exportname", type=_export_name, metavar="NAME", default="",
                      help="export name, e.g. -e disk (the default export \"\" works too)")
     exp.add_argument("-r", "--readonly", action="store_true",
                      help="read-only export: writes, trims and zeroes fail with EPERM, e.g. "

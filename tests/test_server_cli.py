@@ -34,6 +34,8 @@ def test_help_documents_every_option_with_examples():
     (["-p", "99999"], "out of range"),
     (["--cow-on-read", "maybe"], "absolute path"),
     (["--threads", "-3"], "expected a number"),
+    (["-e", "x" * 4097], "4096 bytes"),
+    (["-e", "caf\udce9"], "UTF-8"),   # argv bytes that are not UTF-8 (b"caf\xe9")
 ])
 def test_bad_option_is_one_clear_line(backing_factory, args, words):
     disk = backing_factory(SIZE)
