@@ -145,7 +145,10 @@ META_CONTEXT_IDS = {CONTEXT_BASE_ALLOCATION: 1, CONTEXT_QEMU_ALLOCATION_DEPTH: 2
 
 # --- limits ----------------------------------------------------------------------------------
 MAX_STRING = 4096  # longest export name, query or message the spec allows
-MAX_OPTION_LENGTH = 65536  # longer option data ends the connection (no allocation of it)
+MAX_OPTION_LENGTH = 65536  # option data read whole; longer data is skipped in pieces, then
+                           # the option is refused (NBD_REP_ERR_UNSUP or NBD_REP_ERR_TOO_BIG)
+MAX_OPTION_SKIP = 64 * 1024 * 1024  # longer option data ends the connection at once (as in
+                                    # nbdkit, whose cap is its 64 MiB request limit)
 MAX_OPTIONS = 256  # options per connection before we stop listening
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024  # largest READ or WRITE we accept (advertised)
 REQUEST_SIZE = 28  # bytes of a (compact) request header
@@ -376,6 +379,7 @@ class ServerConnection:
         self.readonly = export.readonly
         self.max_payload = export.max_payload
         self._pending_option: tuple[int, int] | None = None  # (option, length) awaiting data
+        self._skip_left = 0  # bytes of the pending option's data still to drop (too long)
         self.shutting_down = False  # see begin_shutdown
         self.export_name: str | None = None  # the name the client chose (GO or EXPORT_NAME)
         self.option_handlers = {
@@ -400,6 +404,8 @@ class ServerConnection:
         if self.phase is Phase.HANDSHAKE:
             return _CLIENT_FLAGS.size
         if self.phase is Phase.OPTIONS:
+            if self._skip_left:
+                return min(self._skip_left, MAX_OPTION_LENGTH)
             if self._pending_option is not None:
                 return self._pending_option[1]
             return _OPTION_HEADER.size
@@ -420,15 +426,27 @@ class ServerConnection:
             self.options_seen += 1
             if self.options_seen > self.max_options:
                 return self._close(f"more than {self.max_options} options")
-            if length > MAX_OPTION_LENGTH:
+            if length > MAX_OPTION_LENGTH and (length > MAX_OPTION_SKIP
+                                               or option == NBD_OPT_EXPORT_NAME
+                                               or not self.fixed_newstyle):
+                # Past the cap (denial of service), or an option that cannot be refused:
+                # hang up without reading the data.
                 return self._close(f"option {option} data length {length} is too long")
             self._pending_option = (option, length)
+            if length > MAX_OPTION_LENGTH:
+                self._skip_left = length  # dropped in pieces, never held whole
             if length:
                 return Output()
             data = b""
-        option, _ = self._pending_option
+        option, length = self._pending_option
+        if self._skip_left:
+            self._skip_left -= len(data)
+            if self._skip_left:
+                return Output()
+            self._pending_option = None
+            return self._option(option, None, length)
         self._pending_option = None
-        return self._option(option, bytes(data))
+        return self._option(option, bytes(data), length)
 
     def _close(self, reason: str, data: bytes = b"") -> Output:
         self.phase = Phase.CLOSED
@@ -443,7 +461,9 @@ class ServerConnection:
         self.phase = Phase.OPTIONS
         return Output()
 
-    def _option(self, option: int, data: bytes) -> Output:
+    def _option(self, option: int, data: bytes | None, length: int) -> Output:
+        """Answer one option.  ``data`` is None when its ``length`` bytes were over
+        MAX_OPTION_LENGTH and were skipped unread."""
         if option == NBD_OPT_SET_META_CONTEXT:
             # The spec: it replaces the selection "including when this command fails".
             self.meta_contexts = {}
@@ -466,9 +486,15 @@ class ServerConnection:
             # Plain newstyle knows only EXPORT_NAME and has no way to refuse an option.
             return self._close(f"option {option} from a client without fixed newstyle")
         handler = self.option_handlers.get(option)
+        name = OPT_NAMES.get(option, str(option))
         if handler is None:
-            name = OPT_NAMES.get(option, str(option))
             return Output(self._error(option, NBD_REP_ERR_UNSUP, f"option {name} not supported"))
+        if data is None:
+            if option == NBD_OPT_ABORT:  # its data means nothing: abort all the same
+                return handler(option, b"")
+            return Output(self._error(option, NBD_REP_ERR_TOO_BIG,
+                                      f"option {name} data of {length} bytes is longer than "
+                                      f"{MAX_OPTION_LENGTH}"))
         try:
             return handler(option, data)
         except _Malformed as e:

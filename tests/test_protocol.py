@@ -66,6 +66,54 @@ def test_bad_option_magic_closes():
     assert out.action is Action.CLOSE and conn.phase is Phase.CLOSED
 
 
+def feed_long_option(conn, option, length):
+    """An option with ``length`` bytes of data, fed the way the server loop does: the header,
+    then next_read_size() bytes at a time.  Returns the last Output and the largest piece."""
+    out = conn.receive(struct.pack(">QII", P.IHAVEOPT, option, length))
+    largest = 0
+    while out.action is Action.CONTINUE and not out.data and length:
+        n = conn.next_read_size()
+        assert 0 < n <= length
+        largest = max(largest, n)
+        out = conn.receive(bytes(n))
+        length -= n
+    return out, largest
+
+
+@pytest.mark.parametrize("option, reply_type", [
+    (12345, P.NBD_REP_ERR_UNSUP),                 # unknown: not supported, as ever
+    (P.NBD_OPT_EXTENDED_HEADERS, P.NBD_REP_ERR_UNSUP),
+    (P.NBD_OPT_GO, P.NBD_REP_ERR_TOO_BIG),        # known, but no valid GO is that long
+    (P.NBD_OPT_LIST_META_CONTEXT, P.NBD_REP_ERR_TOO_BIG),
+])
+def test_long_option_data_is_skipped_then_answered(option, reply_type):
+    """Option data over MAX_OPTION_LENGTH is dropped in pieces (never held whole), then the
+    option is answered, as nbdkit does, and haggling goes on."""
+    conn = connect()
+    out, largest = feed_long_option(conn, option, 3 * P.MAX_OPTION_LENGTH + 5)
+    assert largest <= P.MAX_OPTION_LENGTH
+    [r] = replies(out)
+    assert (r.option, r.reply_type, out.action) == (option, reply_type, Action.CONTINUE)
+    assert go(conn, "disk").action is Action.TRANSMISSION
+
+
+def test_long_option_data_up_to_the_cap_then_hang_up():
+    conn = connect()
+    out, _ = feed_long_option(conn, 99, P.MAX_OPTION_SKIP)
+    assert replies(out)[0].reply_type == P.NBD_REP_ERR_UNSUP
+    out = conn.receive(struct.pack(">QII", P.IHAVEOPT, 99, P.MAX_OPTION_SKIP + 1))
+    assert out.action is Action.CLOSE and "too long" in out.reason
+
+
+def test_long_export_name_closes_at_once():
+    """EXPORT_NAME cannot be refused, and no name is that long: the connection closes without
+    reading the data."""
+    conn = connect()
+    out = conn.receive(struct.pack(">QII", P.IHAVEOPT, P.NBD_OPT_EXPORT_NAME,
+                                   P.MAX_OPTION_LENGTH + 1))
+    assert out.action is Action.CLOSE
+
+
 def test_absurd_option_length_closes_before_reading_it():
     conn = connect()
     out = conn.receive(struct.pack(">QII", P.IHAVEOPT, P.NBD_OPT_GO, 0xFFFFFFFF))

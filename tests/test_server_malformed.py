@@ -73,6 +73,33 @@ def test_absurd_option_length_closes_at_once(served):
     assert vm_hwm_kib(proc.pid) - before < 32 * 1024
 
 
+def test_long_unknown_option_is_skipped_and_answered(served):
+    """An unknown option with 1 MiB of data gets NBD_REP_ERR_UNSUP, a GO with 100 KiB
+    NBD_REP_ERR_TOO_BIG, and one with data up to the 64 MiB cap is skipped without holding
+    it; then the haggling goes on to transmission."""
+    sock, h, disk, proc = served
+    before = vm_hwm_kib(proc.pid)
+    with RawClient(sock, timeout=60) as c:
+        c.greeting()
+        assert c.option(99, b"\x01" * (1 << 20)) == [
+            (P.NBD_REP_ERR_UNSUP, b"option 99 not supported")]
+        [(rtype, _)] = c.option(P.NBD_OPT_GO, bytes(100 * 1024))
+        assert rtype == P.NBD_REP_ERR_TOO_BIG
+        assert c.option(1000, bytes(P.MAX_OPTION_SKIP))[0][0] == P.NBD_REP_ERR_UNSUP
+        assert c.option(P.NBD_OPT_GO, P.pack_info_go_data(""))[-1][0] == P.NBD_REP_ACK
+        c.request(P.NBD_CMD_READ, 0, 16, cookie=1)
+        assert c.reply(16) == (1, 0, backing_bytes(disk, 0, 16))
+    assert vm_hwm_kib(proc.pid) - before < 32 * 1024
+
+
+def test_option_data_over_the_cap_hangs_up_at_once(served):
+    sock, h, _, _ = served
+    with RawClient(sock) as c:
+        c.greeting()
+        c.send(struct.pack(">QII", P.IHAVEOPT, 99, P.MAX_OPTION_SKIP + 1))
+        assert c.is_closed()
+
+
 def test_client_vanishes_mid_handshake_and_mid_option(served):
     sock, h, _, _ = served
     with RawClient(sock) as c:
