@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -24,13 +25,18 @@ import threading
 from urllib.parse import quote
 
 from cow import protocol as P
-from cow.server import DEFAULT_HANDSHAKE_TIMEOUT, LARGE_REQUEST, LARGE_WORKERS, Server
+from cow.server import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    LARGE_REQUEST,
+    LARGE_WORKERS,
+    MAX_QUEUED_PER_CONNECTION,
+    Server,
+)
 
 log = logging.getLogger("cow.cli")
 
 DEFAULT_PORT = 10809
 DEFAULT_IPADDR = "127.0.0.1"
-DEFAULT_NBD_THREADS = 4  # per-connection READ/CACHE workers when the backing is NBD
 SAMPLE_DISK_SIZE = 64 * 1024 * 1024
 LISTEN_BACKLOG = socket.SOMAXCONN  # the kernel caps it (net.core.somaxconn)
 
@@ -47,8 +53,13 @@ examples:
         captive mode: run the command against the server, then stop
   nbdinfo --map -- [ python -m cow.server disk.img ]
         systemd socket activation: the client starts the server
-  python -m cow.server 'nbd+unix:///?socket=/tmp/remote.sock' -U /tmp/cow.sock -t 8
-        copy-on-write over an NBD backing, 8 read threads per connection
+  python -m cow.server 'nbd+unix:///?socket=/tmp/remote.sock' -U /tmp/cow.sock
+        copy-on-write over an NBD backing (many reads in flight on one connection)
+  python -m cow.server -U /tmp/cow.sock -- nbdkit curl https://example.com/disk.img
+        the backing is a command serving NBD on socket activation (any nbdkit plugin,
+        qemu-nbd...): started now, stopped with the server; [ CMD ARGS ] works too
+  python -m cow.server -U /tmp/s --cow-block-size 4K --cow-on-read true -- nbdkit ssh ...
+        a local cache of a remote base: each block is fetched once, then read locally
   python -m cow.server disk.img -U /tmp/s --cow-block-size 4K --cow-on-read true
   python -m cow.server disk.img -U /tmp/s --overlay-max-size 1G --tmpdir /var/tmp
 
@@ -139,10 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.usage = ("%(prog)s [options] [BACKING]\n"
+               "       %(prog)s [options] -- CMD [ARGS...]")
     p.add_argument("backing", nargs="?", metavar="BACKING",
                    help="backing image: a file or block device path, or an NBD URI such as "
                         "nbd://host:10809/name or 'nbd+unix:///?socket=/tmp/s' "
-                        "(default: a built-in sample disk)")
+                        "(default: a built-in sample disk).  Or, after --, a command that "
+                        "serves NBD on systemd socket activation, e.g. -- nbdkit curl URL "
+                        "(as nbdinfo's [ CMD ARGS ], which is accepted too)")
     net = p.add_argument_group("where to listen (default: TCP on 127.0.0.1:10809)")
     net.add_argument("-U", "--unix", metavar="PATH",
                      help="listen on a Unix socket, e.g. -U /tmp/disk.sock ('-' = a private "
@@ -183,12 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("-r", "--readonly", action="store_true",
                      help="read-only export: writes, trims and zeroes fail with EPERM, e.g. "
                           "python -m cow.server disk.img -r -U /tmp/s")
-    exp.add_argument("-t", "--threads", type=_nonnegative_int, metavar="N",
-                     help="worker threads per connection that serve every READ and CACHE, e.g. "
-                          "-t 4 (default: 0 for a local backing, whose small requests are "
-                          f"served inline; {DEFAULT_NBD_THREADS} for an NBD backing). Large "
-                          f"READ/WRITE (from {LARGE_REQUEST // 1024} KiB) always go to workers: "
-                          f"N of them, or {LARGE_WORKERS} with -t 0")
+    exp.add_argument("-t", "--threads", type=_nonnegative_int, default=0, metavar="N",
+                     help="most worker threads per connection, e.g. -t 16.  Small requests are "
+                          "served inline; large READ/WRITE (from "
+                          f"{LARGE_REQUEST // 1024} KiB) and, over an NBD backing, requests "
+                          "that must wait for it go to workers, started as needed (default: "
+                          f"{MAX_QUEUED_PER_CONNECTION} over an NBD backing, one per request in "
+                          f"flight; {LARGE_WORKERS} over a file)")
     cow = p.add_argument_group("copy-on-write (the names of nbdkit's cow filter)")
     cow.add_argument("--cow-block-size", metavar="SIZE", default="64K",
                      help="overlay block size, a power of two from 4K, e.g. --cow-block-size 4K "
@@ -326,10 +342,6 @@ def _engine_kwargs(args) -> dict:
     return kw
 
 
-def _is_nbd_uri(s: str) -> bool:
-    return s.split(":", 1)[0] in ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+vsock", "nbds+vsock")
-
-
 def _tune_malloc() -> None:
     """Keep the server's memory flat over many short connections.
 
@@ -346,12 +358,28 @@ def _tune_malloc() -> None:
         pass
 
 
+def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """(options, backing command): the command follows a `--`, or stands in `[ ... ]` as
+    nbdinfo and nbdcopy write it; None when there is none."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    if "[" in argv:
+        i = argv.index("[")
+        if "]" in argv[i:]:
+            j = len(argv) - 1 - argv[::-1].index("]")
+            return argv[:i] + argv[j + 1:], argv[i + 1:j]
+    return argv, None
+
+
 def main(argv: list[str] | None = None) -> int:
     # A file-size limit (RLIMIT_FSIZE) on the overlay must fail the write with EFBIG, which
     # the client sees as ENOSPC, instead of killing the server.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     _tune_malloc()
+    argv, command = _split_command(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
+    args.command = command
     logging.basicConfig(format="python -m cow.server: %(message)s", stream=sys.stderr,
                         level=logging.INFO if args.verbose else logging.WARNING)
     cleanup: list = []
@@ -371,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args, cleanup: list) -> int:
     try:
+        from cow.backing import is_nbd_uri
         from cow.engine import Engine
     except ImportError as e:
         raise _StartupError(f"the cow engine is not installed ({e}); run ./dev setup") from None
@@ -383,40 +412,42 @@ def _main(args, cleanup: list) -> int:
     # -- the engine over the backing
     backing = args.backing
     sample_note = None
-    if backing is None:
+    if args.command is not None:
+        if backing is not None:
+            raise _StartupError(f"give the backing either as BACKING ({backing!r}) or as a "
+                                "command after --, not both")
+        if not args.command:
+            raise _StartupError("the backing command after -- is empty (e.g. -- nbdkit "
+                                "curl https://example.com/disk.img)")
+        backing = args.command
+    elif backing is None:
         sample_dir = tempfile.mkdtemp(prefix="cow-sample-")
         cleanup.append(lambda: shutil.rmtree(sample_dir, ignore_errors=True))
         backing = os.path.join(sample_dir, "sample.img")
         make_sample_disk(backing)
         sample_note = (f"no BACKING given: serving a built-in {SAMPLE_DISK_SIZE >> 20} MiB sample "
                        "disk (data and holes)")
-    elif not _is_nbd_uri(backing):
+    elif not is_nbd_uri(backing):
         try:
             with open(backing, "rb"):
                 pass
         except OSError as e:
             raise _StartupError(f"cannot open backing {backing!r}: {e.strerror}") from None
     kwargs = _engine_kwargs(args)
-    is_nbd = _is_nbd_uri(backing)
-    threads = args.threads
-    if threads is None:
-        threads = DEFAULT_NBD_THREADS if is_nbd else 0
-    if is_nbd:
-        # Each libnbd handle carries one backing read at a time: enough handles for the
-        # workers of a few connections to overlap their reads.
-        kwargs["nbd_connections"] = min(64, max(4, 4 * threads))
+    what = shlex.join(backing) if args.command is not None else repr(backing)
     try:
         engine = Engine(backing, **kwargs)
     except OSError as e:
-        raise _StartupError(f"cannot serve {backing!r}: {e.strerror or e}") from None
+        raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
     except ValueError as e:
         raise _StartupError(str(e)) from None
     cleanup.append(engine.close)
+    backing = engine.backing   # the path, URI or command line
 
     description = "built-in sample disk" if sample_note else f"copy-on-write view of {backing}"
     export = P.Export(size=engine.size, name=args.exportname, description=description,
                       readonly=args.readonly, preferred_block_size=engine.block_size)
-    server = Server(engine, export, threads_for_reads=threads, verbose=args.verbose, tls=tls,
+    server = Server(engine, export, workers=args.threads, verbose=args.verbose, tls=tls,
                     max_connections=args.max_connections,
                     handshake_timeout=args.handshake_timeout)
 

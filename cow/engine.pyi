@@ -83,6 +83,9 @@ class Engine:
         May cover less than count (at least one run, unless count is 0); never past the size."""
     def allocation_depth(self, count: int, offset: int, req_one: bool = False) -> list[tuple[int, int]]:
         """(length, depth) runs: DEPTH_OVERLAY for allocated or trimmed blocks, DEPTH_BACKING else."""
+    def needs_backing(self, count: int, offset: int, partial_only: bool = False) -> bool:
+        """Would a request on this range read the backing (partial_only: only through its
+        unaligned head or tail block, as a write)?  A hint for front ends over a slow backing."""
     def stats(self) -> dict[str, int]:
         """allocated_blocks, trimmed_blocks, overlay_bytes (space the overlay file uses)."""
     def close(self) -> None: ...

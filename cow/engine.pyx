@@ -849,6 +849,44 @@ cdef class Engine:
             runs_free(&runs)
             self.leave()
 
+    def needs_backing(self, count, offset, bint partial_only=False):
+        """Would a request on this range read the backing?  True if a block of it is not
+        allocated (partial_only: only its unaligned head or tail block counts, as for a write,
+        which copies up nothing but those).  A hint for a front end whose backing is slow: such
+        requests are worth handing to another thread."""
+        cdef uint64_t count_u = u64(count, "count")
+        cdef uint64_t offset_u = u64(offset, "offset")
+        cdef uint64_t first, end, mask = self.blksize - 1
+        cdef bint r = False
+        self.enter()
+        try:
+            self.check_range("needs_backing", count_u, offset_u)
+            if count_u == 0:
+                return False
+            first = offset_u >> self.blkshift
+            end = ((offset_u + count_u - 1) >> self.blkshift) + 1
+            with nogil:
+                pthread_mutex_lock(&self.bm.lock)
+                if not partial_only:
+                    r = self.any_not_allocated(first, end)
+                else:
+                    r = ((offset_u & mask) != 0 and
+                         bitmap_get_blk(&self.bm, first) == BLOCK_NOT_ALLOCATED) or \
+                        ((offset_u + count_u) & mask != 0 and offset_u + count_u != self.c_size
+                         and bitmap_get_blk(&self.bm, end - 1) == BLOCK_NOT_ALLOCATED)
+                pthread_mutex_unlock(&self.bm.lock)
+        finally:
+            self.leave()
+        return r
+
+    cdef bint any_not_allocated(self, uint64_t first, uint64_t end) noexcept nogil:
+        """Is a block of [first, end) not allocated? (bitmap lock held)"""
+        while first < end:
+            if bitmap_get_blk(&self.bm, first) == BLOCK_NOT_ALLOCATED:
+                return True
+            first = bitmap_run_end(&self.bm, first, end)
+        return False
+
     def stats(self):
         cdef struct_stat st
         cdef uint64_t used = 0, alloc, trimmed

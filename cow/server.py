@@ -13,10 +13,14 @@ reads: ~110k/s inline against ~45k/s through 4 workers per connection).
 Requests on other connections run in parallel because the engine releases the
 GIL.  Overlap within a connection is used only where it pays: large READ/WRITE
 (from 128 KiB), whose transfer then overlaps with the next request's, and, when
-the backing is itself an NBD server and a read may wait milliseconds for it,
-every READ and CACHE.  Those go to worker threads of the connection (``-t``);
-replies then leave out of order, each written whole under the connection's
-send lock.
+the backing is an NBD server (a request may wait milliseconds for it), every
+request that will read the backing (the engine says which: a READ, CACHE or
+BLOCK_STATUS of blocks not yet copied up, a WRITE, ZERO or TRIM whose partial
+head or tail block needs a copy-up).  Those go to worker threads of the
+connection, started as they are needed, up to one per request in flight
+(``-t`` caps them), so that a client's whole queue depth becomes backing reads
+in flight; replies then leave out of order, each written whole under the
+connection's send lock.
 
 Data path.  Requests are received with ``recv_into`` into a reusable buffer
 (several small requests per system call when the client pipelines); small WRITE
@@ -78,12 +82,17 @@ from cow.protocol import (
 
 log = logging.getLogger("cow.server")
 
-MAX_QUEUED_PER_CONNECTION = 64  # requests handed to workers and not yet answered
+# Over a slow backing, what may read it (the engine says whether it will) goes to workers.
+_READS_BACKING = frozenset((NBD_CMD_READ, NBD_CMD_CACHE, NBD_CMD_BLOCK_STATUS))
+_WRITES_PARTIAL = frozenset((NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_CMD_TRIM))
+
+MAX_QUEUED_PER_CONNECTION = 64  # requests handed to workers and not yet answered (and the
+                                # most workers a connection starts over an NBD backing)
 RECV_BUFFER = 256 * 1024  # per connection: request headers and small WRITE payloads
 RECV_CHUNK = 64 * 1024  # most a recv asks for beyond what the current message needs
 LARGE_REQUEST = 128 * 1024  # READ/WRITE from this size go to the connection's workers
-LARGE_WORKERS = 8  # workers started by a connection's first large request (as many as a
-                   # client's usual queue depth, so large writes never wait for one)
+LARGE_WORKERS = 8  # most workers of a connection over a file backing, where only large
+                   # requests go to them (a client's usual queue depth)
 PAYLOAD_BUDGET = 32 * 1024 * 1024  # bytes of large WRITE payloads received and not yet
                                    # written, per connection (one request may exceed it)
 KEEP_PAYLOAD_BUFFERS = 8  # idle payload buffers a connection keeps for reuse
@@ -452,7 +461,8 @@ class _Connection:
         receive buffer, and leave together before the reader could block."""
         proto, rx = self.proto, self.rx
         batch = _ReplyBatch(self)
-        reads_to_workers = self.server.threads_for_reads > 0
+        engine = self.engine
+        slow_backing = self.server.slow_backing
         # Under TLS everything stays on this thread: an OpenSSL connection must not be read
         # and written from two threads at once.
         inline_only = proto.tls_active
@@ -529,11 +539,15 @@ class _Connection:
                     finally:
                         if owned is not None:
                             self._give_back_payload_buffer(owned, count)
-                elif owned is not None or (
-                        (cmd == NBD_CMD_READ or cmd == NBD_CMD_CACHE)
-                        and (reads_to_workers or (count >= LARGE_REQUEST and cmd == NBD_CMD_READ))):
-                    # Overlap where it pays: a slow (NBD) backing, or a large transfer.
+                elif owned is not None or (cmd == NBD_CMD_READ and count >= LARGE_REQUEST) or (
+                        slow_backing and count and (
+                            engine.needs_backing(count, offset) if cmd in _READS_BACKING
+                            else cmd in _WRITES_PARTIAL and
+                            engine.needs_backing(count, offset, True))):
+                    # Overlap where it pays: a large transfer, or a wait for a slow backing.
                     batch.flush()
+                    if payload is not None and owned is None:
+                        payload = bytes(payload)    # a view of the receive buffer: keep a copy
                     workers = self.workers or self._start_workers()
                     with self._in_workers_lock:
                         self.in_workers += 1
@@ -586,7 +600,7 @@ class _Connection:
         return deadline is not None and now > min(deadline + 1, self.stop_deadline)
 
     def _start_workers(self) -> _Workers:
-        self.workers = _Workers(self, self.server.threads_for_reads or LARGE_WORKERS)
+        self.workers = _Workers(self, self.server.max_workers)
         return self.workers
 
     def _take_payload_buffer(self, count: int) -> bytearray:
@@ -677,20 +691,31 @@ class _Connection:
 
 
 class _Workers:
-    """A connection's workers: READ/CACHE when a backing read may wait on the network, and
-    large READ/WRITE, whose transfer then overlaps with the next request's."""
+    """A connection's workers: requests that may wait for a slow (NBD) backing, and large
+    READ/WRITE, whose transfer then overlaps with the next request's.  A worker is started
+    whenever a request is handed over and none is free, up to ``limit``; they stay until the
+    connection ends."""
 
-    def __init__(self, conn: _Connection, n: int):
+    def __init__(self, conn: _Connection, limit: int):
         self.conn = conn
+        self.limit = limit
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.slots = threading.BoundedSemaphore(MAX_QUEUED_PER_CONNECTION)
-        self.threads = [threading.Thread(target=self._work, name=f"cow-conn{conn.id}-worker{i}",
-                                         daemon=True) for i in range(n)]
-        for t in self.threads:
-            t.start()
+        self.lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+        self.pending = 0  # handed over and not finished
 
     def submit(self, job) -> None:
         self.slots.acquire()  # a client that never reads its replies stops being read
+        with self.lock:
+            self.pending += 1
+            grow = self.pending > len(self.threads) and len(self.threads) < self.limit
+            if grow:
+                t = threading.Thread(target=self._work, daemon=True,
+                                     name=f"cow-conn{self.conn.id}-worker{len(self.threads)}")
+                self.threads.append(t)
+        if grow:
+            t.start()
         self.jobs.put(job)
 
     def _work(self) -> None:
@@ -712,11 +737,15 @@ class _Workers:
             finally:
                 if owned is not None:
                     conn._give_back_payload_buffer(owned, count)
+                with self.lock:
+                    self.pending -= 1
                 self.slots.release()
                 conn._worker_done()
 
     def close(self) -> None:
         """Finish every queued request, then stop the threads."""
+        with self.lock:
+            self.limit = 0  # no more
         for _ in self.threads:
             self.jobs.put(None)
         for t in self.threads:
@@ -728,14 +757,17 @@ class _Workers:
 class Server:
     """Accepts connections on one or more listening sockets and serves each in a thread."""
 
-    def __init__(self, engine, export: P.Export, *, threads_for_reads: int = 0,
+    def __init__(self, engine, export: P.Export, *, workers: int = 0,
                  verbose: bool = False, tls=None, max_connections: int = 0,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT):
         from cow.tls import TLSSettings
 
         self.engine = engine
         self.export = export
-        self.threads_for_reads = threads_for_reads
+        # Requests wait for an NBD backing (over a network, or a process): hand those over.
+        self.slow_backing = engine.backing_is_nbd
+        self.max_workers = workers or (MAX_QUEUED_PER_CONNECTION if self.slow_backing
+                                       else LARGE_WORKERS)
         self.verbose = verbose
         self.tls = tls if tls is not None else TLSSettings()
         self.max_connections = max_connections  # 0: no limit

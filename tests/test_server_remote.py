@@ -1,0 +1,163 @@
+"""cow.server over a remote (NBD) backing, with real clients: every client request that needs
+the backing is a backing request in flight, a backing that is a command, cow-on-read as a local
+cache of a remote base, and a backing that dies mid-copy.  What the backing server saw is read
+from nbdkit's log filter."""
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import nbd
+import pytest
+
+from conftest import write_sample
+from support_server import start_server
+from support_reliability import start_nbdkit
+from test_backing import max_in_flight, wait_for_log
+
+MiB = 1 << 20
+
+
+def backing_reads(log):
+    """(offset, count) of every read the backing served."""
+    return [(int(o, 16), int(c, 16)) for o, c in re.findall(
+        r" Read id=\d+ offset=(0x[0-9a-f]+) count=(0x[0-9a-f]+) ", log.read_text())]
+
+
+def connect(uri):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def test_client_queue_depth_becomes_backing_reads_in_flight(nbdkit, tmp_path):
+    """4 connections with 16 reads each in flight, over a backing without multi-conn (one
+    libnbd handle): the backing sees nearly all 64 at once."""
+    log = tmp_path / "backing.log"
+    back = nbdkit("-t", "128", "--filter=log", "--filter=multi-conn", "--filter=delay",
+                  "pattern", "64M", f"logfile={log}", "rdelay=500ms", "multi-conn-mode=disable")
+    with start_server(back, tmp_path=tmp_path) as (uri, _):
+        handles = [connect(uri) for _ in range(4)]
+        bufs = []
+        for k, h in enumerate(handles):
+            for i in range(16):
+                b = nbd.Buffer(65536)
+                off = (k * 16 + i) * 65536
+                bufs.append((off, b, h, h.aio_pread(b, off)))
+        for h in handles:
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+        for off, b, h, c in bufs:
+            assert h.aio_command_completed(c)
+            assert b.to_bytearray()[:8] == off.to_bytes(8, "big")
+        for h in handles:
+            h.shutdown()
+    assert len(re.findall(r"connection=\d+ Connect ", log.read_text())) == 1
+    assert max_in_flight(log) >= 48, "client requests waited for each other's backing reads"
+
+
+def test_overlay_requests_do_not_wait_for_the_backing(nbdkit, tmp_path):
+    """While a connection has a slow backing read in flight, the same connection's reads and
+    writes of blocks already in the overlay are answered (out of order, before it)."""
+    log = tmp_path / "backing.log"
+    back = nbdkit("--filter=log", "--filter=delay", "memory", "16M", f"logfile={log}",
+                  "rdelay=3")
+    with start_server(back, tmp_path=tmp_path) as (uri, _):
+        h = connect(uri)
+        h.pwrite(b"o" * 65536, 0)
+        slow = h.aio_pread(nbd.Buffer(4096), 5 * 65536)
+        wait_for_log(log, r" Read id=\d+ ")
+        assert h.pread(100, 10) == b"o" * 100                 # overlay: no wait
+        h.pwrite(b"p" * 100, 200)                             # allocated block: no wait
+        h.trim(65536, 8 * 65536)
+        assert not h.aio_command_completed(slow)              # still on its way
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        assert h.aio_command_completed(slow)
+        h.shutdown()
+
+
+@pytest.mark.parametrize("form", ["dashdash", "brackets"])
+def test_command_backing_from_the_command_line(tmp_path, form):
+    """`python -m cow.server ... -- nbdkit ...`: the server starts the command on socket
+    activation, serves it, and stops it when it exits."""
+    pidfile = tmp_path / "backing.pid"
+    cmd = ["nbdkit", "-P", str(pidfile), "pattern", "2M"]
+    opts = ["--", *cmd] if form == "dashdash" else ["[", *cmd, "]"]
+    with start_server(None, "--cow-block-size", "4K", *opts, tmp_path=tmp_path) as (uri, proc):
+        h = connect(uri)
+        assert h.get_size() == 2 * MiB
+        assert h.pread(8, MiB) == MiB.to_bytes(8, "big")
+        h.pwrite(b"x" * 10, MiB)
+        assert h.pread(10, MiB) == b"x" * 10
+        h.shutdown()
+        assert f"serving nbdkit -P {pidfile} pattern 2M " in proc.log_path.read_text()
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["disk.img", "--", "nbdkit", "memory", "1M"], "not both"),
+    (["--"], "is empty"),
+    (["--", "/nonexistent/server"], "cannot serve /nonexistent/server"),
+])
+def test_command_backing_errors(tmp_path, args, words):
+    r = subprocess.run([sys.executable, "-P", "-m", "cow.server", *args],
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 1, r
+    assert words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_cow_on_read_is_a_local_cache_of_a_remote_base(nbdkit, tmp_path):
+    """virt-v2v's setting (4K blocks, cow-on-read): nbdcopy reads the disk twice; the second
+    copy reads nothing from the backing, and both copies are the backing's bytes."""
+    disk = write_sample(tmp_path / "base.img", 8 * MiB)
+    log = tmp_path / "backing.log"
+    back = nbdkit("-r", "--filter=log", "file", disk, f"logfile={log}")
+    with start_server(back, "--cow-block-size", "4K", "--cow-on-read", "true",
+                      tmp_path=tmp_path) as (uri, _):
+        first = tmp_path / "first.img"
+        second = tmp_path / "second.img"
+        subprocess.run(["nbdcopy", uri, str(first)], check=True, timeout=120)
+        reads = backing_reads(log)
+        blocks = [b for o, c in reads for b in range(o // 4096, (o + c + 4095) // 4096)]
+        assert len(blocks) == len(set(blocks)), "a block was read from the backing twice"
+        subprocess.run(["nbdcopy", uri, str(second)], check=True, timeout=120)
+        assert backing_reads(log) == reads, "the second copy read the backing"
+    data = disk.read_bytes()
+    assert first.read_bytes() == data and second.read_bytes() == data
+
+
+def test_backing_killed_mid_copy(tmp_path):
+    """The backing dies while nbdcopy copies through the server: the copy fails at once (EIO,
+    no hang), the server stays up and serves the overlay, and its log says what broke."""
+    disk = write_sample(tmp_path / "base.img", 64 * MiB, holes=False)
+    with start_nbdkit(tmp_path, "-t", "64", "--filter=delay", "file", disk,
+                      "rdelay=1") as (back, backproc):
+        with start_server(back, tmp_path=tmp_path) as (uri, proc):
+            h = connect(uri)
+            h.pwrite(b"k" * 65536, 0)
+            copy = subprocess.Popen(["nbdcopy", "-C", "4", uri, "null:"],
+                                    stderr=subprocess.PIPE, text=True)
+            time.sleep(1.5)                           # the copy is under way (a few s)
+            assert copy.poll() is None
+            backproc.send_signal(signal.SIGKILL)
+            backproc.wait()
+            _, err = copy.communicate(timeout=20)     # not a hang
+            assert copy.returncode != 0 and "Input/output error" in err, err
+            assert h.pread(65536, 0) == b"k" * 65536  # the overlay is still served
+            with pytest.raises(nbd.Error) as ei:
+                h.pread(4096, 32 * MiB)
+            assert ei.value.errnum == errno.EIO
+            h.shutdown()
+            h2 = connect(uri)                          # and new clients are accepted
+            assert h2.pread(4, 0) == b"kkkk"
+            h2.shutdown()
+            log = proc.log_path.read_text()
+            assert "backing connection broke" in log and back in log, log
