@@ -158,11 +158,15 @@ def get_size(h):
 
 
 _MAX_PREFERRED = 32 * 1024 * 1024  # nbdkit refuses a larger preferred block size
+# nbdkit itself refuses a read or write over 64 MiB (with ENOMEM, before any plugin sees it;
+# nbdkit-blocksize-filter(1) calls it "the nbdkit maximum"), so that is the largest request a
+# client can rely on.  Trim, zero, cache and extents of any length still reach the engine.
+_MAX_REQUEST = 64 * 1024 * 1024
 
 
 def block_size(h):
-    # Any request size works; whole blocks avoid read-modify-write.
-    return (1, min(h.block_size, _MAX_PREFERRED), 0xFFFFFFFF)
+    # Any size up to the maximum works; whole blocks avoid read-modify-write.
+    return (1, min(h.block_size, _MAX_PREFERRED), _MAX_REQUEST)
 
 
 def can_write(h):

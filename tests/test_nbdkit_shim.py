@@ -21,6 +21,7 @@ import nbd
 import pytest
 
 from conftest import PYTHON, sha256_file, write_sample
+from support_reliability import CMD_READ, RawClient
 from support_shim import (plugin_path, run_cow_filter, run_nbdkit_cmd, run_shim, shim_command,
                           wait_for_pidfile)
 
@@ -284,10 +285,40 @@ def test_advertised_flags_and_block_size(servers, connect, backing_factory, bloc
     assert info["is_read_only"] is False
     assert "base:allocation" in info["contexts"]
     assert (info["block_size_minimum"], info["block_size_preferred"],
-            info["block_size_maximum"]) == (1, block_size, 0xFFFFFFFF)
+            info["block_size_maximum"]) == (1, block_size, 64 * MiB)
     h = connect(server.uri)
     h.pwrite(b"w" * 5000, 1000)
     assert h.pread(7000, 0) == backing.read_bytes()[:1000] + b"w" * 5000 + backing.read_bytes()[6000:7000]
+
+
+def test_advertised_maximum_is_the_largest_request_nbdkit_takes(tmp_path, servers, connect):
+    """nbdkit refuses any read or write over 64 MiB itself (ENOMEM, before the plugin sees it),
+    so the shim advertises 64 MiB: a client that keeps to the advertised maximum always gets
+    through, and one request past it does not.  Requests without data may be longer."""
+    disk = tmp_path / "disk.img"
+    with open(disk, "wb") as f:
+        f.truncate(192 * MiB)
+    server = servers.shim(disk, errors_expected=True)  # nbdkit logs the refused request
+    assert nbdinfo_json(server.uri)["block_size_maximum"] == 64 * MiB
+
+    h = connect(server.uri)
+    maximum = h.get_block_size(nbd.SIZE_MAXIMUM)
+    assert maximum == 64 * MiB
+    data = random.Random(12).randbytes(maximum)
+    h.pwrite(data, 3 * MiB)
+    assert h.pread(maximum, 3 * MiB) == data
+    h.zero(128 * MiB, 64 * MiB)  # past the maximum: no data, so nbdkit passes it on
+    h.trim(96 * MiB, 96 * MiB)
+    h.cache(192 * MiB, 0)
+    assert h.pread(4 * MiB, 64 * MiB + 3 * MiB) == bytes(4 * MiB)
+
+    # One byte more than advertised: refused by nbdkit, and the connection stays usable.
+    with RawClient(server.sock) as raw:
+        raw.handshake(structured=False)
+        raw.request(CMD_READ, 0, maximum + 1, cookie=1)
+        assert raw.reply(maximum + 1)[:2] == (1, errno.ENOMEM)
+        raw.request(CMD_READ, 3 * MiB, 4096, cookie=2)
+        assert raw.reply(4096)[:3] == (2, 0, data[:4096])
 
 
 def test_thread_model_is_parallel(backing_factory):
