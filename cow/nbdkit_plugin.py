@@ -8,24 +8,63 @@ defaults and meanings of nbdkit's cow filter (nbdkit-cow-filter(1)).  One engine
 serves every connection, so all clients share one overlay; the backing is opened read-only.
 
 nbdkit runs this file as `__main__` with neither its folder nor any virtual environment on sys.path,
-so it imports nothing relative: it adds the site-packages folder it was installed into (two levels
-above this file) and imports `cow.engine` from there.  Every callback only delegates to the engine;
+so it imports nothing relative: it adds the site-packages folder of the environment it belongs to
+(see _site_dir) and imports `cow.engine` from there.  Every callback only delegates to the engine;
 the engine releases the GIL for each whole call, so with the parallel thread model requests from
 nbdkit's worker threads overlap in I/O.
 """
 
 import errno
 import functools
+import json
 import os
 import site
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 
 API_VERSION = 2
 
-_SITE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _site_dir():
+    """The site-packages folder that this copy of cow runs from.
+
+    Installed from a wheel, this file is SITE/cow/nbdkit_plugin.py, beside the compiled engine.
+    Installed editable (./dev setup), it is the source file in the repository; the engine is in
+    the build folder, which records the environment it was installed into (cow/meson.build).
+    The build folder is build/ (./dev's) or build/cpXY (meson-python's default)."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    if any(os.path.exists(os.path.join(package_dir, "engine" + s)) for s in EXTENSION_SUFFIXES):
+        return os.path.dirname(package_dir)
+    root = os.path.dirname(package_dir)
+    builds = [os.path.join(root, "build"), os.path.join(root, "build", "cp" + _PYTHON.replace(".", ""))]
+    for build in builds:
+        try:
+            with open(os.path.join(build, "cow", "environment.json")) as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if recorded.get("python_version") == _PYTHON:
+            return recorded["site_packages"]
+    raise ImportError(
+        f"no compiled cow engine for {__file__} with nbdkit's Python {_PYTHON}: none beside it "
+        f"(an installed package) and no editable build of {root} for Python {_PYTHON} in build/ "
+        f"or build/cp{_PYTHON.replace('.', '')}/. In the repository, run ./dev setup")
+
+
+def _import_error(message):
+    sys.tracebacklimit = 0  # nbdkit prints this at start-up: one message, no traceback
+    return ImportError(message)
+
+
+try:
+    _SITE_DIR = _site_dir()
+except ImportError as exc:
+    raise _import_error(str(exc)) from None
 if _SITE_DIR not in sys.path:
     # In front, so that this installation's `cow` wins over any other on the system path;
-    # addsitedir then processes the folder's .pth files.
+    # addsitedir then processes the folder's .pth files (an editable install's loader among them).
     sys.path.insert(0, _SITE_DIR)
 site.addsitedir(_SITE_DIR)
 
@@ -34,12 +73,12 @@ import nbdkit  # noqa: E402  (the module nbdkit's python plugin provides)
 try:
     from cow.engine import Engine, parse_block_size  # noqa: E402
 except ImportError as exc:
-    sys.tracebacklimit = 0  # nbdkit prints this at start-up: one message, no traceback
-    raise ImportError(
-        f"cannot import cow.engine from {_SITE_DIR} with nbdkit's Python "
-        f"{sys.version_info.major}.{sys.version_info.minor}: {exc}. The package must be installed "
-        "into a Python of the same version as nbdkit's python plugin (see: nbdkit python --dump-plugin)"
-    ) from exc
+    # An editable install rebuilds on import; a failed build's log is in the exception's notes.
+    notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
+    raise _import_error(
+        f"cannot import cow.engine from {_SITE_DIR} with nbdkit's Python {_PYTHON}: {exc}{notes}. "
+        "The package must be installed into a Python of the same version as nbdkit's python "
+        "plugin (see: nbdkit python --dump-plugin); in the repository, run ./dev setup") from None
 
 
 class ConfigError(Exception):

@@ -7,8 +7,9 @@ Used by tests/test_nbdkit_shim.py and by bench/.  Self-contained (no pytest, no 
         ... connect to server.uri (nbd+unix:///?socket=/tmp/cow.sock) ...
     print(server.stderr_text())
 
-The plugin path comes from the installed package (`python -P -m cow.nbdkit --print-plugin-path`),
-never from the source tree, which has no compiled engine.
+The plugin path comes from the installed package (`python -P -m cow.nbdkit --print-plugin-path`).
+Installed editable (./dev setup), that is the source file cow/nbdkit_plugin.py, which finds the
+compiled engine through the build folder's record of its environment.
 """
 
 import functools
@@ -28,7 +29,7 @@ NBDKIT = "nbdkit"
 
 @functools.cache
 def plugin_path():
-    """Absolute path of the installed shim."""
+    """Absolute path of the shim the installed package runs."""
     out = subprocess.run([PYTHON, "-P", "-m", "cow.nbdkit", "--print-plugin-path"],
                          check=True, capture_output=True, text=True).stdout.strip()
     return out
