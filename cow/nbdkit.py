@@ -7,7 +7,9 @@ BACKING is a file or device path, an NBD URI (nbd://, nbds://, nbd+unix://...), 
 file=PATH / uri=URI.  nbdkit options (-f, -U SOCKET, -r, --run CMD, --filter=NAME, ...) may come before
 or after it, as with nbdkit itself.  The second form replaces this process with
 
-    nbdkit [nbdkit options] python PLUGIN-PATH file=BACKING|uri=BACKING [cow-*=...]
+    nbdkit [nbdkit options] [--threads=N] python PLUGIN-PATH file=BACKING|uri=BACKING [cow-*=...]
+
+--threads (nbdkit's threads per connection) is added unless given: DEFAULT_THREADS says why.
 """
 
 import os
@@ -25,6 +27,14 @@ _LONG_WITH_VALUE = {
     "tls-certificates", "tls-psk", "unix", "user",
 }
 _BACKING_KEYS = ("file=", "uri=")
+
+# nbdkit's threads per connection when the command line gives none (nbdkit's own default is 16).
+# Every request runs Python under one GIL.  With a file backing a request takes microseconds, and
+# more threads only queue for the GIL: -t 1 serves each connection on its own thread with no
+# hand-off and measured fastest (README.md, "Inside nbdkit"; bench/README.md).  A request to an
+# NBD backing waits on the network with the GIL released, so there each thread can keep a backing
+# read in flight: nbdkit's default.
+DEFAULT_THREADS = {"file": 1, "uri": 16}
 _PARAM = re.compile(r"[A-Za-z_][\w.-]*=")  # key=value, as nbdkit tells them from a bare value
 
 USAGE = ("usage: python -m cow.nbdkit --print-plugin-path\n"
@@ -38,7 +48,13 @@ class UsageError(Exception):
 
 def split_arguments(argv):
     """Split argv into (nbdkit options, plugin parameters); the parameters start with the backing."""
-    options, params = [], []
+    options, params, _ = parse_arguments(argv)
+    return options, params
+
+
+def parse_arguments(argv):
+    """(nbdkit options, plugin parameters, names of the nbdkit options given: "threads", "t"...)."""
+    options, params, names = [], [], set()
     backing = None
     i = 0
     while i < len(argv):
@@ -50,6 +66,7 @@ def split_arguments(argv):
         if arg.startswith("--") and len(arg) > 2:
             options.append(arg)
             name = arg[2:].split("=", 1)[0]
+            names.add(name)
             if "=" not in arg and name in _LONG_WITH_VALUE:
                 if i == len(argv):
                     raise UsageError(f"option {arg} needs a value")
@@ -59,6 +76,7 @@ def split_arguments(argv):
             options.append(arg)
             # A cluster such as -fv or -fU SOCKET: a letter taking a value ends the cluster.
             for j, letter in enumerate(arg[1:], start=1):
+                names.add(letter)
                 if letter in _SHORT_WITH_VALUE:
                     if j == len(arg) - 1:
                         if i == len(argv):
@@ -78,12 +96,14 @@ def split_arguments(argv):
             backing = ("uri=" if "://" in arg else "file=") + arg
     if backing is None:
         raise UsageError("no BACKING given")
-    return options, [backing, *params]
+    return options, [backing, *params], names
 
 
 def nbdkit_command(argv, nbdkit="nbdkit"):
     """The nbdkit command line that serves argv's backing through the plugin."""
-    options, params = split_arguments(argv)
+    options, params, names = parse_arguments(argv)
+    if not names & {"t", "threads"}:
+        options.append(f"--threads={DEFAULT_THREADS[params[0].split('=', 1)[0]]}")
     return [nbdkit, *options, "python", PLUGIN_PATH, *params]
 
 

@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import random
+import re
 import shlex
 import subprocess
 import time
@@ -265,6 +266,39 @@ def test_launcher_split_arguments():
         split_arguments(["a.img", "b.img"])
     with pytest.raises(UsageError):
         split_arguments(["a.img", "-U"])
+
+
+def test_launcher_threads_default_by_backing_unless_given():
+    from cow.nbdkit import DEFAULT_THREADS, PLUGIN_PATH, nbdkit_command
+
+    def threads(argv):
+        return [a for a in nbdkit_command(argv) if a.startswith("--threads=")]
+
+    assert threads(["disk.img"]) == [f"--threads={DEFAULT_THREADS['file']}"]
+    assert threads(["file=disk.img", "-r"]) == [f"--threads={DEFAULT_THREADS['file']}"]
+    assert threads(["nbd+unix:///?socket=/s"]) == [f"--threads={DEFAULT_THREADS['uri']}"]
+    # -U takes a value: "-t" here is the socket's name, not the threads option.
+    assert threads(["-U", "-t", "disk.img"]) == [f"--threads={DEFAULT_THREADS['file']}"]
+    for given in (["-t", "4"], ["-t4"], ["-ft4"], ["--threads", "4"], ["--threads=4"]):
+        assert nbdkit_command([*given, "disk.img"]) == [
+            "nbdkit", *given, "python", PLUGIN_PATH, "file=disk.img"]
+
+
+@pytest.mark.parametrize("kind,given,expected", [
+    ("file", [], None), ("uri", [], None), ("file", ["-t", "3"], 3), ("uri", ["--threads=2"], 2)])
+def test_launcher_threads_reach_nbdkit(servers, backing_factory, kind, given, expected):
+    from cow.nbdkit import DEFAULT_THREADS
+
+    backing = backing_factory(1 * MiB)
+    source = str(backing) if kind == "file" else servers.nbdkit("-r", "file", backing).uri
+    expected = expected or DEFAULT_THREADS[kind]
+    r = subprocess.run([PYTHON, "-P", "-m", "cow.nbdkit", "-v", "-U", "-", *given, source,
+                        "--run", 'nbdinfo --size "$uri"'], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(1 * MiB)
+    # nbdkit -v names its worker threads per connection; with -t 1 it has none (inline).
+    workers = re.findall(r"processing requests with (\d+) threads", r.stderr)
+    assert workers == ([] if expected == 1 else [str(expected)]), r.stderr[-2000:]
 
 
 def test_launcher_usage_errors():
