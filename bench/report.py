@@ -58,11 +58,13 @@ class Results:
                 "errors": [{"what": w, "column": c, "message": m} for w, c, m in self.errors]}
 
 
-def table(results, metrics, columns, labels, reference, *, show_ratio=True, first="workload"):
-    """A markdown table: one row per metric, one column per target; 'value (ratio×)' cells."""
-    head = f"| {first} | " + " | ".join(labels[c] + (" (ref)" if c == reference else "")
-                                        for c in columns) + " |"
-    lines = [head, "|" + "---|" * (len(columns) + 1)]
+def table(results, metrics, columns, labels, reference, *, show_ratio=True, first="workload",
+          extra=()):
+    """A markdown table: one row per metric, one column per target; 'value (ratio×)' cells.
+    extra: more columns, as (heading, function of the metric giving the cell's text)."""
+    head = f"| {first} | " + " | ".join([labels[c] + (" (ref)" if c == reference else "")
+                                         for c in columns] + [h for h, _ in extra]) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + len(extra) + 1)]
     for m in metrics:
         ref = results.median(m.key, reference) if reference in columns else None
         cells = []
@@ -77,13 +79,23 @@ def table(results, metrics, columns, labels, reference, *, show_ratio=True, firs
             if show_ratio and r is not None and c != reference:
                 cell += f" ({r:.2f}×)"
             cells.append(cell)
+        cells += [fn(m) for _, fn in extra]
         lines.append(f"| {m.title} ({m.unit}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ratio_column(results, column, over, heading):
+    """An extra column for table(): column's median over another column's, per metric."""
+    def cell(m):
+        r = ratio(results.median(m.key, column), results.median(m.key, over), m.higher_is_better)
+        return f"{r:.2f}×" if r is not None else "—"
+    return heading, cell
 
 
 COLOURS = {
     "cow-server": "#d62728",
     "cow-shim": "#ff7f0e",
+    "python-null": "#bcbd22",
     "nbdkit-cow": "#1f77b4",
     "qemu-nbd": "#2ca02c",
     "nbdkit-file": "#7f7f7f",

@@ -37,7 +37,13 @@ from report import Metric, Results
 
 REPO = Path(__file__).resolve().parent.parent
 SCALING_JOBS = ("randwrite-4k", "seqread-1m")
-SECTIONS = ("pipeline", "seed", "scaling", "startup")
+SECTIONS = ("pipeline", "seed", "scaling", "threads", "startup")
+# The threads section: nbdkit's threads per connection (-t) for every nbdkit target, on small
+# random I/O, where a python plugin's per-request cost shows; then the shim and the C filter over
+# an NBD backing whose reads are delayed (a remote disk), where requests wait on the network.
+THREAD_JOBS = ("randread-4k", "randwrite-4k")
+THREAD_TARGETS = ("cow-shim", "python-null", "nbdkit-cow")
+THREAD_NBD_TARGETS = ("cow-shim", "nbdkit-cow")
 SEED_CONFIGS = [  # (column, target, options, label)
     ("cow-server-global", "cow-server", {"lock_mode": "global"}, "cow.server --lock-mode global"),
     ("cow-server-fine", "cow-server", {"lock_mode": "fine"}, "cow.server --lock-mode fine"),
@@ -85,6 +91,14 @@ def parse_args(argv):
     p.add_argument("--iodepth", type=int, default=8, help="fio iodepth per job (default 8)")
     p.add_argument("--connections", default=None,
                    help="scaling connection counts (default 1,2,4,8; quick 1,4,8)")
+    p.add_argument("--nbdkit-threads", default=None,
+                   help="threads section: nbdkit -t values (default 1,2,16)")
+    p.add_argument("--threads-connections", default=None,
+                   help="threads section: fio jobs = connections (default 1 and --jobs)")
+    p.add_argument("--threads-runtime", type=float,
+                   help="seconds per threads-section run (default 1)")
+    p.add_argument("--threads-delay-ms", type=int, default=1,
+                   help="threads section: delay per read of its NBD backing (default 1)")
     p.add_argument("--copy-connections", type=int, default=4, help="nbdcopy connections (default 4)")
     p.add_argument("--copy-to", choices=("null", "file"), default="null",
                    help="nbdcopy destination: null: (default) or a file in the work folder")
@@ -104,6 +118,11 @@ def parse_args(argv):
     a.runtime = a.runtime or (1.0 if q else 3.0)
     a.scaling_runtime = a.scaling_runtime or (1.0 if q else 1.5)
     a.connections = [int(x) for x in split_list([a.connections or ("1,4,8" if q else "1,2,4,8")])]
+    a.nbdkit_threads = [int(x) for x in split_list([a.nbdkit_threads or "1,2,16"])]
+    a.threads_connections = [int(x) for x in split_list([a.threads_connections
+                                                         or f"1,{a.jobs}"])]
+    a.threads_connections = sorted(set(a.threads_connections))
+    a.threads_runtime = a.threads_runtime or 1.0
     a.seed_size = parse_size(a.seed_size or ("64M" if q else "256M"))
     a.seed_delay_ms = a.seed_delay_ms or (2 if q else 4)
     a.startup_size = parse_size(a.startup_size)
@@ -130,6 +149,7 @@ class Context:
         self.env["PATH"] = "/usr/bin:/usr/sbin:" + self.env.get("PATH", "")
         self.max_connections = max([8, args.jobs, args.copy_connections, *args.connections])
         self.shim_path = None
+        self.launcher_threads = None  # cow.nbdkit.DEFAULT_THREADS, read by the shim's target
 
 
 def first_line(cmd):
@@ -255,9 +275,9 @@ class Bench:
             return None
 
     # One measurement of one workload on one target: a fresh server, then stop it.
-    def fio_once(self, job, target, numjobs, runtime, key):
+    def fio_once(self, job, target, numjobs, runtime, key, **opts):
         def go():
-            with self.start(target, self.backing) as server:
+            with self.start(target, self.backing, **opts) as server:
                 res = wl.run_fio(job, server.uri, size=self.a.size, numjobs=numjobs,
                                  iodepth=self.a.iodepth, runtime_s=runtime,
                                  out_json=self.workdir / "fio.json", cwd=self.workdir)
@@ -285,6 +305,20 @@ class Bench:
             self.log(f"{'pipeline':<16} {target.name:<12} prep {prep:.2f} s, nbdcopy {copy:.2f} s, "
                      f"peak RSS {peak / 1024 if peak else 0:.0f} MiB")
         self.attempt("pipeline-copy", target.name, go)
+
+    def threads_nbd_once(self, target, threads, key):
+        """fio random 4 KiB reads through target over a delayed NBD backing, at -t threads."""
+        def go():
+            delayed = tg.DelayedBacking()
+            with self.start(delayed, self.backing, delay_ms=self.a.threads_delay_ms) as back:
+                with self.start(target, back.uri, threads=threads) as server:
+                    res = wl.run_fio(wl.FIO_BY_KEY["randread-4k"], server.uri, size=self.a.size,
+                                     numjobs=self.a.jobs, iodepth=self.a.iodepth,
+                                     runtime_s=self.a.threads_runtime,
+                                     out_json=self.workdir / "fio.json", cwd=self.workdir)
+            self.results.add(key, target.name, res["value"])
+            self.log(f"{key:<16} {target.name:<12} {report.fmt_value(res['value'], 'IOPS'):>8} IOPS")
+        self.attempt(key, target.name, go)
 
     def seed_once(self, column, target, opts):
         def go():
@@ -315,7 +349,7 @@ class Bench:
 
     def prepare(self):
         w = self.a.workloads
-        if any(j.key in w for j in wl.FIO_JOBS) or "pipeline" in w or "scaling" in w:
+        if any(j.key in w for j in wl.FIO_JOBS) or {"pipeline", "scaling", "threads"} & set(w):
             self.log(f"making a {human_size(self.a.size)} sample backing")
             self.backing = wl.make_backing(self.workdir / "backing.img", self.a.size)
         if "seed" in w:
@@ -356,9 +390,24 @@ class Bench:
                     for n in a.connections:
                         for t in order:
                             self.fio_once(wl.FIO_BY_KEY[key], t, n, a.scaling_runtime, f"{key}@{n}")
+            if "threads" in w:
+                tt = [t for t in order if t.name in THREAD_TARGETS]
+                for key in THREAD_JOBS:
+                    for conns in a.threads_connections:
+                        for n in a.nbdkit_threads:
+                            for t in tt:
+                                self.fio_once(wl.FIO_BY_KEY[key], t, conns, a.threads_runtime,
+                                              thread_key(key, conns, n), threads=n)
+                for n in a.nbdkit_threads:
+                    for t in [t for t in tt if t.name in THREAD_NBD_TARGETS]:
+                        self.threads_nbd_once(t, n, f"randread-4k-nbd@t{n}")
             if "startup" in w:
                 for t in order:
                     self.startup_once(t)
+
+
+def thread_key(job, connections, threads):
+    return f"{job}@{connections}c-t{threads}"
 
 
 def render(bench, meta, argv):
@@ -391,9 +440,16 @@ def render(bench, meta, argv):
     pipe = [Metric("pipeline-prep", "pipeline: trim ¼ + rewrite pieces, 1 conn", "s", False),
             Metric("pipeline-copy", f"pipeline: nbdcopy whole export, {a.copy_connections} conns",
                    "s", False)] if "pipeline" in w else []
+    shim_vs_null = ([report.ratio_column(res, "cow-shim", "python-null", "shim ÷ do-nothing")]
+                    if {"cow-shim", "python-null"} <= set(cols) else [])
     if main or pipe:
         out.append("## Throughput and copy pipeline\n")
-        out.append(report.table(res, main + pipe, cols, labels, ref))
+        out.append(report.table(res, main + pipe, cols, labels, ref, extra=shim_vs_null))
+        if {"cow-shim", "python-null"} & set(cols) and bench.ctx.launcher_threads:
+            out.append(f"\nThe shim and the do-nothing python plugin run with the threads per "
+                       f"connection that `python -m cow.nbdkit` gives a file backing "
+                       f"(-t {bench.ctx.launcher_threads['file']}); the other nbdkit targets with "
+                       f"nbdkit's default (16).")
         if pipe:
             out.append(f"\nPipeline: through the overlay over one connection, trim 1 MiB of every "
                        f"4 MiB and write {max(8, a.size // (2 * wl.MiB))} pieces (64 KiB aligned, "
@@ -440,6 +496,30 @@ def render(bench, meta, argv):
         out.append(f"## Scaling with connections (fio numjobs, iodepth {a.iodepth}, "
                    f"{a.scaling_runtime:g} s per run)\n")
         out.append(report.table(res, scaling_metrics, cols, labels, ref))
+        out.append("")
+
+    if "threads" in w:
+        tcols = [c for c in cols if c in THREAD_TARGETS]
+        tmetrics = [Metric(thread_key(key, conns, n),
+                           f"{wl.FIO_BY_KEY[key].title}, {conns} conn, -t {n}", "IOPS", True)
+                    for key in THREAD_JOBS for conns in a.threads_connections
+                    for n in a.nbdkit_threads]
+        out.append(f"## nbdkit threads per connection (-t {','.join(map(str, a.nbdkit_threads))}), "
+                   f"fio iodepth {a.iodepth}, {a.threads_runtime:g} s per run\n")
+        out.append(report.table(res, tmetrics, tcols, labels, ref, extra=shim_vs_null))
+        ncols = [c for c in cols if c in THREAD_NBD_TARGETS]
+        nmetrics = [Metric(f"randread-4k-nbd@t{n}", f"random 4 KiB reads, NBD backing, -t {n}",
+                           "IOPS", True) for n in a.nbdkit_threads]
+        if ncols:
+            out.append(f"\nOver an NBD backing: `nbdkit --filter=delay file "
+                       f"delay-read={a.threads_delay_ms}ms` on the same sample, fresh for every "
+                       f"run, and the server under test serves a COW view of it (the shim with "
+                       f"`uri=`, the C filter stacked on the nbd plugin).\n")
+            out.append(report.table(res, nmetrics, ncols, labels, ref))
+        if bench.ctx.launcher_threads:
+            d = bench.ctx.launcher_threads
+            out.append(f"\n`python -m cow.nbdkit` gives nbdkit -t {d['file']} for a file backing "
+                       f"and -t {d['uri']} for an NBD backing unless told otherwise.")
         out.append("")
 
     mem_rows = [Metric(m.key, m.title, "MiB", False) for m in main]

@@ -4,6 +4,7 @@ Every target serves one export on a Unix socket. A backing is either a file path
 (the seed experiment's delayed backing); a target that cannot take an NBD backing says so.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import nbd
 
 REPO = Path(__file__).resolve().parent.parent
+NULL_PLUGIN = Path(__file__).resolve().parent / "null_plugin.py"
 
 # Processes this run started (pid -> Popen), so that an interrupted run stops exactly those.
 _STARTED = {}
@@ -166,8 +168,23 @@ def wait_ready(server, timeout):
                        + log_tail(server.log))
 
 
-def nbdkit_base(sock):
-    return ["nbdkit", "-f", "--exit-with-parent", "-U", sock]
+def nbdkit_base(sock, threads=None):
+    """nbdkit in the foreground on sock; threads: its --threads (threads per connection)."""
+    base = ["nbdkit", "-f", "--exit-with-parent", "-U", sock]
+    return base + [f"--threads={threads}"] if threads else base
+
+
+def launcher_threads(ctx):
+    """The threads per connection `python -m cow.nbdkit` gives nbdkit: {"file": N, "uri": N}."""
+    if ctx.launcher_threads is None:
+        r = subprocess.run([ctx.python, "-P", "-c",
+                            "import json, cow.nbdkit; print(json.dumps(cow.nbdkit.DEFAULT_THREADS))"],
+                           capture_output=True, text=True, env=ctx.env, cwd="/", timeout=60)
+        if r.returncode != 0:
+            err = (r.stderr.strip().splitlines() or ["?"])[-1]
+            raise RuntimeError(f"cannot import cow.nbdkit (run ./dev setup): {err}")
+        ctx.launcher_threads = json.loads(r.stdout)
+    return ctx.launcher_threads
 
 
 def nbd_plugin_args(uri):
@@ -214,11 +231,36 @@ class CowShim(Target):
             err = (r.stderr.strip().splitlines() or ["no plugin path printed"])[-1]
             return f"cow.nbdkit --print-plugin-path failed: {err}"
         ctx.shim_path = path
+        try:
+            launcher_threads(ctx)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            return str(e)
         return None
 
-    def command(self, ctx, backing, sock, workdir, cleanup, **opts):
+    def command(self, ctx, backing, sock, workdir, cleanup, threads=None, **opts):
+        # What `python -m cow.nbdkit BACKING` runs: its default threads unless told.
         key = "uri" if "://" in backing else "file"
-        return nbdkit_base(sock) + ["python", ctx.shim_path, f"{key}={backing}"]
+        threads = threads or launcher_threads(ctx)[key]
+        return nbdkit_base(sock, threads) + ["python", ctx.shim_path, f"{key}={backing}"]
+
+
+class PythonNull(Target):
+    """A python plugin whose callbacks do nothing (bench/null_plugin.py): the ceiling of any
+    python plugin, the shim included, at the same threads per connection."""
+
+    name = "python-null"
+    label = "nbdkit python, do-nothing plugin"
+
+    def available(self, ctx):
+        try:
+            launcher_threads(ctx)
+        except (RuntimeError, subprocess.TimeoutExpired) as e:
+            return str(e)
+        return None
+
+    def command(self, ctx, backing, sock, workdir, cleanup, threads=None, **opts):
+        threads = threads or launcher_threads(ctx)["file"]
+        return nbdkit_base(sock, threads) + ["python", str(NULL_PLUGIN), f"file={backing}"]
 
 
 class NbdkitCow(Target):
@@ -226,10 +268,11 @@ class NbdkitCow(Target):
     label = "nbdkit cow filter (C)"
     nbd_backing = True
 
-    def command(self, ctx, backing, sock, workdir, cleanup, **opts):
+    def command(self, ctx, backing, sock, workdir, cleanup, threads=None, **opts):
+        # nbdkit's default threads (16) unless told.
         if "://" in backing:
-            return nbdkit_base(sock) + ["--filter=cow"] + nbd_plugin_args(backing)
-        return nbdkit_base(sock) + ["--filter=cow", "file", backing]
+            return nbdkit_base(sock, threads) + ["--filter=cow"] + nbd_plugin_args(backing)
+        return nbdkit_base(sock, threads) + ["--filter=cow", "file", backing]
 
 
 class QemuNbd(Target):
@@ -270,6 +313,6 @@ class DelayedBacking(Target):
         return nbdkit_base(sock) + ["--filter=delay", "file", backing, f"delay-read={delay_ms}ms"]
 
 
-ALL_TARGETS = [CowServer(), CowShim(), NbdkitCow(), QemuNbd(), NbdkitFile()]
+ALL_TARGETS = [CowServer(), CowShim(), PythonNull(), NbdkitCow(), QemuNbd(), NbdkitFile()]
 REFERENCE = "nbdkit-cow"
 BY_NAME = {t.name: t for t in ALL_TARGETS}

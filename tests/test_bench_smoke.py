@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import PYTHON
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ["cow-server", "cow-shim", "nbdkit-cow", "qemu-nbd", "nbdkit-file"]
+TARGETS = ["cow-server", "cow-shim", "python-null", "nbdkit-cow", "qemu-nbd", "nbdkit-file"]
 FIO_ROWS = ["random 4 KiB writes", "random 4 KiB reads", "random 64 KiB read/write 50/50",
             "sequential 1 MiB reads", "sequential 1 MiB writes"]
 
@@ -20,6 +20,7 @@ def test_quick_run_writes_table_and_chart(tmp_path):
     cmd = [PYTHON, str(REPO / "bench" / "run.py"), "--quick", "--targets", *TARGETS,
            "--size", "16M", "--runtime", "0.2", "--scaling-runtime", "0.2", "--connections", "2",
            "--seed-size", "4M", "--seed-delay-ms", "1", "--startup-size", "1G",
+           "--nbdkit-threads", "1,2", "--threads-runtime", "0.2",
            "--workdir", str(tmp_path / "work"), "--out-dir", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -28,10 +29,13 @@ def test_quick_run_writes_table_and_chart(tmp_path):
     assert table.strip() == r.stdout.strip()
     assert "--quick" in table and "Linux " in table and "nbdkit 1." in table
     header = next(line for line in table.splitlines() if line.startswith("| workload |"))
-    for label in ["cow.server", "cow shim", "nbdkit cow filter (C) (ref)", "qemu-nbd", "nbdkit file"]:
+    for label in ["cow.server", "cow shim", "do-nothing plugin", "nbdkit cow filter (C) (ref)",
+                  "qemu-nbd", "nbdkit file", "shim ÷ do-nothing"]:
         assert label in header
     for row in FIO_ROWS + ["pipeline: nbdcopy whole export", "2 conn", "start-up (ms)",
-                           "cow.server --lock-mode global", "cow.server --lock-mode fine"]:
+                           "cow.server --lock-mode global", "cow.server --lock-mode fine",
+                           "random 4 KiB reads, 1 conn, -t 2", "random 4 KiB writes, 4 conn, -t 1",
+                           "random 4 KiB reads, NBD backing, -t 2"]:
         assert row in table, row
     assert "ERROR" not in table and "| error" not in table
 
@@ -43,6 +47,9 @@ def test_quick_run_writes_table_and_chart(tmp_path):
             assert (metric, target) in measured
     assert ("seed-copy", "cow-server-global") in measured
     assert ("seed-copy", "cow-server-fine") in measured
+    for target in ["cow-shim", "python-null", "nbdkit-cow"]:
+        assert ("randread-4k@4c-t2", target) in measured
+    assert ("randread-4k-nbd@t1", "cow-shim") in measured
 
     png = out / "latest.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
