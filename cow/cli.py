@@ -397,12 +397,26 @@ def main(argv: list[str] | None = None) -> int:
                 pass
 
 
+def _engine_missing(exc: ImportError) -> str:
+    """One line that names why cow.engine cannot be imported."""
+    import cow
+    package = os.path.dirname(os.path.abspath(cow.__file__))
+    if getattr(exc, "__notes__", None):  # an editable install's rebuild on import failed
+        return (f"rebuilding the cow engine failed ({exc}); the compiler's output is in "
+                f"{os.path.dirname(package)}/build/meson-logs/meson-python-build-log.txt")
+    if os.path.exists(os.path.join(package, "engine.pyx")):  # the source folder, not built
+        return (f"{sys.executable} imports cow from the source folder {package}, which has no "
+                f"compiled engine, and this Python has no install of the package: run ./dev "
+                f"setup in {os.path.dirname(package)}, then use its .venv/bin/python")
+    return f"the cow engine is not installed in {package} ({exc}); run ./dev setup"
+
+
 def _main(args, cleanup: list) -> int:
     try:
         from cow.backing import is_nbd_uri
         from cow.engine import Engine
     except ImportError as e:
-        raise _StartupError(f"the cow engine is not installed ({e}); run ./dev setup") from None
+        raise _StartupError(_engine_missing(e)) from None
     from cow.tls import TLSConfigError, server_settings
     try:
         tls = server_settings(args.tls, args.tls_certificates, args.tls_psk, args.tls_verify_peer)
