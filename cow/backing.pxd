@@ -49,14 +49,21 @@ cdef struct conn_t:
     char error[512]         # what broke it (libnbd's message)
 
 
-# Requests in flight that one engine call waits for (on its stack): libnbd's completion callback,
-# run by the dispatcher, counts them down.
+# Requests submitted together and finished together (see backing.pyx): `done` runs once, after
+# the last of them.
+cdef struct batch_t
+ctypedef void (*batch_done_fn)(batch_t *w) noexcept nogil
+
 cdef struct batch_t:
-    pthread_mutex_t m
-    pthread_cond_t done
-    int pending
-    int error
+    int pending             # atomic: requests in flight, plus the submitter's hold
+    int error               # atomic: the first failure's errno
     conn_t *conn
+    batch_done_fn done
+    void *arg
+    bint finished           # for a synchronous waiter
+    int submitted           # requests libnbd took (the submitter's count)
+
+cdef int batch_status(batch_t *w) noexcept nogil
 
 
 cdef class Backing:
@@ -93,5 +100,7 @@ cdef class Backing:
     # The interface the engine uses.
     cdef int read(self, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil
     cdef int read_pieces(self, piece_t *pieces, int n) noexcept nogil
+    cdef int read_async(self, piece_t *pieces, int n, batch_done_fn done,
+                        void *arg) noexcept nogil
     cdef int extents(self, runs_t *runs, uint64_t offset, uint64_t count) noexcept nogil
     cdef void cache(self, uint64_t count, uint64_t offset) noexcept nogil

@@ -20,7 +20,7 @@ Every C-level method is `noexcept nogil` and returns 0 or -errno; a failed NBD r
 (ENOMEM stays ENOMEM), whatever libnbd says about its own state.
 """
 
-from libc.errno cimport errno, EIO, ENOMEM, ENXIO, EINTR, EINVAL
+from libc.errno cimport errno, EIO, ENOMEM, ENXIO, EINTR, EINVAL, EAGAIN
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy, strncpy
@@ -136,12 +136,21 @@ cdef int file_extents(int fd, runs_t *runs, uint64_t pos, uint64_t end) noexcept
 # ---------------------------------------------------------------------------------------------
 # NBD: requests in flight, and the dispatcher that completes them.
 
-cdef void batch_init(batch_t *w, conn_t *conn) noexcept nogil:
-    pthread_mutex_init(&w.m, NULL)
-    pthread_cond_init(&w.done, NULL)
-    w.pending = 0
+# A batch: requests submitted together and finished together.  `pending` counts the requests
+# in flight plus one held by the submitter until it has submitted them all, so that `done` runs
+# exactly once, after the last of them, from whichever thread finishes it: the dispatcher
+# (libnbd's completion callback) or the submitter (when libnbd refused a submission or the
+# last reply came before the submitter let go).  A synchronous caller's batch lives on its
+# stack and `done` wakes it; an asynchronous one is allocated and `done` hands it on.
+
+cdef void batch_init(batch_t *w, conn_t *conn, batch_done_fn done, void *arg) noexcept nogil:
+    w.pending = 1
     w.error = 0
     w.conn = conn
+    w.done = done
+    w.arg = arg
+    w.finished = False
+    w.submitted = 0
 
 
 cdef int nbd_status(int err) noexcept nogil:
@@ -150,27 +159,17 @@ cdef int nbd_status(int err) noexcept nogil:
     return -(ENOMEM if err == ENOMEM else EIO)
 
 
-cdef int batch_wait(batch_t *w) noexcept nogil:
-    """Wait for every request of the batch; 0 or the first error."""
-    cdef int err
-    pthread_mutex_lock(&w.m)
-    while w.pending > 0:
-        pthread_cond_wait(&w.done, &w.m)
-    err = w.error
-    pthread_mutex_unlock(&w.m)
-    pthread_cond_destroy(&w.done)
-    pthread_mutex_destroy(&w.m)
+cdef inline int batch_status(batch_t *w) noexcept nogil:
+    """0, or the status of the first request that failed."""
+    cdef int err = cow_atomic_load(&w.error)
     return nbd_status(err) if err else 0
 
 
 cdef void batch_end_one(batch_t *w, int err) noexcept nogil:
-    pthread_mutex_lock(&w.m)
-    if err and not w.error:
-        w.error = err
-    w.pending -= 1
-    if w.pending == 0:
-        pthread_cond_signal(&w.done)
-    pthread_mutex_unlock(&w.m)
+    if err:
+        cow_atomic_cas(&w.error, 0, err)
+    if cow_atomic_add(&w.pending, -1) == 0:
+        w.done(w)
 
 
 cdef int on_complete(void *user_data, int *error) noexcept nogil:
@@ -191,9 +190,7 @@ cdef inline nbd_completion_callback completion_for(batch_t *w) noexcept nogil:
 
 cdef inline void batch_submitted(batch_t *w) noexcept nogil:
     """Before a submission: one more request to wait for."""
-    pthread_mutex_lock(&w.m)
-    w.pending += 1
-    pthread_mutex_unlock(&w.m)
+    cow_atomic_add(&w.pending, 1)
     cow_atomic_add(&w.conn.in_flight, 1)
 
 
@@ -202,6 +199,39 @@ cdef inline void batch_refused(batch_t *w) noexcept nogil:
     cdef int e = nbd_get_errno()
     cow_atomic_add(&w.conn.in_flight, -1)
     batch_end_one(w, e if e else EIO)
+
+
+# Synchronous callers: a mutex and a condition, on the caller's stack, beside the batch.
+cdef struct waiter_t:
+    batch_t w
+    pthread_mutex_t m
+    pthread_cond_t cond
+
+
+cdef void waiter_done(batch_t *w) noexcept nogil:
+    cdef waiter_t *t = <waiter_t *>w.arg
+    pthread_mutex_lock(&t.m)
+    w.finished = True
+    pthread_cond_signal(&t.cond)
+    pthread_mutex_unlock(&t.m)
+
+
+cdef void waiter_init(waiter_t *t, conn_t *conn) noexcept nogil:
+    pthread_mutex_init(&t.m, NULL)
+    pthread_cond_init(&t.cond, NULL)
+    batch_init(&t.w, conn, waiter_done, t)
+
+
+cdef int waiter_wait(waiter_t *t) noexcept nogil:
+    """Let go of the submitter's hold, wait for every request of the batch; its status."""
+    batch_end_one(&t.w, 0)
+    pthread_mutex_lock(&t.m)
+    while not t.w.finished:
+        pthread_cond_wait(&t.cond, &t.m)
+    pthread_mutex_unlock(&t.m)
+    pthread_cond_destroy(&t.cond)
+    pthread_mutex_destroy(&t.m)
+    return batch_status(&t.w)
 
 
 cdef void kick(conn_t *c) noexcept nogil:
@@ -368,6 +398,11 @@ cdef class Backing:
                 raise OSError(nbd_get_errno() or EIO, f"cow: libnbd: {_nbd_message()}")
             self.nr_conns = i + 1
             nbd_set_handle_name(c.h, b"cow-backing")
+            # No zero-fill of every read buffer (12% of the server's CPU streaming from a slow
+            # backing): a failed read is never used, and a successful one is whole unless the
+            # server breaks the protocol, when the buffer's older bytes (data this process read
+            # for the same disk) would show instead of zeroes.
+            nbd_set_pread_initialize(c.h, False)
             nbd_add_meta_context(c.h, b"base:allocation")
             rc = self._connect(c.h, uri)
             if rc == -1:
@@ -568,7 +603,7 @@ cdef class Backing:
 
     cdef int read_pieces(self, piece_t *pieces, int n) noexcept nogil:
         """Read several pieces; over NBD all of them are in flight at once."""
-        cdef batch_t w
+        cdef waiter_t t
         cdef conn_t *c
         cdef uint8_t **bounce
         cdef uint64_t k, mask = self.min_block - 1
@@ -591,19 +626,19 @@ cdef class Backing:
         if bounce == NULL:
             cow_atomic_add(&self.calls, -1)
             return -ENOMEM
-        batch_init(&w, c)
+        waiter_init(&t, c)
         for i in range(n):
             k = self.clip(&pieces[i])
             if k == 0:
                 continue
             if (pieces[i].offset | k) & mask:
-                r = self.submit_unaligned(&w, &pieces[i], k, &bounce[i])
+                r = self.submit_unaligned(&t.w, &pieces[i], k, &bounce[i])
             else:
-                r = self.submit_read(&w, pieces[i].buf, k, pieces[i].offset)
+                r = self.submit_read(&t.w, pieces[i].buf, k, pieces[i].offset)
             if r < 0:
                 break
         kick(c)
-        i = batch_wait(&w)
+        i = waiter_wait(&t)
         if r == 0:
             r = i
         for i in range(n):
@@ -615,6 +650,45 @@ cdef class Backing:
         free(bounce)
         cow_atomic_add(&self.calls, -1)
         return r
+
+    cdef int read_async(self, piece_t *pieces, int n, batch_done_fn done,
+                        void *arg) noexcept nogil:
+        """Start reading pieces and return at once.  0: started; done(batch) runs once, when
+        all have arrived (or failed: batch_status() says), from the dispatcher thread or from
+        this one; it must be quick, and must free(batch).  Otherwise done never runs: 1, there
+        was nothing to read (past the backing's end: zeroes); -EAGAIN, this backing cannot (a
+        file, or a piece unaligned for a server with a minimum block size): read synchronously
+        instead; -EIO, the backing connection is dead."""
+        cdef batch_t *w
+        cdef conn_t *c
+        cdef uint64_t k, mask = self.min_block - 1
+        cdef int i
+        if self.fd >= 0:
+            return -EAGAIN
+        for i in range(n):
+            k = 0
+            if pieces[i].offset < self.c_size:
+                k = min(pieces[i].count, self.c_size - pieces[i].offset)
+            if (pieces[i].offset | k) & mask:
+                return -EAGAIN
+        c = self.pick()
+        if c == NULL:
+            return -EIO
+        w = <batch_t *>malloc(sizeof(batch_t))
+        if w == NULL:
+            return -ENOMEM
+        batch_init(w, c, done, arg)
+        for i in range(n):
+            k = self.clip(&pieces[i])
+            if k and self.submit_read(w, pieces[i].buf, k, pieces[i].offset) < 0:
+                break
+        kick(c)
+        if w.submitted == 0:    # nothing in flight, so no callback will come: done here
+            i = batch_status(w)
+            free(w)
+            return i if i < 0 else 1
+        batch_end_one(w, 0)     # the submitter's hold: done may run now, here
+        return 0
 
     cdef uint64_t clip(self, piece_t *p) noexcept nogil:
         """Zero what lies past the end of the backing; the bytes left to read."""
@@ -637,6 +711,7 @@ cdef class Backing:
             if nbd_aio_pread(w.conn.h, buf, chunk, offset, completion_for(w), 0) == -1:
                 batch_refused(w)
                 return -EIO
+            w.submitted += 1
             buf += chunk
             offset += chunk
             count -= chunk
@@ -680,7 +755,7 @@ cdef class Backing:
     cdef int nbd_extents(self, runs_t *runs, uint64_t pos, uint64_t end) noexcept nogil:
         cdef extents_ctx ctx
         cdef nbd_extent_callback cb
-        cdef batch_t w
+        cdef waiter_t t
         cdef conn_t *c
         cdef uint64_t ask, start, mask = self.min_block - 1
         cdef int rc
@@ -701,14 +776,14 @@ cdef class Backing:
             ask = ((pos + ask + mask) & ~mask) - start
             if start + ask > self.c_size:
                 ask = self.c_size - start
-            batch_init(&w, c)
-            batch_submitted(&w)
-            if nbd_aio_block_status(c.h, ask, start, cb, completion_for(&w),
+            waiter_init(&t, c)
+            batch_submitted(&t.w)
+            if nbd_aio_block_status(c.h, ask, start, cb, completion_for(&t.w),
                                     LIBNBD_CMD_FLAG_REQ_ONE if runs.req_one else 0) == -1:
-                batch_refused(&w)
+                batch_refused(&t.w)
             else:
                 kick(c)
-            rc = batch_wait(&w)
+            rc = waiter_wait(&t)
             if rc < 0:
                 return rc
             if ctx.pos <= pos:      # the server said nothing usable: call it data
@@ -718,7 +793,7 @@ cdef class Backing:
 
     cdef void cache(self, uint64_t count, uint64_t offset) noexcept nogil:
         """A hint that the range will be read soon; errors are ignored (it is only advice)."""
-        cdef batch_t w
+        cdef waiter_t t
         cdef conn_t *c
         if offset >= self.c_size:
             return
@@ -733,14 +808,14 @@ cdef class Backing:
         if c == NULL:
             return
         cow_atomic_add(&self.calls, 1)
-        batch_init(&w, c)
-        batch_submitted(&w)
+        waiter_init(&t, c)
+        batch_submitted(&t.w)
         if nbd_aio_cache(c.h, count if count < self.max_request else self.max_request, offset,
-                         completion_for(&w), 0) == -1:
-            batch_refused(&w)
+                         completion_for(&t.w), 0) == -1:
+            batch_refused(&t.w)
         else:
             kick(c)
-        batch_wait(&w)
+        waiter_wait(&t)
         cow_atomic_add(&self.calls, -1)
 
 

@@ -33,10 +33,15 @@ cdef extern from *:
     static inline int cow_atomic_add(int *p, int v) {
         return __atomic_add_fetch(p, v, __ATOMIC_ACQ_REL);
     }
+    static inline int cow_atomic_cas(int *p, int expected, int desired) {
+        return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL,
+                                           __ATOMIC_ACQUIRE);
+    }
     """
     int cow_atomic_load(int *p) noexcept nogil
     void cow_atomic_store(int *p, int v) noexcept nogil
     int cow_atomic_add(int *p, int v) noexcept nogil
+    int cow_atomic_cas(int *p, int expected, int desired) noexcept nogil
 
 
 cdef extern from "<fcntl.h>" nogil:
@@ -122,6 +127,7 @@ cdef extern from "<libnbd.h>" nogil:
     const char *nbd_get_error()
     int nbd_get_errno()
     int nbd_set_handle_name(nbd_handle *h, const char *name)
+    int nbd_set_pread_initialize(nbd_handle *h, bint request)
     int nbd_add_meta_context(nbd_handle *h, const char *name)
     int nbd_connect_uri(nbd_handle *h, const char *uri)
     int nbd_connect_systemd_socket_activation(nbd_handle *h, char **argv)

@@ -27,6 +27,16 @@ def parse_block_size(value: str | int) -> int:
 def parse_size(value: str | int) -> int:
     """Parse a byte size with an optional K/M/G/T/P suffix (powers of 1024)."""
 
+class ReadQueue:
+    """Where reads started with Engine.pread_start() come out when they finish."""
+
+    @property
+    def pending(self) -> int: ...  # started, not yet collected
+    def wait(self) -> list[tuple[object, int]]:
+        """Block (GIL released) until reads finish: [(token, status)]; [] once closed and
+        nothing is pending."""
+    def close(self) -> None: ...
+
 class Engine:
     """A copy-on-write view of a read-only backing.
 
@@ -71,6 +81,11 @@ class Engine:
     # Byte-range API: one call per NBD request.
     def pread(self, buf: Buffer, offset: int) -> None:
         """Fill the writable buffer buf (len(buf) bytes) from offset."""
+    def pread_start(self, buf: Buffer, offset: int, queue: ReadQueue, token: object) -> bool | None:
+        """Start filling buf without waiting for the backing.  True: done now.  False: started;
+        (token, status) comes out of queue.wait() once buf is filled (status 0) or the read
+        failed (-errno); keep buf alive and untouched until then.  None: cannot be started so
+        (cow-on-read, global lock mode, a file backing): use pread()."""
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None: ...
     def zero(self, count: int, offset: int, may_trim: bool = True, fast: bool = False) -> None:
         """Make the range read as zeroes. fast=True fails at once with OSError(ENOTSUP)

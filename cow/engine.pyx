@@ -30,7 +30,8 @@ on error.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
-from libc.errno cimport errno, EIO, ENOSPC, ENOMEM, EINVAL, EOPNOTSUPP, EISDIR, EINTR
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from libc.errno cimport errno, EIO, ENOSPC, ENOMEM, EINVAL, EOPNOTSUPP, EISDIR, EINTR, EAGAIN
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX, INT64_MAX
@@ -39,7 +40,7 @@ from posix.unistd cimport usleep
 
 from cow.clib cimport *
 from cow.backing cimport Backing, runs_t, runs_add, runs_full, runs_free, piece_t, T_DATA, \
-    T_HOLE_ZERO
+    T_HOLE_ZERO, batch_t, batch_status
 
 import os
 
@@ -53,6 +54,7 @@ cdef enum:
     C_CACHE_MODE_READ = 0
     C_CACHE_MODE_COW = 1
     MAX_RUNS = 65536            # extents: stop after this many runs (the client asks again)
+    MAX_ASYNC_PIECES = 32       # pread_start: backing pieces of one read (more: pread instead)
     CACHE_CHUNK = 8 * 1024 * 1024   # cow-on-cache copies up at most this much at a time
     COR_OFF = 0
     COR_ON = 1
@@ -113,6 +115,111 @@ def parse_block_size(value):
         raise ValueError(f"invalid cow block size {value!r}: it must be a power of two from 4K "
                          f"(4096) to 1G, such as 4K, 64K (the default) or 4M")
     return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Reads that finish later (Engine.pread_start): each is an aread_t; when its backing pieces are
+# in, the dispatcher thread appends it to its ReadQueue, whose owner collects it with the GIL.
+
+cdef struct aread_t:
+    Py_buffer view              # the caller's buffer, held until collected
+    PyObject *token             # the caller's, handed back
+    PyObject *engine            # the Engine (its call ends when collected)
+    PyObject *queue_obj         # the ReadQueue (alive while reads are pending on it)
+    rq_t *queue
+    int status
+    aread_t *next
+
+
+cdef struct rq_t:
+    pthread_mutex_t m
+    pthread_cond_t cond
+    aread_t *head               # finished, not yet collected
+    aread_t *tail
+    int pending                 # started, not yet collected
+    bint closed
+
+
+cdef void aread_done(batch_t *w) noexcept nogil:
+    """The backing pieces of a read are in (or failed): hand it to its queue."""
+    cdef aread_t *r = <aread_t *>w.arg
+    cdef rq_t *q = r.queue
+    r.status = batch_status(w)
+    free(w)
+    pthread_mutex_lock(&q.m)
+    if q.tail == NULL:
+        q.head = r
+    else:
+        q.tail.next = r
+    q.tail = r
+    pthread_cond_signal(&q.cond)
+    pthread_mutex_unlock(&q.m)
+
+
+cdef void aread_free(aread_t *r) noexcept:
+    """Release what a read held (GIL held); its engine call ends."""
+    PyBuffer_Release(&r.view)
+    if r.engine != NULL:
+        (<Engine>r.engine).leave()
+        Py_DECREF(<object>r.engine)
+        Py_DECREF(<object>r.token)
+        Py_DECREF(<object>r.queue_obj)
+    free(r)
+
+
+cdef class ReadQueue:
+    """Where reads started with Engine.pread_start() come out when they finish, so that one
+    thread can have many reads waiting on a slow backing and collect them as they complete."""
+
+    cdef rq_t q
+
+    def __cinit__(self):
+        pthread_mutex_init(&self.q.m, NULL)
+        pthread_cond_init(&self.q.cond, NULL)
+
+    def __dealloc__(self):
+        # Pending reads hold a reference to the queue, so none is left by now.
+        pthread_cond_destroy(&self.q.cond)
+        pthread_mutex_destroy(&self.q.m)
+
+    @property
+    def pending(self):
+        """Reads started and not yet collected."""
+        return self.q.pending
+
+    def close(self):
+        """wait() returns [] once nothing is pending any more (instead of waiting)."""
+        with nogil:
+            pthread_mutex_lock(&self.q.m)
+            self.q.closed = True
+            pthread_cond_broadcast(&self.q.cond)
+            pthread_mutex_unlock(&self.q.m)
+
+    def wait(self):
+        """Wait for finished reads; [(token, status)], status 0 or -errno.  [] when the queue
+        is closed and nothing is pending."""
+        cdef aread_t *r
+        cdef aread_t *nxt
+        cdef int n = 0
+        with nogil:
+            pthread_mutex_lock(&self.q.m)
+            while self.q.head == NULL and not (self.q.closed and self.q.pending == 0):
+                pthread_cond_wait(&self.q.cond, &self.q.m)
+            r = self.q.head
+            self.q.head = self.q.tail = NULL
+            nxt = r
+            while nxt != NULL:
+                n += 1
+                nxt = nxt.next
+            self.q.pending -= n
+            pthread_mutex_unlock(&self.q.m)
+        done = []
+        while r != NULL:
+            nxt = r.next
+            done.append((<object>r.token, r.status))
+            aread_free(r)
+            r = nxt
+        return done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -561,6 +668,48 @@ cdef class Engine:
         free(tail)
         return r
 
+    cdef int c_pread_start(self, uint8_t *buf, uint64_t count, uint64_t offset,
+                           aread_t *r) noexcept nogil:
+        """pread_start's core: read what the overlay holds now, start reading the rest from the
+        backing.  0: done, buf filled; 1: started (r goes to its queue when the data is in);
+        2: not here (cow-on-read, global lock mode, a backing that cannot): use c_pread; <0:
+        error."""
+        cdef uint64_t end = offset + count, blknum, run_end, n, limit
+        cdef piece_t pieces[MAX_ASYNC_PIECES]
+        cdef int state, npieces = 0, rc = 0
+        if self.global_mode or (self.cor_mode != COR_OFF and self.cow_on_read_active()):
+            return 2
+        limit = ((end - 1) >> self.blkshift) + 1
+        while count > 0 and rc == 0:
+            blknum = offset >> self.blkshift
+            pthread_mutex_lock(&self.bm.lock)
+            state = bitmap_get_blk(&self.bm, blknum)
+            run_end = bitmap_run_end(&self.bm, blknum, limit) << self.blkshift
+            pthread_mutex_unlock(&self.bm.lock)
+            n = (run_end if run_end < end else end) - offset
+            if state == BLOCK_ALLOCATED:
+                rc = overlay_pread(self.fd, buf, n, offset)
+            elif state == BLOCK_TRIMMED:
+                memset(buf, 0, n)
+            elif npieces == MAX_ASYNC_PIECES:
+                return 2
+            else:
+                pieces[npieces].buf = buf
+                pieces[npieces].count = n
+                pieces[npieces].offset = offset
+                npieces += 1
+            buf += n
+            offset += n
+            count -= n
+        if rc < 0 or npieces == 0:
+            return rc
+        rc = self.b.read_async(pieces, npieces, aread_done, r)
+        if rc == -EAGAIN:
+            return 2
+        if rc == 1:
+            return 0            # nothing to wait for after all
+        return 1 if rc == 0 else rc
+
     cdef int c_pwrite(self, const uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
         cdef uint64_t blknum, blkoffs, n, nblocks
         cdef int r = 0
@@ -757,6 +906,60 @@ cdef class Engine:
             PyBuffer_Release(&view)
         if r < 0:
             raise_errno(-r, "pread", view.len, offset_u)
+
+    def pread_start(self, buf, offset, ReadQueue queue not None, token):
+        """Start filling buf from offset without waiting for the backing.  True: done (buf is
+        filled).  False: started; (token, status) comes out of queue.wait() when buf is
+        filled (status 0) or the read failed (-errno); buf must stay alive and untouched
+        until then.  None: this read cannot be started so (cow-on-read, global lock mode, a
+        file backing): call pread() instead.  Errors found at once raise as pread()'s."""
+        cdef uint64_t offset_u = u64(offset, "offset")
+        cdef aread_t *r = <aread_t *>calloc(1, sizeof(aread_t))
+        cdef uint64_t count = 0
+        cdef int rc
+        if r == NULL:
+            raise MemoryError()
+        try:
+            PyObject_GetBuffer(buf, &r.view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        except BaseException:
+            free(r)
+            raise
+        try:
+            self.enter()
+        except BaseException:
+            PyBuffer_Release(&r.view)
+            free(r)
+            raise
+        # Everything the completion needs is in r before the read starts: it may finish, and
+        # another thread collect it from the queue, before this call returns.
+        r.queue = &queue.q
+        r.token = <PyObject *>token
+        r.engine = <PyObject *>self
+        r.queue_obj = <PyObject *>queue
+        Py_INCREF(token)
+        Py_INCREF(self)
+        Py_INCREF(queue)
+        rc = -EINVAL
+        try:
+            count = r.view.len
+            self.check_range("pread", count, offset_u)
+            with nogil:
+                pthread_mutex_lock(&queue.q.m)
+                queue.q.pending += 1
+                pthread_mutex_unlock(&queue.q.m)
+                rc = self.c_pread_start(<uint8_t *>r.view.buf, r.view.len, offset_u, r)
+                if rc != 1:
+                    pthread_mutex_lock(&queue.q.m)
+                    queue.q.pending -= 1
+                    pthread_mutex_unlock(&queue.q.m)
+        finally:
+            if rc != 1:
+                aread_free(r)
+        if rc == 1:
+            return False
+        if rc < 0:
+            raise_errno(-rc, "pread", count, offset_u)
+        return True if rc == 0 else None
 
     def pwrite(self, buf, offset, bint fua=False):
         cdef uint64_t offset_u = u64(offset, "offset")

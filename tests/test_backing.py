@@ -256,3 +256,74 @@ def test_read_of_a_piece_with_cow_on_read_reads_the_block_once(engines, nbdkit, 
     assert big == h.pread(3 * 4096, 7 * 4096 + 2048)
     assert buf == h.pread(100, 5 * 4096 + 10)
     h.shutdown()
+
+
+def test_reads_started_without_waiting(engines, nbdkit, tmp_path):
+    """Engine.pread_start: one thread starts 32 reads over a slow backing without waiting for
+    any (all in flight at once at the server), and collects them from a ReadQueue; a read that
+    is half overlay, half backing comes out whole; blocks the overlay holds are read at once."""
+    log = tmp_path / "backing.log"
+    uri = slow_backing(nbdkit, log, plugin=("pattern", "64M"))
+    eng = engines(uri, block_size="64K")
+    bs = eng.block_size
+    eng.pwrite(b"o" * bs, 40 * bs)
+    q = E.ReadQueue()
+    bufs = {}
+    for i in range(32):
+        bufs[i] = bytearray(bs)
+        assert eng.pread_start(bufs[i], i * bs, q, i) is False
+    bufs["mixed"] = bytearray(2 * bs)
+    assert eng.pread_start(bufs["mixed"], 39 * bs, q, "mixed") is False
+    local = bytearray(100)
+    assert eng.pread_start(local, 40 * bs + 5, q, "local") is True and local == b"o" * 100
+    done = []
+    while len(done) < 33:
+        done += q.wait()
+    assert sorted(done, key=str) == sorted([(i, 0) for i in range(32)] + [("mixed", 0)], key=str)
+    assert all(bufs[i][:8] == (i * bs).to_bytes(8, "big") for i in range(32))
+    assert bufs["mixed"][:8] == (39 * bs).to_bytes(8, "big") and bufs["mixed"][bs:] == b"o" * bs
+    assert max_in_flight(log) >= 24
+    assert q.pending == 0
+    q.close()
+    assert q.wait() == []
+
+
+def test_reads_started_on_a_dead_backing_fail_with_eio(engines, tmp_path):
+    back = KillableBacking(tmp_path, "pattern", "64M", "rdelay=30")
+    try:
+        eng = engines(back.uri, block_size="64K")
+        q = E.ReadQueue()
+        bufs = [bytearray(65536) for _ in range(4)]
+        for i, b in enumerate(bufs):
+            assert eng.pread_start(b, i * 65536, q, i) is False
+        wait_for_log(back.log, r" Read id=\d+ ", count=4)
+        back.kill()
+        done = []
+        while len(done) < 4:
+            done += q.wait()
+        assert sorted(done) == [(i, -errno.EIO) for i in range(4)]
+        with pytest.raises(OSError) as ei:        # later: refused at once
+            eng.pread_start(bytearray(10), 0, q, "late")
+        assert ei.value.errno == errno.EIO
+        eng.close()                                 # nothing left in flight
+    finally:
+        if back.proc.poll() is None:
+            back.kill()
+
+
+@pytest.mark.parametrize("why", ["cow-on-read", "global", "file"])
+def test_reads_that_cannot_be_started_say_so(engines, nbdkit, tmp_path, why):
+    """pread_start returns None where the read must be done with pread (copy-up on read, the
+    global lock, a file backing that pread serves as fast)."""
+    if why == "file":
+        path = tmp_path / "f.img"
+        path.write_bytes(b"f" * 65536)
+        eng = engines(path)
+    else:
+        uri = nbdkit("pattern", "1M")
+        eng = engines(uri, **({"cow_on_read": True} if why == "cow-on-read"
+                              else {"lock_mode": "global"}))
+    q = E.ReadQueue()
+    assert eng.pread_start(bytearray(100), 0, q, "x") is None
+    assert q.pending == 0
+    eng.close()
