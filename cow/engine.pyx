@@ -121,8 +121,29 @@ def parse_block_size(value):
 # Reads that finish later (Engine.pread_start): each is an aread_t; when its backing pieces are
 # in, the dispatcher thread appends it to its ReadQueue, whose owner collects it with the GIL.
 
+cdef struct cor_t:             # a cow-on-read in progress (Engine.cor_plan)
+    uint8_t *buf
+    uint64_t offset
+    uint64_t count
+    uint64_t first              # its first and last blocks
+    uint64_t last
+    uint64_t mid_start          # whole blocks read straight into buf
+    uint64_t mid_end
+    uint8_t *head               # partial first and last blocks, read whole
+    uint8_t *tail
+    piece_t pieces[3]
+    int n
+
+
+cdef inline void cor_free(cor_t *p) noexcept nogil:
+    free(p.head)
+    free(p.tail)
+    p.head = p.tail = NULL
+
+
 cdef struct aread_t:
     Py_buffer view              # the caller's buffer, held until collected
+    cor_t *cor                  # with cow-on-read: the copy-up to finish when collected
     PyObject *token             # the caller's, handed back
     PyObject *engine            # the Engine (its call ends when collected)
     PyObject *queue_obj         # the ReadQueue (alive while reads are pending on it)
@@ -158,6 +179,9 @@ cdef void aread_done(batch_t *w) noexcept nogil:
 
 cdef void aread_free(aread_t *r) noexcept:
     """Release what a read held (GIL held); its engine call ends."""
+    if r.cor != NULL:
+        cor_free(r.cor)
+        free(r.cor)
     PyBuffer_Release(&r.view)
     if r.engine != NULL:
         (<Engine>r.engine).leave()
@@ -216,6 +240,9 @@ cdef class ReadQueue:
         done = []
         while r != NULL:
             nxt = r.next
+            if r.cor != NULL and r.status == 0:    # cow-on-read: copy up what was read
+                with nogil:
+                    (<Engine>r.engine).cor_finish(r.cor)
             done.append((<object>r.token, r.status))
             aread_free(r)
             r = nxt
@@ -606,80 +633,96 @@ cdef class Engine:
 
     cdef int read_copy_up(self, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
         """cow-on-read: read [offset, offset+count) (blocks not allocated) from the backing and
-        copy the blocks it touches up into the overlay.  Each block is read from the backing
-        once: whole blocks straight into buf, a partial head or tail block into a block buffer,
-        all in flight together; then they are installed."""
+        copy the blocks it touches up into the overlay (see cor_plan)."""
+        cdef cor_t p
+        cdef int r = self.cor_plan(&p, buf, count, offset)
+        if r < 0:
+            return r
+        if self.global_mode:
+            pthread_mutex_lock(&self.global_lock)
+        r = self.b.read_pieces(p.pieces, p.n)
+        if self.global_mode:
+            pthread_mutex_unlock(&self.global_lock)
+        if r == 0:
+            self.cor_finish(&p)
+        cor_free(&p)
+        return r
+
+    cdef int cor_plan(self, cor_t *p, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
+        """The backing reads of a cow-on-read of [offset, offset+count): each block is read
+        once, whole: whole blocks straight into buf, a partial head or tail block into a block
+        buffer, all in flight together; cor_finish then copies and installs them."""
         cdef uint64_t mask = self.blksize - 1, end = offset + count
         cdef uint64_t first = offset >> self.blkshift, last = (end - 1) >> self.blkshift
         cdef bint tail_partial = (end & mask) != 0 and end != self.c_size
         cdef bint head_partial = (offset & mask) != 0 or (first == last and tail_partial)
-        cdef uint64_t mid_start = ((first + 1) << self.blkshift) if head_partial else offset
-        cdef uint64_t mid_end
-        cdef uint8_t *head = NULL
-        cdef uint8_t *tail = NULL
-        cdef piece_t pieces[3]
-        cdef int n = 0, r
+        memset(p, 0, sizeof(cor_t))
+        p.buf, p.offset, p.count, p.first, p.last = buf, offset, count, first, last
+        p.mid_start = ((first + 1) << self.blkshift) if head_partial else offset
         if first == last and head_partial:
             tail_partial = False            # one block, read whole as the head
-        mid_end = (last << self.blkshift) if tail_partial else end
-        if mid_end < mid_start:
-            mid_end = mid_start
+        p.mid_end = (last << self.blkshift) if tail_partial else end
+        if p.mid_end < p.mid_start:
+            p.mid_end = p.mid_start
         if head_partial:
-            head = <uint8_t *>malloc(self.blksize)
-            if head == NULL:
+            p.head = <uint8_t *>malloc(self.blksize)
+            if p.head == NULL:
                 return -ENOMEM
-            pieces[n].buf = head
-            pieces[n].count = self.blksize
-            pieces[n].offset = first << self.blkshift
-            n += 1
+            p.pieces[p.n].buf = p.head
+            p.pieces[p.n].count = self.blksize
+            p.pieces[p.n].offset = first << self.blkshift
+            p.n += 1
         if tail_partial:
-            tail = <uint8_t *>malloc(self.blksize)
-            if tail == NULL:
-                free(head)
+            p.tail = <uint8_t *>malloc(self.blksize)
+            if p.tail == NULL:
+                cor_free(p)
                 return -ENOMEM
-            pieces[n].buf = tail
-            pieces[n].count = self.blksize
-            pieces[n].offset = last << self.blkshift
-            n += 1
-        if mid_end > mid_start:
-            pieces[n].buf = buf + (mid_start - offset)
-            pieces[n].count = mid_end - mid_start
-            pieces[n].offset = mid_start
-            n += 1
-        if self.global_mode:
-            pthread_mutex_lock(&self.global_lock)
-        r = self.b.read_pieces(pieces, n)
-        if self.global_mode:
-            pthread_mutex_unlock(&self.global_lock)
-        if r == 0:
-            if head != NULL:
-                memcpy(buf, head + (offset & mask),
-                       min(end, (first + 1) << self.blkshift) - offset)
-                self.install(first, 1, head)
-            if mid_end > mid_start:
-                self.install(mid_start >> self.blkshift,
-                             (mid_end - mid_start + mask) >> self.blkshift,
-                             buf + (mid_start - offset))
-            if tail != NULL:
-                memcpy(buf + ((last << self.blkshift) - offset), tail,
-                       end - (last << self.blkshift))
-                self.install(last, 1, tail)
-        free(head)
-        free(tail)
-        return r
+            p.pieces[p.n].buf = p.tail
+            p.pieces[p.n].count = self.blksize
+            p.pieces[p.n].offset = last << self.blkshift
+            p.n += 1
+        if p.mid_end > p.mid_start:
+            p.pieces[p.n].buf = buf + (p.mid_start - offset)
+            p.pieces[p.n].count = p.mid_end - p.mid_start
+            p.pieces[p.n].offset = p.mid_start
+            p.n += 1
+        return 0
+
+    cdef void cor_finish(self, cor_t *p) noexcept nogil:
+        """The backing reads of a cor_plan are in: fill buf from the block buffers, and install
+        every block read (those still not allocated)."""
+        cdef uint64_t mask = self.blksize - 1, end = p.offset + p.count
+        if p.head != NULL:
+            memcpy(p.buf, p.head + (p.offset & mask),
+                   min(end, (p.first + 1) << self.blkshift) - p.offset)
+            self.install(p.first, 1, p.head)
+        if p.mid_end > p.mid_start:
+            self.install(p.mid_start >> self.blkshift,
+                         (p.mid_end - p.mid_start + mask) >> self.blkshift,
+                         p.buf + (p.mid_start - p.offset))
+        if p.tail != NULL:
+            memcpy(p.buf + ((p.last << self.blkshift) - p.offset), p.tail,
+                   end - (p.last << self.blkshift))
+            self.install(p.last, 1, p.tail)
 
     cdef int c_pread_start(self, uint8_t *buf, uint64_t count, uint64_t offset,
                            aread_t *r) noexcept nogil:
         """pread_start's core: read what the overlay holds now, start reading the rest from the
         backing.  0: done, buf filled; 1: started (r goes to its queue when the data is in);
-        2: not here (cow-on-read, global lock mode, a backing that cannot): use c_pread; <0:
-        error."""
+        2: not here (global lock mode, a backing that cannot, cow-on-read over blocks partly
+        allocated): use c_pread; <0: error."""
         cdef uint64_t end = offset + count, blknum, run_end, n, limit
         cdef piece_t pieces[MAX_ASYNC_PIECES]
         cdef int state, npieces = 0, rc = 0
-        if self.global_mode or (self.cor_mode != COR_OFF and self.cow_on_read_active()):
+        if self.global_mode:
             return 2
         limit = ((end - 1) >> self.blkshift) + 1
+        if self.cor_mode != COR_OFF and self.cow_on_read_active():
+            pthread_mutex_lock(&self.bm.lock)
+            blknum = self.any_not_allocated(offset >> self.blkshift, limit)
+            pthread_mutex_unlock(&self.bm.lock)
+            if blknum:      # else all in the overlay: read it below
+                return self.cor_start(buf, count, offset, r, limit)
         while count > 0 and rc == 0:
             blknum = offset >> self.blkshift
             pthread_mutex_lock(&self.bm.lock)
@@ -709,6 +752,38 @@ cdef class Engine:
         if rc == 1:
             return 0            # nothing to wait for after all
         return 1 if rc == 0 else rc
+
+    cdef int cor_start(self, uint8_t *buf, uint64_t count, uint64_t offset, aread_t *r,
+                       uint64_t limit) noexcept nogil:
+        """pread_start with cow-on-read, for a read of blocks none of which is allocated (the
+        common case: a first pass over the disk; else 2, use c_pread): the backing reads start
+        now, the copy-up happens when the read is collected (ReadQueue.wait)."""
+        cdef uint64_t first = offset >> self.blkshift
+        cdef bint fresh
+        cdef int rc
+        pthread_mutex_lock(&self.bm.lock)
+        fresh = bitmap_get_blk(&self.bm, first) == BLOCK_NOT_ALLOCATED and \
+            bitmap_run_end(&self.bm, first, limit) == limit
+        pthread_mutex_unlock(&self.bm.lock)
+        if not fresh:
+            return 2
+        r.cor = <cor_t *>malloc(sizeof(cor_t))
+        if r.cor == NULL:
+            return -ENOMEM
+        rc = self.cor_plan(r.cor, buf, count, offset)
+        if rc == 0:
+            rc = self.b.read_async(r.cor.pieces, r.cor.n, aread_done, r)
+            if rc == 0:
+                return 1
+            if rc == 1:         # nothing was read: past the backing's end, zeroes
+                self.cor_finish(r.cor)
+                rc = 0
+            elif rc == -EAGAIN:
+                rc = 2
+            cor_free(r.cor)
+        free(r.cor)
+        r.cor = NULL
+        return rc
 
     cdef int c_pwrite(self, const uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
         cdef uint64_t blknum, blkoffs, n, nblocks
@@ -911,8 +986,10 @@ cdef class Engine:
         """Start filling buf from offset without waiting for the backing.  True: done (buf is
         filled).  False: started; (token, status) comes out of queue.wait() when buf is
         filled (status 0) or the read failed (-errno); buf must stay alive and untouched
-        until then.  None: this read cannot be started so (cow-on-read, global lock mode, a
-        file backing): call pread() instead.  Errors found at once raise as pread()'s."""
+        until then.  None: this read cannot be started so (global lock mode, a file backing,
+        cow-on-read over blocks partly allocated): call pread() instead.  With cow-on-read the
+        copy-up happens in queue.wait(), before the read comes out.  Errors found at once raise
+        as pread()'s."""
         cdef uint64_t offset_u = u64(offset, "offset")
         cdef aread_t *r = <aread_t *>calloc(1, sizeof(aread_t))
         cdef uint64_t count = 0

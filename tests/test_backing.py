@@ -311,19 +311,52 @@ def test_reads_started_on_a_dead_backing_fail_with_eio(engines, tmp_path):
             back.kill()
 
 
-@pytest.mark.parametrize("why", ["cow-on-read", "global", "file"])
+@pytest.mark.parametrize("why", ["cow-on-read-mixed", "global", "file"])
 def test_reads_that_cannot_be_started_say_so(engines, nbdkit, tmp_path, why):
-    """pread_start returns None where the read must be done with pread (copy-up on read, the
-    global lock, a file backing that pread serves as fast)."""
+    """pread_start returns None where the read must be done with pread (the global lock, a
+    file backing that pread serves as fast, a copy-up on read over blocks partly allocated)."""
     if why == "file":
         path = tmp_path / "f.img"
-        path.write_bytes(b"f" * 65536)
+        path.write_bytes(b"f" * 3 * 65536)
         eng = engines(path)
     else:
         uri = nbdkit("pattern", "1M")
-        eng = engines(uri, **({"cow_on_read": True} if why == "cow-on-read"
+        eng = engines(uri, **({"cow_on_read": True} if why == "cow-on-read-mixed"
                               else {"lock_mode": "global"}))
+        eng.pwrite(b"w" * 65536, 65536)
     q = E.ReadQueue()
-    assert eng.pread_start(bytearray(100), 0, q, "x") is None
+    assert eng.pread_start(bytearray(3 * 65536), 0, q, "x") is None
     assert q.pending == 0
     eng.close()
+
+
+def test_cow_on_read_started_reads_copy_up_once(engines, nbdkit, tmp_path):
+    """cow-on-read, 4K blocks, reads started with pread_start (aligned, inside one block,
+    across block edges): the data is right, every block touched is copied up when the read is
+    collected, and reading it all again reads nothing from the backing."""
+    log = tmp_path / "backing.log"
+    uri = nbdkit("--filter=log", "pattern", "1M", f"logfile={log}")
+    eng = engines(uri, block_size="4K", cow_on_read=True)
+    q = E.ReadQueue()
+    want = {}
+    reads = [(0, 8192), (5 * 4096 + 10, 100), (7 * 4096 + 2048, 3 * 4096), (20 * 4096, 65536)]
+    for i, (off, n) in enumerate(reads):
+        buf = bytearray(n)
+        assert eng.pread_start(buf, off, q, i) is False
+        want[i] = (buf, off, n)
+    done = []
+    while len(done) < len(reads):
+        done += q.wait()
+    assert sorted(done) == [(i, 0) for i in range(len(reads))]
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for buf, off, n in want.values():
+        assert buf == h.pread(n, off)
+    h.shutdown()
+    st = states(eng)
+    assert st[0:2] == [AL, AL] and st[5] == AL and st[7:11] == [AL] * 4
+    assert st[20:36] == [AL] * 16 and st[2:5] == [NA] * 3
+    before = log.read_text().count(" Read id=")
+    for i, (off, n) in enumerate(reads):
+        assert eng.pread_start(bytearray(n), off, q, i) is True      # all local now
+    assert log.read_text().count(" Read id=") == before
