@@ -1,5 +1,6 @@
 """Type stubs for the compiled backing module (cow/backing.pyx)."""
 
+import os
 from collections.abc import Buffer, Sequence
 
 def is_nbd_uri(s: object) -> bool:
@@ -29,6 +30,8 @@ class Backing:
     def error(self) -> str | None: ...  # what broke the NBD connection, if it broke
     @property
     def closed(self) -> bool: ...
+    def fstat(self) -> os.stat_result | None:
+        """The open file's or block device's stat (None for NBD): what identifies it."""
     def pread(self, buf: Buffer, offset: int) -> None:
         """Fill buf from offset (zeroes past the end)."""
     def close(self) -> None: ...

@@ -559,6 +559,13 @@ cdef class Backing:
     def closed(self):
         return self.closing
 
+    def fstat(self):
+        """os.stat_result of the open file or block device (what identifies it: its kind, size and
+        modification time); None for an NBD backing."""
+        if self.fd < 0:
+            return None
+        return os.fstat(self.fd)
+
     def pread(self, buf, offset):
         """Fill buf from offset (past the end: zeroes); for tools and tests."""
         cdef uint8_t[::1] view = buf

@@ -10,6 +10,9 @@
 #   beside an exclusive claim, so a trim waits for the writes already going into its blocks
 #   and the bitmap always agrees with the overlay's space.
 #
+# For a persistent overlay the bitmap also remembers which of its 4 KiB pages changed since the
+# last flush took them (one bit a page in `dirty`): a flush writes only those (overlay.pxi).
+#
 # A claim waits only while it holds none, and each call holds at most one claim at a time, so
 # claims cannot deadlock.  Claims live on the claimant's stack; the table holds pointers.
 # Reads take no claim.  Everything here runs with bm.lock held unless it says otherwise.
@@ -30,10 +33,24 @@ cdef struct bitmap_t:
     uint64_t nr_trimmed
     uint64_t nr_reserved        # blocks about to become allocated (see reserve)
     uint64_t max_blocks         # overlay_max_size in blocks (UINT64_MAX: no cap)
+    uint8_t *dirty              # a bit per BITMAP_PAGE bytes of bits changed since a flush took it
+    uint64_t dirty_nbytes
+    uint64_t flush_begun        # flush rounds begun and completed (overlay_flush)
+    uint64_t flush_done
     claim_t **claims
     size_t nr_claims
     size_t cap_claims
     int waiting
+
+
+cdef enum:
+    BITMAP_PAGE = 4096          # bytes of bits written at a time: 16384 blocks
+    BLOCKS_PER_PAGE_SHIFT = 14  # blknum >> 14 is its page
+
+
+cdef extern from *:
+    int __builtin_popcountll(unsigned long long) nogil
+    int __builtin_ctzll(unsigned long long) nogil
 
 
 cdef inline int bitmap_get_blk(const bitmap_t *bm, uint64_t blknum) noexcept nogil:
@@ -54,6 +71,8 @@ cdef inline void bitmap_set_blk(bitmap_t *bm, uint64_t blknum, int state) noexce
     elif state == BLOCK_TRIMMED:
         bm.nr_trimmed += 1
     bm.bits[blknum >> 2] = (bm.bits[blknum >> 2] & ~(3 << shift)) | (state << shift)
+    bm.dirty[blknum >> (BLOCKS_PER_PAGE_SHIFT + 3)] |= <uint8_t>(
+        1 << ((blknum >> BLOCKS_PER_PAGE_SHIFT) & 7))
 
 
 cdef uint64_t bitmap_run_end(const bitmap_t *bm, uint64_t blknum, uint64_t limit) noexcept nogil:
@@ -174,7 +193,9 @@ cdef int bitmap_init(bitmap_t *bm) noexcept nogil:
 cdef void bitmap_destroy(bitmap_t *bm) noexcept nogil:
     free(bm.bits)
     free(bm.claims)
+    free(bm.dirty)
     bm.bits = NULL
+    bm.dirty = NULL
     bm.claims = NULL
     pthread_cond_destroy(&bm.released)
     pthread_mutex_destroy(&bm.lock)
@@ -184,11 +205,24 @@ cdef int bitmap_resize(bitmap_t *bm, uint64_t nblocks) noexcept nogil:
     """Size the bitmap for nblocks blocks (called with no claims and no I/O in flight, lock not
     held).  Blocks past a shrunk end forget their state and their counts."""
     cdef uint64_t nbytes = (nblocks + 3) >> 2
+    cdef uint64_t npages = (nbytes + BITMAP_PAGE - 1) // BITMAP_PAGE
+    cdef uint64_t dirty_nbytes = (npages + 7) >> 3
     cdef uint8_t *p
     pthread_mutex_lock(&bm.lock)
     while bm.nrblocks > nblocks:
         bm.nrblocks -= 1
         bitmap_set_blk(bm, bm.nrblocks, BLOCK_NOT_ALLOCATED)
+    p = <uint8_t *>realloc(bm.dirty, dirty_nbytes + 1)
+    if p == NULL:
+        pthread_mutex_unlock(&bm.lock)
+        return -ENOMEM
+    if dirty_nbytes > bm.dirty_nbytes:
+        memset(p + bm.dirty_nbytes, 0, dirty_nbytes - bm.dirty_nbytes)
+    if npages & 7:                      # no page past the end is ever dirty
+        p[npages >> 3] &= (1 << (npages & 7)) - 1
+    p[dirty_nbytes] = 0
+    bm.dirty = p
+    bm.dirty_nbytes = dirty_nbytes
     # 8 spare bytes: bitmap_run_end reads whole words.
     p = <uint8_t *>realloc(bm.bits, nbytes + 8)
     if p == NULL:
@@ -205,3 +239,36 @@ cdef int bitmap_resize(bitmap_t *bm, uint64_t nblocks) noexcept nogil:
     bm.nrblocks = nblocks
     pthread_mutex_unlock(&bm.lock)
     return 0
+
+
+cdef int64_t bitmap_recount(bitmap_t *bm) noexcept nogil:
+    """After the bits were loaded from a file: count allocated and trimmed blocks.  Returns -1,
+    or the first block whose state is invalid (2, which the engine never writes) or that lies
+    past the end of the disk with a state other than not allocated."""
+    cdef uint64_t i, w, lo, hi, alloc = 0, trimmed = 0
+    cdef uint64_t m = 0x5555555555555555ULL
+    cdef uint64_t nwords = bm.nbytes >> 3
+    cdef uint8_t tail
+    for i in range(nwords):
+        memcpy(&w, &bm.bits[i << 3], 8)
+        lo = w & m
+        hi = (w >> 1) & m
+        if hi & ~lo:
+            return <int64_t>((i << 5) + (__builtin_ctzll(hi & ~lo) >> 1))
+        trimmed += __builtin_popcountll(lo & hi)
+        alloc += __builtin_popcountll(lo & ~hi)
+    for i in range(nwords << 3, bm.nbytes):
+        w = bm.bits[i]
+        lo = w & m
+        hi = (w >> 1) & m
+        if hi & ~lo:
+            return <int64_t>((i << 2) + (__builtin_ctzll(hi & ~lo) >> 1))
+        trimmed += __builtin_popcountll(lo & hi)
+        alloc += __builtin_popcountll(lo & ~hi)
+    if bm.nrblocks & 3:
+        tail = bm.bits[bm.nrblocks >> 2] >> ((bm.nrblocks & 3) * 2)
+        if tail:
+            return <int64_t>bm.nrblocks
+    bm.nr_allocated = alloc
+    bm.nr_trimmed = trimmed
+    return -1

@@ -1,5 +1,6 @@
 """Type stubs for the compiled copy-on-write engine (cow/engine.pyx)."""
 
+import os
 from collections.abc import Buffer, Sequence
 from typing import Literal
 
@@ -43,6 +44,11 @@ class Engine:
     backing: a file or block device path, an NBD URI (nbd://, nbds://, nbd+unix://...), a command
     serving NBD on socket activation (a sequence: argv), or a Backing shared with other engines
     (the engine does not close a Backing it was given).
+    overlay: None for a temporary overlay (unlinked, gone with the engine), or the path of a
+    persistent one (cow/overlayfile.py): created if missing, else reopened and checked against
+    the backing and block_size (cow.overlayfile.OverlayError, a ValueError, with one line if it
+    does not fit; OverlayBusy if another engine holds it).  Its bitmap is saved at flush(), at
+    a FUA write and at close().
     Every method that does I/O releases the GIL for the whole call, backing reads included.
     Errors from I/O raise OSError (errno set, message naming the operation); bad arguments
     raise ValueError before any I/O.
@@ -52,13 +58,16 @@ class Engine:
         self,
         backing: str | Sequence[str] | Backing,
         *,
-        block_size: int | str = 65536,
+        block_size: int | str | None = None,  # None: 64K, or a persistent overlay's own
         cow_on_read: bool | str = False,  # False, True, or an absolute path: on while it exists
         cow_on_cache: bool = False,
         lock_mode: Literal["fine", "global"] = "fine",
         tmpdir: str | None = None,  # default $TMPDIR, else /var/tmp
         overlay_max_size: int | None = None,  # bytes; writes needing more fail with ENOSPC
         nbd_connections: int = 4,  # most libnbd handles, for a backing that has multi-conn
+        overlay: str | os.PathLike[str] | None = None,
+        readonly: bool = False,  # writes fail with EROFS; a persistent overlay is opened shared
+        backing_changed: Literal["refuse", "accept"] = "refuse",  # a file backing modified since
     ) -> None: ...
 
     @property
@@ -77,6 +86,10 @@ class Engine:
     def lock_mode(self) -> str: ...
     @property
     def closed(self) -> bool: ...
+    @property
+    def overlay(self) -> str | None: ...  # the persistent overlay's path
+    @property
+    def readonly(self) -> bool: ...
 
     # Byte-range API: one call per NBD request.
     def pread(self, buf: Buffer, offset: int) -> None:
@@ -92,7 +105,8 @@ class Engine:
         when that would need a backing read (an unaligned piece of a block not yet copied up)."""
     def trim(self, count: int, offset: int) -> None: ...
     def cache(self, count: int, offset: int) -> None: ...
-    def flush(self) -> None: ...
+    def flush(self) -> None:
+        """Make every completed write durable; for a persistent overlay, the bitmap too."""
     def extents(self, count: int, offset: int, req_one: bool = False) -> list[tuple[int, int]]:
         """(length, type) runs from offset, type a mask of EXTENT_HOLE | EXTENT_ZERO.
         May cover less than count (at least one run, unless count is 0); never past the size."""
@@ -102,12 +116,15 @@ class Engine:
         """Would a request on this range read the backing (partial_only: only through its
         unaligned head or tail block, as a write)?  A hint for front ends over a slow backing."""
     def stats(self) -> dict[str, int]:
-        """allocated_blocks, trimmed_blocks, overlay_bytes (space the overlay file uses)."""
-    def close(self) -> None: ...
+        """allocated_blocks, trimmed_blocks, overlay_bytes (space the overlay file uses),
+        block_size, nr_blocks, data_offset (where block 0 lives in the overlay file)."""
+    def close(self) -> None:
+        """Flush a persistent overlay, then close; OSError if that last flush fails."""
 
     # Block API (nbdkit blk.h vocabulary); blknum counts blocks, buffers are block_size bytes.
     def blk_set_size(self, new_size: int) -> None:
-        """Resize (at most 2**63-1 bytes); OSError(EBUSY) while other calls are in flight."""
+        """Resize (at most 2**63-1 bytes); OSError(EBUSY) while other calls are in flight,
+        OSError(EOPNOTSUPP) for a persistent overlay (its disk size is fixed)."""
     def blk_status(self, blknum: int) -> int: ...
     def blk_read(self, blknum: int, buf: Buffer) -> None: ...
     def blk_write(self, blknum: int, buf: Buffer) -> None: ...

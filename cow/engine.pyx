@@ -31,7 +31,8 @@ on error.
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
-from libc.errno cimport errno, EIO, ENOSPC, ENOMEM, EINVAL, EOPNOTSUPP, EISDIR, EINTR, EAGAIN
+from libc.errno cimport errno, EIO, ENOSPC, ENOMEM, EINVAL, EOPNOTSUPP, EISDIR, EINTR, EAGAIN, \
+    EROFS
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX, INT64_MAX
@@ -43,6 +44,8 @@ from cow.backing cimport Backing, runs_t, runs_add, runs_full, runs_free, piece_
     T_HOLE_ZERO, batch_t, batch_status
 
 import os
+
+from cow import overlayfile
 
 include "bitmap.pxi"
 include "overlay.pxi"
@@ -263,7 +266,8 @@ cdef class Engine:
     cdef uint32_t blksize
     cdef uint32_t blkshift
 
-    cdef int fd                         # the overlay
+    cdef overlay_t ov                   # the overlay file (overlay.pxi)
+    cdef object ovfile                  # persistent: the cow.overlayfile.OverlayFile, else None
     cdef Backing b
     cdef bint owns_backing              # made here (closed here), else shared with others
     cdef uint8_t *zero_block            # blksize zero bytes, never written
@@ -281,19 +285,22 @@ cdef class Engine:
     cdef readonly str lock_mode
     cdef readonly object cow_on_read
     cdef readonly bint cow_on_cache
+    cdef readonly object overlay        # the persistent overlay's path, else None
+    cdef readonly bint readonly         # writes fail with EROFS; nothing is written to the overlay
 
     def __cinit__(self, *args, **kwargs):
-        self.fd = -1
+        self.ov.fd = -1
         self.zero_block = NULL
         self.bm_ready = False
+        pthread_mutex_init(&self.ov.flush_lock, NULL)
 
-    def __init__(self, backing, *, block_size=DEFAULT_BLOCK_SIZE, cow_on_read=False,
+    def __init__(self, backing, *, block_size=None, cow_on_read=False,
                  bint cow_on_cache=False, str lock_mode="fine", tmpdir=None,
-                 overlay_max_size=None, int nbd_connections=4):
+                 overlay_max_size=None, int nbd_connections=4, overlay=None,
+                 bint readonly=False, str backing_changed="refuse"):
         if self.bm_ready:
             raise RuntimeError("Engine is already initialised")
-        self.blksize = parse_block_size(block_size)
-        self.blkshift = (self.blksize - 1).bit_length()
+        requested = None if block_size is None else parse_block_size(block_size)
         if lock_mode not in ("fine", "global"):
             raise ValueError(f"invalid lock mode {lock_mode!r}: expected 'fine' or 'global'")
         self.lock_mode = lock_mode
@@ -305,23 +312,22 @@ cdef class Engine:
         self.cow_on_read = (False, True, cow_on_read)[self.cor_mode]
         self.c_cow_on_cache = cow_on_cache
         self.cow_on_cache = cow_on_cache
+        self.readonly = readonly
+        if readonly and (self.cor_mode != COR_OFF or cow_on_cache):
+            raise ValueError("cow: a read-only engine cannot copy on read or on cache (both write "
+                             "to the overlay)")
+        if backing_changed not in overlayfile.BACKING_CHANGED_CHOICES:
+            raise ValueError(f"invalid backing_changed {backing_changed!r}: expected 'refuse' or "
+                             f"'accept'")
         if nbd_connections < 1 or nbd_connections > 64:
             raise ValueError(f"invalid nbd_connections {nbd_connections}: expected 1 to 64")
         cap = None
         if overlay_max_size is not None:
             cap = parse_size(overlay_max_size)
-            if cap < self.blksize:
-                raise ValueError(f"overlay_max_size {overlay_max_size!r} is smaller than one "
-                                 f"block ({self.blksize} bytes)")
 
-        self.zero_block = <uint8_t *>calloc(1, self.blksize)
-        if self.zero_block == NULL:
-            raise MemoryError()
         bitmap_init(&self.bm)
         pthread_mutex_init(&self.global_lock, NULL)
         self.bm_ready = True
-        if cap is not None:
-            self.bm.max_blocks = cap // self.blksize
 
         if isinstance(backing, Backing):
             self.b = backing        # shared: its owner closes it
@@ -332,16 +338,74 @@ cdef class Engine:
             self.owns_backing = True
         self.backing = self.b.description
         self.backing_is_nbd = self.b.is_nbd
-        self.fd = _open_temporary_overlay(tmpdir)
+        if overlay is None:
+            self.blksize = requested or DEFAULT_BLOCK_SIZE
+            self.ov.fd = _open_temporary_overlay(tmpdir)
+        else:
+            self.ovfile = overlayfile.open_for_engine(
+                overlay, self.b, block_size=requested, readonly=readonly,
+                backing_changed=backing_changed)
+            self.overlay = self.ovfile.path
+            self.ov.fd = self.ovfile.fd
+            self.ov.data_offset = self.ovfile.header.data_offset
+            self.ov.bitmap_offset = self.ovfile.header.bitmap_offset
+            self.ov.persistent = True
+            self.ov.readonly = readonly
+            self.blksize = self.ovfile.header.block_size
+        try:
+            self._set_up(cap)
+        except BaseException:
+            if self.ovfile is not None:
+                self.ovfile.abandon()       # closes the overlay; removes it if made here
+                self.ov.fd = -1
+            raise
+        if self.ovfile is not None:
+            self.ovfile.finish_open()
+
+    cdef _set_up(self, cap):
+        """With the overlay open: the block size is known; size the bitmap, load a persistent
+        one."""
+        cdef int r
+        cdef int64_t bad
+        self.blkshift = (self.blksize - 1).bit_length()
+        if cap is not None:
+            if cap < self.blksize:
+                raise ValueError(f"overlay_max_size {cap!r} is smaller than one block "
+                                 f"({self.blksize} bytes)")
+            self.bm.max_blocks = cap // self.blksize
+        self.zero_block = <uint8_t *>calloc(1, self.blksize)
+        if self.zero_block == NULL:
+            raise MemoryError()
         self.blk_set_size(self.b.c_size)
+        if self.ovfile is None or self.ovfile.created:
+            return
+        with nogil:
+            r = overlay_load_bitmap(&self.ov, &self.bm)
+            if r == 0:
+                pthread_mutex_lock(&self.bm.lock)
+                bad = bitmap_recount(&self.bm)
+                memset(self.bm.dirty, 0, self.bm.dirty_nbytes)
+                pthread_mutex_unlock(&self.bm.lock)
+        if r == -EIO:
+            raise overlayfile.OverlayError(f"{self.overlay}: truncated cow overlay (its bitmap is "
+                                           f"cut short)")
+        if r < 0:
+            raise OSError(-r, f"cow: reading the bitmap of {self.overlay}: {os.strerror(-r)}")
+        if bad >= 0:
+            raise overlayfile.OverlayError(f"{self.overlay}: corrupt overlay bitmap (invalid state "
+                                           f"at block {bad})")
 
     def __dealloc__(self):
-        self._release()
+        self._release(True)
+        pthread_mutex_destroy(&self.ov.flush_lock)
 
-    cdef void _release(self) noexcept:
-        if self.fd >= 0:
-            close(self.fd)
-            self.fd = -1
+    cdef void _release(self, bint flush) noexcept:
+        if flush and self.ov.fd >= 0 and self.ov.persistent and not self.ov.readonly:
+            with nogil:     # never closed: keep the writes all the same, as close() does
+                overlay_flush(&self.ov, &self.bm)
+        if self.ov.fd >= 0:
+            close(self.ov.fd)       # drops the overlay's lock
+            self.ov.fd = -1
         if self.b is not None and self.owns_backing:
             self.b.close()
         free(self.zero_block)
@@ -352,15 +416,22 @@ cdef class Engine:
             self.bm_ready = False
 
     def close(self):
-        """Close the overlay and (unless shared) the backing; waits for calls still running in
-        other threads."""
+        """Close the overlay (a persistent one is flushed first) and (unless shared) the backing;
+        waits for calls still running in other threads.  Raises OSError if the final flush
+        fails (the engine is closed all the same)."""
+        cdef int r = 0
         if self.closing:
             return
         self.closing = True
         while self.active:
             with nogil:
                 usleep(1000)
-        self._release()
+        if self.ov.fd >= 0 and self.ov.persistent and not self.ov.readonly:
+            with nogil:
+                r = overlay_flush(&self.ov, &self.bm)
+        self._release(False)
+        if r < 0:
+            raise_errno(-r, "flush at close", 0, 0)
 
     def __enter__(self):
         return self
@@ -460,7 +531,7 @@ cdef class Engine:
             if e == b:
                 break           # the overlay is full
             if k:
-                r = overlay_pwrite(self.fd, data + ((b - first) << self.blkshift),
+                r = overlay_pwrite(&self.ov, data + ((b - first) << self.blkshift),
                                    self.run_bytes(b, e), b << self.blkshift)
                 self.mark(b, e if r == 0 else b, BLOCK_ALLOCATED, k)
             b = e
@@ -477,7 +548,7 @@ cdef class Engine:
             r = self.claim_allocated(&c, first, nblocks)
             if r != 0:
                 if r == 1:
-                    r = overlay_pwrite(self.fd, buf, count, offset)
+                    r = overlay_pwrite(&self.ov, buf, count, offset)
                     self.release(&c)
                 return r
         if self.claim(&c, first, nblocks) < 0:
@@ -489,7 +560,7 @@ cdef class Engine:
         r = reserve(&self.bm, fresh)
         pthread_mutex_unlock(&self.bm.lock)
         if r == 0:
-            r = overlay_pwrite(self.fd, buf, count, offset)
+            r = overlay_pwrite(&self.ov, buf, count, offset)
             self.mark(first, end if r == 0 else first, BLOCK_ALLOCATED, fresh)   # data first
         self.release(&c)
         return r
@@ -508,14 +579,14 @@ cdef class Engine:
             r = self.claim_allocated(&c, blknum, 1)
             if r != 0:
                 if r == 1:
-                    r = overlay_pwrite(self.fd, data, n, offset)
+                    r = overlay_pwrite(&self.ov, data, n, offset)
                     self.release(&c)
                 return r
         if self.claim(&c, blknum, 1) < 0:
             return -ENOMEM
         state = self.get_state(blknum)       # stable now: the block is ours
         if state == BLOCK_ALLOCATED:
-            r = overlay_pwrite(self.fd, data, n, offset)
+            r = overlay_pwrite(&self.ov, data, n, offset)
         elif state == BLOCK_TRIMMED and src == NULL:
             r = 0                            # zeroing what already reads as zeroes
         else:
@@ -534,7 +605,7 @@ cdef class Engine:
                     r = reserve(&self.bm, 1)
                     pthread_mutex_unlock(&self.bm.lock)
                 if r == 0:
-                    r = overlay_pwrite(self.fd, block, self.blk_bytes(blknum),
+                    r = overlay_pwrite(&self.ov, block, self.blk_bytes(blknum),
                                        blknum << self.blkshift)
                     self.mark(blknum, blknum + (r == 0), BLOCK_ALLOCATED, 1)
                 free(block)
@@ -562,11 +633,11 @@ cdef class Engine:
             r = reserve(&self.bm, fresh)
         pthread_mutex_unlock(&self.bm.lock)
         if r == 0 and (punched or not may_trim):
-            if not overlay_punch(self.fd, count, offset):
+            if not overlay_punch(&self.ov, count, offset):
                 if may_trim:
                     r = 0       # trimmed blocks read as zeroes whatever the overlay holds
                 else:
-                    r = overlay_write_zeroes(self.fd, self.zero_block, self.blksize, count, offset)
+                    r = overlay_write_zeroes(&self.ov, self.zero_block, self.blksize, count, offset)
             if not may_trim:
                 self.mark(first, end if r == 0 else first, BLOCK_ALLOCATED, fresh)
         self.release(&c)
@@ -613,7 +684,7 @@ cdef class Engine:
             pthread_mutex_unlock(&self.bm.lock)
             n = (run_end if run_end < end else end) - offset
             if state == BLOCK_ALLOCATED:
-                r = overlay_pread(self.fd, buf, n, offset)
+                r = overlay_pread(&self.ov, buf, n, offset)
             elif state == BLOCK_TRIMMED:
                 memset(buf, 0, n)
             elif not self.cow_on_read_active():
@@ -731,7 +802,7 @@ cdef class Engine:
             pthread_mutex_unlock(&self.bm.lock)
             n = (run_end if run_end < end else end) - offset
             if state == BLOCK_ALLOCATED:
-                rc = overlay_pread(self.fd, buf, n, offset)
+                rc = overlay_pread(&self.ov, buf, n, offset)
             elif state == BLOCK_TRIMMED:
                 memset(buf, 0, n)
             elif npieces == MAX_ASYNC_PIECES:
@@ -896,7 +967,7 @@ cdef class Engine:
             pthread_mutex_lock(&self.global_lock)
         state = self.get_state(blknum)
         if state == BLOCK_ALLOCATED:
-            r = overlay_pread(self.fd, block, n, blknum << self.blkshift)
+            r = overlay_pread(&self.ov, block, n, blknum << self.blkshift)
             memset(block + n, 0, self.blksize - n)
         elif state == BLOCK_TRIMMED:
             memset(block, 0, self.blksize)
@@ -929,13 +1000,18 @@ cdef class Engine:
 
     cdef int enter(self) except -1:
         """Count a call in (close waits for it); call first, before checking arguments."""
-        if self.closing or self.fd < 0:
+        if self.closing or self.ov.fd < 0:
             raise ValueError("cow: the engine is closed")
         self.active += 1
         return 0
 
     cdef inline void leave(self) noexcept:
         self.active -= 1
+
+    cdef int check_writable(self, str op) except -1:
+        if self.readonly:
+            raise OSError(EROFS, f"cow: {op}: the engine is read-only")
+        return 0
 
     cdef int check_range(self, str op, uint64_t count, uint64_t offset) except -1:
         if offset > self.c_size or count > self.c_size - offset:
@@ -957,7 +1033,7 @@ cdef class Engine:
 
     @property
     def closed(self):
-        return self.closing or self.fd < 0
+        return self.closing or self.ov.fd < 0
 
     @property
     def backing_error(self):
@@ -1046,11 +1122,12 @@ cdef class Engine:
         try:
             self.enter()
             try:
+                self.check_writable("pwrite")
                 self.check_range("pwrite", view.len, offset_u)
                 with nogil:
                     r = self.c_pwrite(<const uint8_t *>view.buf, view.len, offset_u)
                     if r == 0 and fua:
-                        r = overlay_sync(self.fd)
+                        r = overlay_flush(&self.ov, &self.bm)
             finally:
                 self.leave()
         finally:
@@ -1074,6 +1151,8 @@ cdef class Engine:
         cdef int r = 0
         self.enter()
         try:
+            if not cache:
+                self.check_writable(op)
             self.check_range(op, count_u, offset_u)
             if count_u == 0:
                 return
@@ -1092,7 +1171,7 @@ cdef class Engine:
         self.enter()
         try:
             with nogil:
-                r = overlay_sync(self.fd)
+                r = overlay_flush(&self.ov, &self.bm)
         finally:
             self.leave()
         if r < 0:
@@ -1172,7 +1251,7 @@ cdef class Engine:
         cdef uint64_t used = 0, alloc, trimmed
         self.enter()
         try:
-            if fstat(self.fd, &st) == 0:
+            if fstat(self.ov.fd, &st) == 0:
                 used = <uint64_t>st.st_blocks * 512
             with nogil:         # copy under the lock, build Python objects after
                 pthread_mutex_lock(&self.bm.lock)
@@ -1182,13 +1261,15 @@ cdef class Engine:
         finally:
             self.leave()
         return {"allocated_blocks": alloc, "trimmed_blocks": trimmed, "overlay_bytes": used,
-                "block_size": self.blksize, "nr_blocks": self.bm.nrblocks}
+                "block_size": self.blksize, "nr_blocks": self.bm.nrblocks,
+                "data_offset": self.ov.data_offset}
 
     # -- block API ---------------------------------------------------------------------------
 
     def blk_set_size(self, new_size):
         """Size the bitmap and the overlay for new_size bytes.  Refused (EBUSY) while other calls
-        are in flight, and above MAX_DISK_SIZE (the block count would overflow)."""
+        are in flight, and above MAX_DISK_SIZE (the block count would overflow).  A persistent
+        overlay keeps the disk size it was made for (EOPNOTSUPP)."""
         cdef uint64_t new_size_u = u64(new_size, "new_size")
         cdef uint64_t nblocks
         cdef struct_stat st
@@ -1202,6 +1283,9 @@ cdef class Engine:
             if self.active > 1:
                 raise OSError(EBUSY, f"cow: blk_set_size: {self.active - 1} other call(s) in "
                                      f"flight; resize only while the engine is idle")
+            if self.ov.persistent and self.bm.bits != NULL and new_size_u != self.c_size:
+                raise OSError(EOPNOTSUPP, f"cow: blk_set_size: the overlay {self.overlay} is for "
+                                          f"a disk of {self.c_size} bytes")
             with nogil:
                 r = bitmap_resize(&self.bm, nblocks)
             if r < 0:
@@ -1209,8 +1293,9 @@ cdef class Engine:
             self.c_size = new_size_u
             # The overlay grows as blocks are written; a shrunk disk gives back what lies past
             # its end.
-            if fstat(self.fd, &st) == 0 and <uint64_t>st.st_size > (nblocks << self.blkshift):
-                if ftruncate(self.fd, <off_t>(nblocks << self.blkshift)) != 0:
+            if not self.ov.persistent and fstat(self.ov.fd, &st) == 0 and \
+                    <uint64_t>st.st_size > (nblocks << self.blkshift):
+                if ftruncate(self.ov.fd, <off_t>(nblocks << self.blkshift)) != 0:
                     raise OSError(errno, f"cow: cannot shrink the overlay: {os.strerror(errno)}")
         finally:
             self.leave()
@@ -1266,6 +1351,7 @@ cdef class Engine:
         try:
             self.enter()
             try:
+                self.check_writable("blk_write")
                 self.check_blknum(blknum_u)
                 self.check_block_buffer(&view)
                 with nogil:
@@ -1282,6 +1368,7 @@ cdef class Engine:
         cdef int r
         self.enter()
         try:
+            self.check_writable("blk_trim")
             self.check_blknum(blknum_u)
             with nogil:
                 r = self.zero_blocks(blknum_u, 1, True)

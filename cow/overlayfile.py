@@ -1,0 +1,567 @@
+"""The persistent overlay file: its on-disk format, and how it is created, opened, checked and locked.
+
+Everything a reader needs to know about the format is in this module; the engine (cow/overlay.pxi)
+and the tools (cow/overlay.py) both go through it.  All integers are little-endian.
+
+    offset          size            what
+    0               4 KiB           header: two 2 KiB slots (below); the valid one with the higher
+                                    sequence number is current, so a header rewrite torn by a
+                                    crash leaves the other slot in charge
+    4096            bitmap_len,     the bitmap: 2 bits a block, block N in byte N/4 at bit 2*(N%4):
+                    padded to 4 KiB 0 not allocated (read the backing), 1 allocated (read the data
+                                    area), 3 trimmed (reads as zeroes); 2 never occurs
+    data_offset     block_size      block N's data at data_offset + N * block_size (sparse; the
+                    per block       last block of a disk whose size is not a multiple of the block
+                                    size is short); data_offset is aligned to the block size
+
+A header slot (offsets within the slot):
+
+    0   8   magic b"COW-OVL\\n"
+    8   4   format version (1)
+    12  4   flags: 1 = a commit into the backing was started and has not finished
+    16  8   sequence number of this slot
+    24  8   disk size in bytes
+    32  4   block size in bytes (a power of two, 4 KiB to 1 GiB)
+    36  4   backing kind: 1 file, 2 block device, 3 NBD URI, 4 command (serving NBD)
+    40  8   bitmap offset (4096)
+    48  8   bitmap length in bytes, ceil(blocks / 4)
+    56  8   data offset
+    64  8   backing size in bytes
+    72  8   backing modification time (st_mtime_ns; a file only, else 0)
+    80  8   creation time of the overlay (ns since the epoch)
+    88  4   length of the backing string
+    92  ..  the backing: absolute path, URI or command line (UTF-8, at most 1952 bytes)
+    2044 4  CRC-32 of bytes 0 to 2043 of the slot
+
+The bitmap reaches the file only at a flush (see overlay.pxi for why that is crash-safe), so a
+reader of a file that a server holds would see a stale bitmap: every opener takes an OFD lock on
+the whole file first, exclusive to write (a server, commit, reset), shared to read (a read-only
+server, info, export, fork), and a conflicting opener fails at once, naming the holder's pid when
+/proc shows it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import os
+import re
+import shlex
+import stat
+import struct
+import tempfile
+import time
+import zlib
+
+MAGIC = b"COW-OVL\n"
+VERSION = 1
+HEADER_SIZE = 4096
+SLOT_SIZE = 2048
+PAGE = 4096
+BITMAP_OFFSET = HEADER_SIZE
+FLAG_COMMITTING = 1
+KNOWN_FLAGS = FLAG_COMMITTING
+
+KIND_FILE = 1
+KIND_BLOCK_DEVICE = 2
+KIND_NBD = 3
+KIND_COMMAND = 4
+KIND_NAMES = {KIND_FILE: "file", KIND_BLOCK_DEVICE: "block device", KIND_NBD: "NBD",
+              KIND_COMMAND: "command"}
+
+_SLOT = struct.Struct("<8sIIQQIIQQQQQQI")  # up to the backing string (92 bytes)
+_BACKING_AT = _SLOT.size
+_CRC_AT = SLOT_SIZE - 4
+MAX_BACKING_LEN = _CRC_AT - _BACKING_AT
+MIN_BLOCK_SIZE = 4096
+MAX_BLOCK_SIZE = 1 << 30
+
+BACKING_CHANGED_CHOICES = ("refuse", "accept")
+
+
+class OverlayError(ValueError):
+    """The overlay file cannot be used as asked: the message is one line that names the file."""
+
+
+class OverlayBusy(OverlayError):
+    """Another process (or another open in this one) holds the overlay."""
+
+
+def _round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+@dataclasses.dataclass
+class Header:
+    disk_size: int
+    block_size: int
+    backing_kind: int
+    backing: str
+    backing_size: int
+    backing_mtime_ns: int = 0
+    flags: int = 0
+    seq: int = 1
+    created_ns: int = 0
+    version: int = VERSION
+    slot: int = -1  # where it was read from (-1: not read)
+
+    # The layout follows from the disk and block sizes.
+    @property
+    def nr_blocks(self) -> int:
+        return (self.disk_size + self.block_size - 1) // self.block_size
+
+    @property
+    def bitmap_len(self) -> int:
+        return (self.nr_blocks + 3) // 4
+
+    @property
+    def bitmap_offset(self) -> int:
+        return BITMAP_OFFSET
+
+    @property
+    def data_offset(self) -> int:
+        return _round_up(BITMAP_OFFSET + _round_up(self.bitmap_len, PAGE), self.block_size)
+
+    @property
+    def kind_name(self) -> str:
+        return KIND_NAMES.get(self.backing_kind, f"kind {self.backing_kind}")
+
+    @property
+    def committing(self) -> bool:
+        return bool(self.flags & FLAG_COMMITTING)
+
+    def pack(self) -> bytes:
+        raw = os.fsencode(self.backing)
+        if len(raw) > MAX_BACKING_LEN:
+            raise OverlayError(f"the backing's name is {len(raw)} bytes; an overlay records at "
+                               f"most {MAX_BACKING_LEN}")
+        slot = bytearray(SLOT_SIZE)
+        _SLOT.pack_into(slot, 0, MAGIC, self.version, self.flags, self.seq, self.disk_size,
+                        self.block_size, self.backing_kind, self.bitmap_offset, self.bitmap_len,
+                        self.data_offset, self.backing_size, self.backing_mtime_ns,
+                        self.created_ns, len(raw))
+        slot[_BACKING_AT:_BACKING_AT + len(raw)] = raw
+        struct.pack_into("<I", slot, _CRC_AT, zlib.crc32(slot[:_CRC_AT]))
+        return bytes(slot)
+
+
+def _unpack_slot(path: str, raw: bytes, index: int) -> Header | None:
+    """The header in one slot, None if the slot holds no valid one (torn or never written);
+    OverlayError for a newer version or fields that cannot be right."""
+    if len(raw) < SLOT_SIZE or raw[:8] != MAGIC:
+        return None
+    version = struct.unpack_from("<I", raw, 8)[0]
+    if version > VERSION:
+        raise OverlayError(f"{path}: overlay format version {version} is newer than this cow "
+                           f"reads (version {VERSION}); use a newer cow")
+    if zlib.crc32(raw[:_CRC_AT]) != struct.unpack_from("<I", raw, _CRC_AT)[0]:
+        return None
+    (_, version, flags, seq, disk_size, block_size, kind, bitmap_offset, bitmap_len, data_offset,
+     backing_size, mtime_ns, created_ns, blen) = _SLOT.unpack_from(raw, 0)
+    bad = None
+    if version < 1:
+        bad = f"version {version}"
+    elif flags & ~KNOWN_FLAGS:
+        bad = f"unknown flags {flags:#x}"
+    elif block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        bad = f"block size {block_size}"
+    elif disk_size >= 1 << 63:
+        bad = f"disk size {disk_size}"
+    elif kind not in KIND_NAMES:
+        bad = f"backing kind {kind}"
+    elif blen > MAX_BACKING_LEN:
+        bad = f"backing name length {blen}"
+    if bad:
+        raise OverlayError(f"{path}: corrupt overlay header ({bad})")
+    h = Header(disk_size=disk_size, block_size=block_size, backing_kind=kind,
+               backing=os.fsdecode(raw[_BACKING_AT:_BACKING_AT + blen]), backing_size=backing_size,
+               backing_mtime_ns=mtime_ns, flags=flags, seq=seq, created_ns=created_ns,
+               version=version, slot=index)
+    if (bitmap_offset, bitmap_len, data_offset) != (h.bitmap_offset, h.bitmap_len, h.data_offset):
+        raise OverlayError(f"{path}: corrupt overlay header (layout {bitmap_offset}/{bitmap_len}/"
+                           f"{data_offset} does not fit a disk of {disk_size} bytes in blocks of "
+                           f"{block_size})")
+    return h
+
+
+def read_header(fd: int, path: str) -> Header:
+    """The current header of an open overlay; OverlayError if it is not one, is corrupt, newer or
+    truncated."""
+    size = os.fstat(fd).st_size
+    raw = os.pread(fd, HEADER_SIZE, 0)
+    if raw[:8] != MAGIC and raw[SLOT_SIZE:SLOT_SIZE + 8] != MAGIC:
+        what = "an empty file" if size == 0 else "no overlay header"
+        raise OverlayError(f"{path}: not a cow overlay ({what})")
+    if len(raw) < HEADER_SIZE:
+        raise OverlayError(f"{path}: truncated cow overlay ({size} bytes, shorter than its "
+                           f"{HEADER_SIZE}-byte header)")
+    slots = [_unpack_slot(path, raw[i * SLOT_SIZE:(i + 1) * SLOT_SIZE], i) for i in (0, 1)]
+    valid = [h for h in slots if h is not None]
+    if not valid:
+        raise OverlayError(f"{path}: corrupt overlay header (checksum mismatch)")
+    h = max(valid, key=lambda h: h.seq)
+    if size < h.data_offset:
+        raise OverlayError(f"{path}: truncated cow overlay ({size} bytes; its bitmap ends at "
+                           f"{h.bitmap_offset + h.bitmap_len} and its data starts at "
+                           f"{h.data_offset})")
+    return h
+
+
+def write_header(fd: int, h: Header) -> None:
+    """Make h the current header: written (seq + 1) into the slot that is not current, then
+    synced.  A crash during the write leaves the old header current."""
+    h.seq += 1
+    h.slot = 1 - h.slot if h.slot in (0, 1) else 0
+    os.pwrite(fd, h.pack(), h.slot * SLOT_SIZE)
+    os.fdatasync(fd)
+
+
+# -- locks ---------------------------------------------------------------------------------------
+
+def _flock(kind: int) -> bytes:
+    return struct.pack("hhqqi4x", kind, os.SEEK_SET, 0, 0, 0)   # the whole file
+
+
+def lock(fd: int, path: str, exclusive: bool) -> None:
+    """An OFD lock on the whole file, exclusive or shared; OverlayBusy at once if it conflicts.
+
+    OFD locks belong to the open file: a second open in the same process conflicts too (tests and
+    tools open many), and closing some other descriptor of the file does not drop the lock, as it
+    would a classic POSIX lock.  F_GETLK cannot name the holder of an OFD lock (l_pid is -1), so
+    lock_holders looks through /proc instead."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK if exclusive else fcntl.F_RDLCK))
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise OverlayBusy(f"{path}: {in_use_message(fd)}") from None
+
+
+def lock_holders(fd: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose open of this file holds a lock on it, as far
+    as /proc shows them (other users' processes are hidden unless we are root)."""
+    st = os.fstat(fd)
+    me = os.getpid()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for n in fds:
+            if pid == me and int(n) == fd:
+                continue
+            try:
+                s = os.stat(f"/proc/{pid}/fd/{n}")
+                if (s.st_dev, s.st_ino) != (st.st_dev, st.st_ino):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{n}") as f:
+                    if not any(line.startswith("lock:") for line in f):
+                        continue
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = [os.fsdecode(a) for a in f.read().split(b"\0") if a]
+            except OSError:
+                continue
+            found.append((pid, shlex.join(argv)))
+            break
+    return found
+
+
+def in_use_message(fd: int) -> str:
+    holders = lock_holders(fd)
+    if not holders:
+        return "in use by another process (its pid is not visible here)"
+    me = os.getpid()
+    return "in use by " + ", ".join("this process" if pid == me else f"pid {pid} ({cmd})"
+                                    for pid, cmd in holders)
+
+
+# -- the backing's identity ----------------------------------------------------------------------
+
+def backing_identity(backing) -> tuple[int, str, int, int]:
+    """(kind, name, size, mtime_ns) of an open cow.backing.Backing."""
+    if backing.command is not None:
+        return KIND_COMMAND, backing.description, backing.size, 0
+    if backing.is_nbd:
+        return KIND_NBD, backing.description, backing.size, 0
+    st = backing.fstat()
+    name = os.path.abspath(backing.description)
+    if stat.S_ISBLK(st.st_mode):
+        return KIND_BLOCK_DEVICE, name, backing.size, 0
+    return KIND_FILE, name, backing.size, st.st_mtime_ns
+
+
+def file_identity(path: str) -> tuple[int, int, int]:
+    """(kind, size, mtime_ns) of a file or block device by path (for the tools); OSError."""
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        with open(path, "rb") as f:
+            return KIND_BLOCK_DEVICE, f.seek(0, os.SEEK_END), 0
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(errno.EINVAL, "not a regular file or block device")
+    return KIND_FILE, st.st_size, st.st_mtime_ns
+
+
+def _ns_time(ns: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns % 10**9:09d}"
+
+
+def identity_change(h: Header, kind: int, size: int, mtime_ns: int) -> str | None:
+    """What changed in a file backing since the header recorded it, or None."""
+    if h.backing_kind not in (KIND_FILE, KIND_BLOCK_DEVICE):
+        return None
+    if size != h.backing_size:
+        return f"its size is {size} bytes, was {h.backing_size}"
+    if h.backing_kind == KIND_FILE and kind == KIND_FILE and mtime_ns != h.backing_mtime_ns:
+        return f"it was modified at {_ns_time(mtime_ns)}, after the overlay recorded " \
+               f"{_ns_time(h.backing_mtime_ns)}"
+    return None
+
+
+# -- opening -------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class OverlayFile:
+    """An open, locked overlay: close() releases the lock."""
+
+    path: str
+    fd: int
+    header: Header
+    readonly: bool
+    created: bool = False
+    pending: Header | None = None   # a header to write once the engine has accepted the file
+
+    def finish_open(self) -> None:
+        """The engine accepted the file: record what changed about the backing (a new path, or
+        an identity the user accepted)."""
+        if self.pending is not None:
+            write_header(self.fd, self.pending)
+            self.header, self.pending = self.pending, None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def abandon(self) -> None:
+        """The engine refused the file: close it, and remove it if this open created it."""
+        if self.created:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        self.close()
+
+
+def _fsync_dir(path: str) -> None:
+    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _initialise(fd: int, h: Header) -> None:
+    os.pwrite(fd, h.pack(), 0)
+    os.ftruncate(fd, h.data_offset)   # the bitmap area exists (all zeroes: nothing allocated)
+    os.fsync(fd)
+
+
+def create(path: str, h: Header) -> int:
+    """Create the overlay at path, locked (exclusive), atomically: it is made under a temporary
+    name in the same folder and linked into place, so no half-made file is ever seen at path.
+    Returns its descriptor; FileExistsError if path appeared meanwhile."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".new", dir=folder)
+    try:
+        os.set_inheritable(fd, False)
+        lock(fd, tmp, exclusive=True)
+        _initialise(fd, h)
+        os.link(tmp, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    finally:
+        os.unlink(tmp)
+    _fsync_dir(path)
+    return fd
+
+
+def new_header(backing, block_size: int) -> Header:
+    kind, name, size, mtime_ns = backing_identity(backing)
+    return Header(disk_size=size, block_size=block_size, backing_kind=kind, backing=name,
+                  backing_size=size, backing_mtime_ns=mtime_ns, created_ns=time.time_ns())
+
+
+def open_locked(path: str, *, exclusive: bool) -> tuple[int, Header]:
+    """Open an existing overlay for the tools: locked, header read and checked.  OverlayError
+    (one line) for anything that is not a usable overlay."""
+    try:
+        fd = os.open(path, (os.O_RDWR if exclusive else os.O_RDONLY) | os.O_CLOEXEC)
+    except OSError as e:
+        raise OverlayError(f"{path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OverlayError(f"{path}: not a regular file")
+        lock(fd, path, exclusive)
+        return fd, read_header(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def recorded_backing(path: str):
+    """The backing an existing overlay records, to open it by: a path or URI, or for a command
+    its argv (a list).  Reads the header without the lock (the engine takes it after)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        h = read_header(fd, path)
+    finally:
+        os.close(fd)
+    return shlex.split(h.backing) if h.backing_kind == KIND_COMMAND else h.backing
+
+
+def open_for_engine(path: str, backing, *, block_size: int | None, readonly: bool,
+                    backing_changed: str = "refuse") -> OverlayFile:
+    """Open (or create) the overlay at path for an engine over backing (an open Backing).
+
+    block_size: None to take the file's (64 KiB for a new file); else it must match the file's.
+    readonly: open for reading with a shared lock, never create nor write.
+    backing_changed: "refuse" a file backing whose size or modification time differs from what
+    the overlay recorded, or "accept" it (and record its new identity).
+    Raises OverlayError with one line that names path; path is left untouched."""
+    if backing_changed not in BACKING_CHANGED_CHOICES:
+        raise ValueError(f"invalid backing_changed {backing_changed!r}: expected one of "
+                         f"{', '.join(BACKING_CHANGED_CHOICES)}")
+    path = os.fspath(path)
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+    while True:
+        try:
+            fd = os.open(path, flags)
+            break
+        except FileNotFoundError:
+            if readonly:
+                raise OverlayError(f"{path}: no such overlay (a read-only open does not create "
+                                   f"one)") from None
+        except OSError as e:
+            raise OverlayError(f"{path}: {e.strerror}") from None
+        h = new_header(backing, block_size or 65536)
+        try:
+            fd = create(path, h)
+        except FileExistsError:
+            continue            # made by someone else meanwhile: open theirs
+        except OSError as e:
+            raise OverlayError(f"{path}: cannot create the overlay: {e.strerror}") from None
+        h.slot = 0
+        return OverlayFile(path, fd, h, readonly, created=True)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OverlayError(f"{path}: not a regular file")
+        lock(fd, path, exclusive=not readonly)
+        if not readonly and os.fstat(fd).st_size == 0:
+            # An empty file (mktemp's, touch's) becomes a new overlay.
+            h = new_header(backing, block_size or 65536)
+            _initialise(fd, h)
+            h.slot = 0
+            return OverlayFile(path, fd, h, readonly, created=False)
+        h = read_header(fd, path)
+        pending = _check_against(path, h, backing, block_size, readonly, backing_changed)
+        return OverlayFile(path, fd, h, readonly, pending=pending)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_against(path, h: Header, backing, block_size, readonly, backing_changed):
+    """Refuse an overlay that does not fit this backing and block size; return the header to
+    record once the engine accepts the file (None: nothing to record)."""
+    if h.committing:
+        raise OverlayError(f"{path}: a commit into the backing was interrupted; finish it with: "
+                           f"python -m cow.overlay commit {shlex.quote(path)} --yes")
+    if block_size is not None and block_size != h.block_size:
+        raise OverlayError(f"{path}: the overlay's block size is {h.block_size}, not {block_size} "
+                           f"(omit --cow-block-size to use the overlay's)")
+    kind, name, size, mtime_ns = backing_identity(backing)
+    if size != h.disk_size:
+        raise OverlayError(f"{path}: the backing {name} is {size} bytes, but the overlay is for a "
+                           f"disk of {h.disk_size} bytes")
+    if (kind in (KIND_FILE, KIND_BLOCK_DEVICE)) != (h.backing_kind in (KIND_FILE, KIND_BLOCK_DEVICE)):
+        raise OverlayError(f"{path}: the overlay was made over {h.kind_name} {h.backing}, not "
+                           f"over a {KIND_NAMES[kind]} such as {name}")
+    change = identity_change(h, kind, size, mtime_ns)
+    if change and backing_changed != "accept":
+        raise OverlayError(f"{path}: the backing {name} changed since the overlay was made "
+                           f"({change}); its changes may no longer fit it. If you know it still "
+                           f"does, accept it with --overlay-backing-changed=accept")
+    if readonly or (not change and (kind, name, mtime_ns) == (h.backing_kind, h.backing,
+                                                               h.backing_mtime_ns)):
+        return None
+    new = dataclasses.replace(h, backing_kind=kind, backing=name, backing_size=size,
+                              backing_mtime_ns=mtime_ns)
+    return new
+
+
+# -- the bitmap, for the tools -------------------------------------------------------------------
+
+NOT_ALLOCATED, ALLOCATED, TRIMMED = 0, 1, 3
+_LO = int.from_bytes(b"\x55" * PAGE * 16, "little")
+
+
+def read_bitmap(fd: int, h: Header) -> bytes:
+    raw = os.pread(fd, h.bitmap_len, h.bitmap_offset)
+    if len(raw) != h.bitmap_len:
+        raise OverlayError("truncated overlay bitmap")
+    return raw
+
+
+def bitmap_counts(bits: bytes, path: str = "overlay") -> tuple[int, int]:
+    """(allocated, trimmed) blocks; OverlayError if a block has the state 2, which never occurs."""
+    alloc = trimmed = 0
+    step = PAGE * 16
+    for at in range(0, len(bits), step):
+        x = int.from_bytes(bits[at:at + step], "little")
+        lo = x & _LO
+        hi = (x >> 1) & _LO
+        both = lo & hi
+        if hi & ~lo:
+            raise OverlayError(f"{path}: corrupt overlay bitmap (invalid block state near block "
+                               f"{at * 4})")
+        t = both.bit_count()
+        trimmed += t
+        alloc += lo.bit_count() - t
+    return alloc, trimmed
+
+
+_RUN = re.compile(rb"\x55+|\xff+|[^\x00]")
+
+
+def bitmap_runs(bits: bytes, nr_blocks: int):
+    """Yield (first, end, state) for the runs of allocated and of trimmed blocks, in order and
+    merged (not-allocated blocks are skipped quickly: they are most of a typical bitmap)."""
+    cur = None
+    for m in _RUN.finditer(bits):
+        i = m.start()
+        run = m.group()
+        if run[0] in (0x55, 0xFF) and len(run) > 1 or run in (b"\x55", b"\xff"):
+            pieces = [(i * 4, min(m.end() * 4, nr_blocks), ALLOCATED if run[0] == 0x55 else TRIMMED)]
+        else:
+            pieces = []
+            byte = run[0]
+            for k in range(4):
+                state = (byte >> (2 * k)) & 3
+                if state and i * 4 + k < nr_blocks:
+                    pieces.append((i * 4 + k, i * 4 + k + 1, state))
+        for first, end, state in pieces:
+            if cur is not None and cur[1] == first and cur[2] == state:
+                cur = (cur[0], end, state)
+            else:
+                if cur is not None:
+                    yield cur
+                cur = (first, end, state)
+    if cur is not None:
+        yield cur
