@@ -62,9 +62,15 @@ examples:
         a local cache of a remote base: each block is fetched once, then read locally
   python -m cow.server disk.img -U /tmp/s --cow-block-size 4K --cow-on-read true
   python -m cow.server disk.img -U /tmp/s --overlay-max-size 1G --tmpdir /var/tmp
+  python -m cow.server disk.img -U /tmp/s --overlay vm.cow
+        keep the changes in vm.cow: they survive the server (see python -m cow.overlay)
+  python -m cow.server --overlay vm.cow -U /tmp/s
+        serve vm.cow again, over the backing it records
 
-The backing is opened read-only and never written: all writes go to a temporary
-overlay file (unlinked at once) that disappears when the server exits.
+The backing is opened read-only and never written: all writes go to an overlay
+file. By default it is temporary (unlinked at once) and disappears when the server
+exits; with --overlay FILE it is kept in FILE, and every change acknowledged by a
+FLUSH (or a FUA write) survives a crash of the server.
 """
 
 
@@ -206,9 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                           f"{MAX_QUEUED_PER_CONNECTION} over an NBD backing, one per request in "
                           f"flight; {LARGE_WORKERS} over a file)")
     cow = p.add_argument_group("copy-on-write (the names of nbdkit's cow filter)")
-    cow.add_argument("--cow-block-size", metavar="SIZE", default="64K",
+    cow.add_argument("--cow-block-size", metavar="SIZE",
                      help="overlay block size, a power of two from 4K, e.g. --cow-block-size 4K "
-                          "(default 64K)")
+                          "(default 64K, or the block size of an existing --overlay FILE)")
     cow.add_argument("--cow-on-read", type=_cow_on_read, default=False, metavar="BOOL|PATH",
                      help="copy blocks into the overlay when they are read: true, false, or an "
                           "absolute path, on while that path exists (default false)")
@@ -222,8 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap on overlay space, e.g. --overlay-max-size 1G; writes needing more "
                           "fail with ENOSPC (default: no cap)")
     cow.add_argument("--tmpdir", metavar="DIR",
-                     help="directory for the overlay file, e.g. --tmpdir /var/tmp "
+                     help="directory for the temporary overlay file, e.g. --tmpdir /var/tmp "
                           "(default $TMPDIR, else /var/tmp)")
+    cow.add_argument("--overlay", metavar="FILE",
+                     help="keep the overlay in FILE instead of a temporary file: created (mode "
+                          "0600) if missing, reopened with its changes if it exists, locked "
+                          "while served. e.g. --overlay vm.cow. BACKING may then be omitted: "
+                          "FILE records it. See python -m cow.overlay --help for its tools")
+    cow.add_argument("--overlay-backing-changed", choices=("refuse", "accept"), default="refuse",
+                     help="when the file backing's size or modification time differs from what "
+                          "--overlay FILE recorded: refuse (default), or accept it and record "
+                          "the new one, e.g. --overlay-backing-changed=accept when you know the "
+                          "overlay's changes still fit the backing")
     run = p.add_argument_group("running")
     run.add_argument("-P", "--pidfile", metavar="FILE",
                      help="write the server's PID to FILE once it is listening (removed on "
@@ -327,11 +343,22 @@ def _listen_tcp(host: str, port: int) -> socket.socket:
 
 def _engine_kwargs(args) -> dict:
     from cow.engine import parse_block_size, parse_size
-    try:
-        kw = dict(block_size=parse_block_size(args.cow_block_size), cow_on_read=args.cow_on_read,
-                  cow_on_cache=args.cow_on_cache, lock_mode=args.lock_mode, tmpdir=args.tmpdir)
-    except ValueError as e:
-        raise _StartupError(f"--cow-block-size: {e}") from None
+    kw = dict(cow_on_read=args.cow_on_read, cow_on_cache=args.cow_on_cache,
+              lock_mode=args.lock_mode, tmpdir=args.tmpdir)
+    if args.cow_block_size is not None:
+        try:
+            kw["block_size"] = parse_block_size(args.cow_block_size)
+        except ValueError as e:
+            raise _StartupError(f"--cow-block-size: {e}") from None
+    if args.overlay is not None:
+        if args.tmpdir is not None:
+            raise _StartupError("--tmpdir is for the temporary overlay; with --overlay FILE the "
+                                "overlay is FILE")
+        if args.readonly and (args.cow_on_read or args.cow_on_cache):
+            raise _StartupError("--readonly with --overlay opens FILE read-only: --cow-on-read "
+                                "and --cow-on-cache would write to it")
+        kw.update(overlay=args.overlay, readonly=args.readonly,
+                  backing_changed=args.overlay_backing_changed)
     if args.overlay_max_size is not None:
         try:
             kw["overlay_max_size"] = parse_size(args.overlay_max_size)
@@ -434,28 +461,47 @@ def _main(args, cleanup: list) -> int:
             raise _StartupError("the backing command after -- is empty (e.g. -- nbdkit "
                                 "curl https://example.com/disk.img)")
         backing = args.command
-    elif backing is None:
+    elif backing is None and args.overlay is not None:
+        from cow import overlayfile
+        try:
+            backing = overlayfile.recorded_backing(args.overlay)
+        except overlayfile.OverlayError as e:
+            raise _StartupError(str(e)) from None
+        except FileNotFoundError:
+            raise _StartupError(f"--overlay {args.overlay} does not exist yet: give the BACKING "
+                                f"to make it over") from None
+        except OSError as e:
+            raise _StartupError(f"--overlay {args.overlay}: {e.strerror}") from None
+    if backing is None:
         sample_dir = tempfile.mkdtemp(prefix="cow-sample-")
         cleanup.append(lambda: shutil.rmtree(sample_dir, ignore_errors=True))
         backing = os.path.join(sample_dir, "sample.img")
         make_sample_disk(backing)
         sample_note = (f"no BACKING given: serving a built-in {SAMPLE_DISK_SIZE >> 20} MiB sample "
                        "disk (data and holes)")
-    elif not is_nbd_uri(backing):
+    elif isinstance(backing, str) and not is_nbd_uri(backing):
         try:
             with open(backing, "rb"):
                 pass
         except OSError as e:
             raise _StartupError(f"cannot open backing {backing!r}: {e.strerror}") from None
     kwargs = _engine_kwargs(args)
-    what = shlex.join(backing) if args.command is not None else repr(backing)
+    what = repr(backing) if isinstance(backing, str) else shlex.join(backing)
     try:
         engine = Engine(backing, **kwargs)
     except OSError as e:
         raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
     except ValueError as e:
         raise _StartupError(str(e)) from None
-    cleanup.append(engine.close)
+
+    def close_engine():
+        try:
+            engine.close()      # a persistent overlay is flushed first
+        except OSError as e:
+            _fail(f"closing the overlay: {e.strerror or e}; changes since the last flush may "
+                  f"be lost")
+
+    cleanup.append(close_engine)
     backing = engine.backing   # the path, URI or command line
 
     description = "built-in sample disk" if sample_note else f"copy-on-write view of {backing}"
@@ -511,6 +557,10 @@ def _main(args, cleanup: list) -> int:
     if sample_note:
         print(f"python -m cow.server: {sample_note}", file=sys.stderr, flush=True)
     ro = ", read-only" if args.readonly else ""
+    if engine.overlay is not None:
+        st = engine.stats()
+        ro += (f", overlay {engine.overlay}: {st['allocated_blocks']} blocks allocated, "
+               f"{st['trimmed_blocks']} trimmed")
     tls_note = f", TLS {tls.mode} ({tls.kind})" if tls.enabled else ""
     print(f"python -m cow.server: serving {backing} ({engine.size} bytes, copy-on-write, block "
           f"size {engine.block_size}{ro}{tls_note}) at {where}", file=out, flush=True)
