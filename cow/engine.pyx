@@ -268,6 +268,7 @@ cdef class Engine:
 
     cdef overlay_t ov                   # the overlay file (overlay.pxi)
     cdef object ovfile                  # persistent: the cow.overlayfile.OverlayFile, else None
+    cdef int backing_lock_fd            # a file backing: holds overlayfile.hold_backing's lock
     cdef Backing b
     cdef bint owns_backing              # made here (closed here), else shared with others
     cdef uint8_t *zero_block            # blksize zero bytes, never written
@@ -290,6 +291,7 @@ cdef class Engine:
 
     def __cinit__(self, *args, **kwargs):
         self.ov.fd = -1
+        self.backing_lock_fd = -1
         self.zero_block = NULL
         self.bm_ready = False
         pthread_mutex_init(&self.ov.flush_lock, NULL)
@@ -338,6 +340,8 @@ cdef class Engine:
             self.owns_backing = True
         self.backing = self.b.description
         self.backing_is_nbd = self.b.is_nbd
+        fd = overlayfile.hold_backing(self.b)
+        self.backing_lock_fd = -1 if fd is None else fd
         if overlay is None:
             self.blksize = requested or DEFAULT_BLOCK_SIZE
             self.ov.fd = _open_temporary_overlay(tmpdir)
@@ -406,6 +410,9 @@ cdef class Engine:
         if self.ov.fd >= 0:
             close(self.ov.fd)       # drops the overlay's lock
             self.ov.fd = -1
+        if self.backing_lock_fd >= 0:
+            close(self.backing_lock_fd)
+            self.backing_lock_fd = -1
         if self.b is not None and self.owns_backing:
             self.b.close()
         free(self.zero_block)

@@ -280,6 +280,54 @@ def in_use_message(fd: int) -> str:
                                     for pid, cmd in holders)
 
 
+# A cow engine over a file backing holds a shared lock on one byte of it, far past any end, and a
+# commit takes an exclusive lock on the whole backing before writing into it: a commit fails while
+# any engine (any overlay, temporary or not) serves that backing, and no engine starts while a
+# commit writes.  The byte is far from the bytes qemu locks (100 and up), so qemu and cow
+# readers do not disturb each other, while a qemu that has the image open (it always holds some
+# lock) also makes a commit fail.
+BACKING_LOCK_BYTE = 1 << 62
+
+
+def hold_backing(backing) -> int | None:
+    """Take the shared lock on a file backing (an open Backing): returns the descriptor that
+    holds it (close it to release), None for an NBD backing.  OverlayBusy while a commit writes
+    into the backing."""
+    st = backing.fstat()
+    if st is None:
+        return None
+    try:
+        fd = os.open(backing.description, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None         # renamed since the Backing opened it: nothing to hold by that name
+    try:
+        if (os.fstat(fd).st_dev, os.fstat(fd).st_ino) != (st.st_dev, st.st_ino):
+            os.close(fd)
+            return None
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK,
+                    struct.pack("hhqqi4x", fcntl.F_RDLCK, os.SEEK_SET, BACKING_LOCK_BYTE, 1, 0))
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            return None     # a file system without locks: nothing to hold
+        msg = in_use_message(fd)
+        os.close(fd)
+        raise OverlayBusy(f"{backing.description}: the backing is being written ({msg}: a "
+                          f"python -m cow.overlay commit?)") from None
+    return fd
+
+
+def lock_backing_for_commit(fd: int, path: str) -> None:
+    """An exclusive lock on the whole backing, opened for writing; OverlayBusy naming who has it
+    open if an engine serves it or qemu uses it."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK))
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise OverlayBusy(f"{path}: the backing is {in_use_message(fd)}") from None
+
+
 # -- the backing's identity ----------------------------------------------------------------------
 
 def backing_identity(backing) -> tuple[int, str, int, int]:
@@ -462,6 +510,10 @@ def open_for_engine(path: str, backing, *, block_size: int | None, readonly: boo
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OverlayError(f"{path}: not a regular file")
+        bst = backing.fstat()
+        if bst is not None and (bst.st_dev, bst.st_ino) == (st.st_dev, st.st_ino):
+            raise OverlayError(f"{path}: this is the backing itself; the overlay must be "
+                               f"another file")
         lock(fd, path, exclusive=not readonly)
         if not readonly and os.fstat(fd).st_size == 0:
             # An empty file (mktemp's, touch's) becomes a new overlay.

@@ -307,7 +307,7 @@ def test_refuses_what_is_not_an_overlay(backing_factory, tmp_path):
     notes = tmp_path / "notes.txt"
     notes.write_text("dear diary\n" * 1000)
     refused(disk, notes, "not a cow overlay")
-    refused(disk, disk, "not a cow overlay")  # the backing itself, by mistake
+    refused(disk, disk, "the backing itself")      # by mistake
     with pytest.raises(F.OverlayError) as e:
         E.Engine(str(disk), overlay=str(tmp_path))
     one_line(e, str(tmp_path))
@@ -541,3 +541,39 @@ def test_flushes_and_writes_from_many_threads(backing_factory, tmp_path):
     eng.close()
     with E.Engine(str(disk), overlay=str(ov), readonly=True) as eng:
         assert read_all(eng) == bytes(want)
+
+
+def test_engines_hold_a_file_backing_against_commits(backing_factory, tmp_path):
+    """Every engine over a file backing holds a shared lock on one byte of it, so a commit (an
+    exclusive lock on the whole backing) fails while the backing is served, and no engine opens
+    while a commit writes.  qemu's readers lock other bytes and coexist with engines; a qemu
+    that has the image open makes a commit fail too."""
+    disk = backing_factory(1 * MiB)
+    eng = E.Engine(str(disk))                       # a temporary overlay holds it too
+    r = subprocess.run(["qemu-io", "-r", "-f", "raw", "-c", "read 0 512", str(disk)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "read 512/512" in r.stdout, r.stdout + r.stderr
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        with pytest.raises(F.OverlayBusy) as e:
+            F.lock_backing_for_commit(fd, str(disk))
+        one_line(e, str(disk), "in use by this process")
+        eng.close()
+        sock = tmp_path / "qemu.sock"
+        qemu = subprocess.Popen(["qemu-nbd", "-r", "-f", "raw", "-k", str(sock), str(disk)])
+        try:
+            from conftest import wait_for_socket
+            wait_for_socket(sock, qemu)
+            with pytest.raises(F.OverlayBusy) as e:
+                F.lock_backing_for_commit(fd, str(disk))
+            one_line(e, f"in use by pid {qemu.pid}", "qemu-nbd")
+        finally:
+            qemu.terminate()
+            qemu.wait()
+        F.lock_backing_for_commit(fd, str(disk))
+        with pytest.raises(F.OverlayBusy) as e:
+            E.Engine(str(disk), overlay=str(tmp_path / "vm.cow"))
+        one_line(e, "being written", "commit")
+        assert not (tmp_path / "vm.cow").exists()
+    finally:
+        os.close(fd)
