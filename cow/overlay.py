@@ -1,0 +1,507 @@
+"""``python -m cow.overlay``: tools for a persistent overlay (``python -m cow.server --overlay FILE``).
+
+    info FILE [--json]        what FILE holds, and whether its backing is still the one it recorded
+    export FILE OUT.qcow2     a qcow2 holding just the changes, over the original backing
+    commit FILE --yes         write the changes into the (file) backing, then empty FILE
+    reset FILE --yes          discard every change
+    fork FILE NEW             a second overlay with the same changes (reflink or sparse copy)
+
+Each works on an overlay that no server holds (the overlay's lock says so at once), and on the
+format of cow/overlayfile.py: it reads the header and bitmap itself, so info works without the
+backing.  export leaves qcow2 to qemu: qemu-img makes the image, and qemu-nbd (started by
+libnbd, on socket activation) writes the changed blocks into it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import shlex
+import stat
+import sys
+import tempfile
+import textwrap
+import time
+
+from cow import overlayfile as F
+
+PROG = "python -m cow.overlay"
+CHUNK = 32 * 1024 * 1024            # bytes per read, write or NBD request
+QCOW2_MAX_CLUSTER = 2 * 1024 * 1024
+FICLONE = 0x40049409                # linux/fs.h: _IOW(0x94, 9, int)
+FALLOC_FL_KEEP_SIZE = 1
+FALLOC_FL_PUNCH_HOLE = 2
+
+
+class ToolError(Exception):
+    """A failure to report as one line (the message names the file)."""
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _open(path: str, exclusive: bool) -> tuple[int, F.Header]:
+    fd, h = F.open_locked(path, exclusive=exclusive)
+    return fd, h
+
+
+def _backing_status(h: F.Header) -> tuple[str, str]:
+    """("unchanged" | "changed" | "missing" | "unchecked", a phrase for people)."""
+    if h.backing_kind not in (F.KIND_FILE, F.KIND_BLOCK_DEVICE):
+        return "unchecked", f"{h.kind_name} backing: not checked"
+    try:
+        kind, size, mtime_ns = F.file_identity(h.backing)
+    except OSError as e:
+        return "missing", f"cannot be opened: {e.strerror}"
+    change = F.identity_change(h, kind, size, mtime_ns)
+    if change:
+        return "changed", f"changed since recorded: {change}"
+    return "unchanged", "unchanged since recorded"
+
+
+def _check_backing(path: str, h: F.Header, backing_changed: str) -> None:
+    status, phrase = _backing_status(h)
+    if status == "missing":
+        raise ToolError(f"{path}: the backing {h.backing} {phrase}")
+    if status == "changed" and backing_changed != "accept":
+        raise ToolError(f"{path}: the backing {h.backing} {phrase}; if you know the overlay "
+                        f"still fits it, add --backing-changed=accept")
+
+
+def _refuse_interrupted_commit(path: str, h: F.Header) -> None:
+    if h.committing:
+        raise ToolError(f"{path}: a commit into the backing was interrupted; finish it with: "
+                        f"{PROG} commit {shlex.quote(path)} --yes")
+
+
+def _runs(fd: int, h: F.Header):
+    bits = F.read_bitmap(fd, h)
+    F.bitmap_counts(bits, h.backing and "overlay")  # refuse a corrupt bitmap before acting on it
+    return list(F.bitmap_runs(bits, h.nr_blocks))
+
+
+def _blocks_bytes(h: F.Header, first: int, end: int) -> tuple[int, int]:
+    """(offset, count) in the disk of blocks [first, end), clipped to the disk's end."""
+    off = first * h.block_size
+    return off, min(end * h.block_size, h.disk_size) - off
+
+
+def _chunks(h: F.Header, first: int, end: int):
+    """(offset, count) pieces of blocks [first, end) of at most CHUNK bytes, whole blocks."""
+    per = max(1, CHUNK // h.block_size)
+    for b in range(first, end, per):
+        yield _blocks_bytes(h, b, min(end, b + per))
+
+
+# -- info ----------------------------------------------------------------------------------------
+
+def info(path: str) -> dict:
+    fd, h = _open(path, exclusive=False)
+    try:
+        alloc, trimmed = F.bitmap_counts(F.read_bitmap(fd, h), path)
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    status, phrase = _backing_status(h)
+    return {
+        "file": os.path.abspath(path),
+        "format_version": h.version,
+        "backing": {"kind": h.kind_name, "name": h.backing, "size": h.backing_size,
+                    "mtime_ns": h.backing_mtime_ns or None, "status": status,
+                    "status_text": phrase},
+        "disk_size": h.disk_size,
+        "block_size": h.block_size,
+        "blocks": h.nr_blocks,
+        "allocated_blocks": alloc,
+        "trimmed_blocks": trimmed,
+        "changed_bytes": min(alloc * h.block_size, h.disk_size),
+        "file_size": st.st_size,
+        "bytes_on_disk": st.st_blocks * 512,
+        "data_offset": h.data_offset,
+        "created_ns": h.created_ns,
+        "commit_interrupted": h.committing,
+    }
+
+
+def _print_info(d: dict) -> None:
+    b = d["backing"]
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["created_ns"] / 1e9))
+    rows = [
+        ("backing", f"{b['name']} ({b['kind']}, {b['size']} bytes; {b['status_text']})"),
+        ("disk size", f"{d['disk_size']} bytes ({_human(d['disk_size'])})"),
+        ("block size", f"{d['block_size']} bytes"),
+        ("blocks", f"{d['blocks']}: {d['allocated_blocks']} allocated, {d['trimmed_blocks']} "
+                   f"trimmed, {d['blocks'] - d['allocated_blocks'] - d['trimmed_blocks']} "
+                   f"unchanged"),
+        ("changed", f"{_human(d['changed_bytes'])} written, "
+                    f"{_human(min(d['trimmed_blocks'] * d['block_size'], d['disk_size']))} "
+                    f"trimmed"),
+        ("on disk", f"{_human(d['bytes_on_disk'])} used (file size {d['file_size']} bytes)"),
+        ("created", created),
+    ]
+    if d["commit_interrupted"]:
+        rows.append(("state", f"a commit was interrupted: run {PROG} commit FILE --yes again"))
+    print(f"{d['file']}: cow overlay, format version {d['format_version']}")
+    for k, v in rows:
+        print(f"  {k + ':':12} {v}")
+
+
+# -- export --------------------------------------------------------------------------------------
+
+def export(path: str, out: str, backing_changed: str = "refuse") -> dict:
+    """Make OUT a qcow2 image over the original backing (raw) holding just the changed blocks:
+    allocated blocks as data (all-zero ones as zero clusters), trimmed blocks as zero clusters."""
+    import subprocess
+
+    import nbd
+
+    fd, h = _open(path, exclusive=False)
+    try:
+        _refuse_interrupted_commit(path, h)
+        _check_backing(path, h, backing_changed)
+        runs = _runs(fd, h)
+        if os.path.lexists(out):
+            raise ToolError(f"{out}: already exists; remove it or choose another name")
+        cluster = min(h.block_size, QCOW2_MAX_CLUSTER)
+        r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o",
+                            f"cluster_size={cluster}", "-u", "-F", "raw", "-b", h.backing, out,
+                            str(h.disk_size)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ToolError(f"{out}: qemu-img create failed: {r.stderr.strip()}")
+        stats = {"data_bytes": 0, "zero_bytes": 0}
+        try:
+            _fill_qcow2(fd, h, runs, out, stats, nbd)
+        except BaseException:
+            os.unlink(out)
+            raise
+    finally:
+        os.close(fd)
+    return {"out": os.path.abspath(out), "backing": h.backing, **stats}
+
+
+def _fill_qcow2(fd, h, runs, out, stats, nbd):
+    # The image is opened without its backing: every write below covers whole clusters (a
+    # cluster is the block size, or divides it), so qemu never needs the backing's bytes, and
+    # the export works even while an NBD backing is offline.
+    spec = json.dumps({"driver": "qcow2", "backing": None,
+                       "file": {"driver": "file", "filename": os.path.abspath(out)}})
+    h_nbd = nbd.NBD()
+    try:
+        h_nbd.connect_systemd_socket_activation(
+            ["qemu-nbd", "-f", "qcow2", "--discard=unmap", "--cache=writeback",
+             f"json:{spec}"])
+    except nbd.Error as e:
+        raise ToolError(f"{out}: cannot start qemu-nbd on it: {e}") from None
+    try:
+        for first, end, state in runs:
+            for off, count in _chunks(h, first, end):
+                if state == F.TRIMMED:
+                    h_nbd.zero(count, off)      # may trim: zero clusters over the backing
+                    stats["zero_bytes"] += count
+                    continue
+                data = os.pread(fd, count, h.data_offset + off)
+                data += bytes(count - len(data))    # past the file's end: zeroes
+                _write_blocks(h_nbd, h.block_size, off, data, stats)
+        h_nbd.flush()
+        h_nbd.shutdown()
+    except nbd.Error as e:
+        raise ToolError(f"{out}: writing through qemu-nbd failed: {e}") from None
+    finally:
+        del h_nbd                       # closes the connection; libnbd stops qemu-nbd
+
+
+def _write_blocks(h_nbd, bs, off, data, stats):
+    """Write data at off, whole blocks that read as zeroes as zero clusters, the rest as data,
+    one request per run of each."""
+    n = len(data)
+    b = 0
+    while b < n:
+        zero = data.count(0, b, min(n, b + bs)) == min(bs, n - b)
+        e = b + bs
+        while e < n and (data.count(0, e, min(n, e + bs)) == min(bs, n - e)) == zero:
+            e += bs
+        e = min(e, n)
+        if zero:
+            h_nbd.zero(e - b, off + b)
+            stats["zero_bytes"] += e - b
+        else:
+            h_nbd.pwrite(data[b:e], off + b)
+            stats["data_bytes"] += e - b
+        b = e
+
+
+# -- commit --------------------------------------------------------------------------------------
+
+def _punch(fd: int, offset: int, count: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count) == 0
+
+
+def _copy_range(src: int, dst: int, count: int, src_off: int, dst_off: int) -> None:
+    """copy_file_range (a reflink or a server-side copy where the file system has one), else
+    read and write."""
+    while count > 0:
+        try:
+            n = os.copy_file_range(src, dst, min(count, CHUNK), src_off, dst_off)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                               errno.EBADF):
+                raise
+            n = 0
+        if n == 0:                      # unsupported, or the source ends: plain copy
+            data = os.pread(src, min(count, CHUNK), src_off)
+            data += bytes(min(count, CHUNK) - len(data))
+            os.pwrite(dst, data, dst_off)
+            n = len(data)
+        count -= n
+        src_off += n
+        dst_off += n
+
+
+def _empty(fd: int, h: F.Header, **header_changes) -> None:
+    """Forget every change: the bitmap first (synced), then the header, then the data.  Never the
+    data first: a crash in between would leave allocated bits over punched (zero) data."""
+    for off in range(0, h.bitmap_len, CHUNK):
+        os.pwrite(fd, bytes(min(CHUNK, h.bitmap_len - off)), h.bitmap_offset + off)
+    os.fdatasync(fd)
+    for k, v in header_changes.items():
+        setattr(h, k, v)
+    F.write_header(fd, h)
+    os.ftruncate(fd, h.data_offset)
+    os.fsync(fd)
+
+
+def commit(path: str, backing_changed: str = "refuse") -> dict:
+    fd, h = _open(path, exclusive=True)
+    try:
+        if h.backing_kind not in (F.KIND_FILE, F.KIND_BLOCK_DEVICE):
+            raise ToolError(f"{path}: commit writes into a file or block device backing; this "
+                            f"overlay's backing is {h.kind_name} {h.backing} (use export instead)")
+        if not h.committing:            # an interrupted commit changed the backing itself
+            _check_backing(path, h, backing_changed)
+        runs = _runs(fd, h)
+        try:
+            bfd = os.open(h.backing, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise ToolError(f"{path}: cannot open the backing {h.backing} for writing: "
+                            f"{e.strerror}") from None
+        try:
+            F.lock_backing_for_commit(bfd, h.backing)
+            size = os.lseek(bfd, 0, os.SEEK_END)
+            if size != h.disk_size:
+                raise ToolError(f"{path}: the backing {h.backing} is {size} bytes, the overlay "
+                                f"is for {h.disk_size}")
+            is_file = stat.S_ISREG(os.fstat(bfd).st_mode)
+            h.flags |= F.FLAG_COMMITTING    # from here until the end, a crash says so
+            F.write_header(fd, h)
+            written = zeroed = 0
+            for first, end, state in runs:
+                off, count = _blocks_bytes(h, first, end)
+                if state == F.TRIMMED:
+                    if not (is_file and _punch(bfd, off, count)):
+                        for o, c in _chunks(h, first, end):
+                            os.pwrite(bfd, bytes(c), o)
+                    zeroed += count
+                else:
+                    _copy_range(fd, bfd, count, h.data_offset + off, off)
+                    written += count
+            os.fsync(bfd)
+            st = os.fstat(bfd)
+        finally:
+            os.close(bfd)
+        _empty(fd, h, flags=h.flags & ~F.FLAG_COMMITTING, backing_size=st.st_size if is_file
+               else size, backing_mtime_ns=st.st_mtime_ns if is_file else 0)
+    finally:
+        os.close(fd)
+    return {"backing": h.backing, "written_bytes": written, "trimmed_bytes": zeroed}
+
+
+# -- reset ---------------------------------------------------------------------------------------
+
+def reset(path: str) -> dict:
+    fd, h = _open(path, exclusive=True)
+    try:
+        _refuse_interrupted_commit(path, h)
+        alloc, trimmed = F.bitmap_counts(F.read_bitmap(fd, h), path)
+        changes = {}
+        # Empty, the overlay fits any backing of its size: record the backing as it is now.
+        if h.backing_kind in (F.KIND_FILE, F.KIND_BLOCK_DEVICE):
+            try:
+                kind, size, mtime_ns = F.file_identity(h.backing)
+                if size == h.disk_size:
+                    changes = {"backing_size": size, "backing_mtime_ns": mtime_ns}
+            except OSError:
+                pass
+        _empty(fd, h, **changes)
+    finally:
+        os.close(fd)
+    return {"discarded_blocks": alloc, "discarded_trims": trimmed}
+
+
+# -- fork ----------------------------------------------------------------------------------------
+
+def fork(path: str, new: str) -> dict:
+    fd, h = _open(path, exclusive=False)
+    try:
+        if os.path.lexists(new):
+            raise ToolError(f"{new}: already exists; remove it or choose another name")
+        folder = os.path.dirname(os.path.abspath(new))
+        tfd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(new)}.", suffix=".new",
+                                    dir=folder)
+        try:
+            try:
+                fcntl.ioctl(tfd, FICLONE, fd)
+                how, copied = "reflink", 0
+            except OSError:
+                how, copied = "sparse copy", _sparse_copy(fd, tfd)
+            os.fsync(tfd)
+            os.link(tmp, new)
+        except FileExistsError:
+            raise ToolError(f"{new}: already exists; remove it or choose another name") from None
+        finally:
+            os.close(tfd)
+            os.unlink(tmp)
+        F._fsync_dir(new)
+    finally:
+        os.close(fd)
+    return {"new": os.path.abspath(new), "method": how, "copied_bytes": copied}
+
+
+def _sparse_copy(src: int, dst: int) -> int:
+    """Copy the data of src into dst, leaving its holes as holes; the bytes copied."""
+    size = os.fstat(src).st_size
+    pos = copied = 0
+    while pos < size:
+        try:
+            data = os.lseek(src, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+            break
+        hole = os.lseek(src, data, os.SEEK_HOLE)
+        _copy_range(src, dst, hole - data, data, data)
+        copied += hole - data
+        pos = hole
+    os.ftruncate(dst, size)
+    return copied
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                description=textwrap.fill(
+                    "Tools for an overlay kept by python -m cow.server --overlay FILE. Each "
+                    "refuses an overlay that a server holds. See COMMAND --help.", 78),
+                epilog="examples:\n"
+                       f"  {PROG} info vm.cow\n"
+                       f"  {PROG} export vm.cow changes.qcow2\n"
+                       f"  {PROG} fork vm.cow experiment.cow\n"
+                       f"  {PROG} reset experiment.cow --yes\n"
+                       f"  {PROG} commit vm.cow --yes\n")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                           parser_class=_Parser)
+
+    def add(name, help, example, description):
+        return sub.add_parser(name, help=help, description=textwrap.fill(description, 78),
+                              epilog=f"example:\n  {PROG} {example}",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    s = add("info", "what FILE holds", "info vm.cow --json",
+            "Show the overlay's backing (and whether it changed since), disk and block size, "
+            "blocks allocated and trimmed, and the space the file uses.  Needs no backing.")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s = add("export", "a qcow2 of the changes, over the original backing",
+            "export vm.cow changes.qcow2",
+            "Write OUT, a qcow2 image whose backing file is the overlay's backing (format raw) "
+            "and which holds only the changed blocks (trimmed ones as zero clusters): it reads "
+            "as the served view.  The overlay is left as it is.")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("out", metavar="OUT.qcow2")
+    s.add_argument("--backing-changed", choices=("refuse", "accept"), default="refuse",
+                   help="when the file backing changed since the overlay recorded it")
+    s = add("commit", "write the changes into the backing, then empty FILE",
+            "commit vm.cow --yes",
+            "Write every changed block into the backing file or block device (opened for "
+            "writing here only), then empty the overlay.  This changes the backing for good: "
+            "every other overlay made over it no longer fits it.  Refused while anything (a "
+            "cow server, a qemu) has the backing open.  An interrupted commit is finished by "
+            "running it again.")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--yes", action="store_true", help="really write into the backing")
+    s.add_argument("--backing-changed", choices=("refuse", "accept"), default="refuse",
+                   help="when the file backing changed since the overlay recorded it")
+    s = add("reset", "discard every change", "reset vm.cow --yes",
+            "Empty the overlay: every block reads the backing again, and the space is given "
+            "back.  The overlay then records the backing as it is now.")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--yes", action="store_true", help="really discard the changes")
+    s = add("fork", "a second overlay with the same changes", "fork vm.cow experiment.cow",
+            "Copy the overlay into NEW, so that two servers can take the two apart from here.  "
+            "A reflink where the file system has one (btrfs, XFS), else a sparse copy of the "
+            "data alone.")
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("new", metavar="NEW")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = f"{PROG} {args.command}"
+    try:
+        if args.command == "info":
+            d = info(args.file)
+            if args.json:
+                print(json.dumps(d, indent=2))
+            else:
+                _print_info(d)
+        elif args.command == "export":
+            d = export(args.file, args.out, args.backing_changed)
+            print(f"{d['out']}: {_human(d['data_bytes'])} of data and {_human(d['zero_bytes'])} "
+                  f"of zeroes over {d['backing']} (raw)")
+        elif args.command == "commit":
+            if not args.yes:
+                raise ToolError(f"{args.file}: commit writes into the backing for good; add "
+                                f"--yes to do it")
+            d = commit(args.file, args.backing_changed)
+            print(f"{d['backing']}: {_human(d['written_bytes'])} written, "
+                  f"{_human(d['trimmed_bytes'])} trimmed; {args.file} is now empty")
+        elif args.command == "reset":
+            if not args.yes:
+                raise ToolError(f"{args.file}: reset discards every change; add --yes to do it")
+            d = reset(args.file)
+            print(f"{args.file}: {d['discarded_blocks']} changed and {d['discarded_trims']} "
+                  f"trimmed blocks discarded")
+        elif args.command == "fork":
+            d = fork(args.file, args.new)
+            print(f"{d['new']}: forked from {args.file} ({d['method']}"
+                  + (f", {_human(d['copied_bytes'])} copied)" if d["method"] != "reflink"
+                     else ")"))
+    except (ToolError, F.OverlayError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
