@@ -208,10 +208,18 @@ class CowServer(Target):
             return f"cannot import cow.server (run ./dev setup): {err}"
         return None
 
-    def command(self, ctx, backing, sock, workdir, cleanup, lock_mode=None, **opts):
+    def command(self, ctx, backing, sock, workdir, cleanup, lock_mode=None, overlay=None,
+                block_size=None, **opts):
         cmd = [ctx.python, "-P", "-m", "cow.server", "-U", sock]
         if lock_mode:
             cmd += ["--lock-mode", lock_mode]
+        if block_size:
+            cmd += ["--cow-block-size", block_size]
+        if overlay:
+            # A fresh overlay file for every run, removed after it.
+            Path(overlay).unlink(missing_ok=True)
+            cmd += ["--overlay", str(overlay)]
+            cleanup.append(overlay)
         return cmd + [backing]
 
 

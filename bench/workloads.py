@@ -134,3 +134,28 @@ def nbdcopy_time(uri, dest, connections, cwd):
         raise RuntimeError(f"nbdcopy failed ({r.returncode}): {r.stderr[-800:]}")
     return elapsed
 
+
+
+def scattered_writes_then_flush(uri, disk_size, total, jobs, iodepth, out_json, cwd):
+    """fio writes `total` bytes in 4 KiB pieces at random places of the whole disk, each place once
+    (each job its own slice of the disk), with no flush; then one client times a single FLUSH.
+    Returns (write seconds, flush seconds)."""
+    per_job = disk_size // jobs // 4096 * 4096
+    cmd = ["fio", "--name=scatter", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+           "--bs=4k", f"--numjobs={jobs}", f"--iodepth={iodepth}", f"--size={per_job}",
+           f"--offset_increment={per_job}", f"--io_size={total // jobs // 4096 * 4096}",
+           "--group_reporting", "--output-format=json", f"--output={out_json}"]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    writes = time.monotonic() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"fio scatter failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    try:
+        t0 = time.monotonic()
+        h.flush()
+        return writes, time.monotonic() - t0
+    finally:
+        h.shutdown()
+        del h

@@ -21,6 +21,7 @@ def test_quick_run_writes_table_and_chart(tmp_path):
            "--size", "16M", "--runtime", "0.2", "--scaling-runtime", "0.2", "--connections", "2",
            "--seed-size", "4M", "--seed-delay-ms", "1", "--startup-size", "1G",
            "--nbdkit-threads", "1,2", "--threads-runtime", "0.2",
+           "--flush-disk", "256M", "--flush-bytes", "8M",
            "--workdir", str(tmp_path / "work"), "--out-dir", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -35,7 +36,9 @@ def test_quick_run_writes_table_and_chart(tmp_path):
     for row in FIO_ROWS + ["pipeline: nbdcopy whole export", "2 conn", "start-up (ms)",
                            "cow.server --lock-mode global", "cow.server --lock-mode fine",
                            "random 4 KiB reads, 1 conn, -t 2", "random 4 KiB writes, 4 conn, -t 1",
-                           "random 4 KiB reads, NBD backing, -t 2"]:
+                           "random 4 KiB reads, NBD backing, -t 2",
+                           "cow.server --overlay FILE against its temporary overlay",
+                           "then one FLUSH (ms)"]:
         assert row in table, row
     assert "ERROR" not in table and "| error" not in table
 
@@ -50,6 +53,9 @@ def test_quick_run_writes_table_and_chart(tmp_path):
     for target in ["cow-shim", "python-null", "nbdkit-cow"]:
         assert ("randread-4k@4c-t2", target) in measured
     assert ("randread-4k-nbd@t1", "cow-shim") in measured
+    for column in ("temporary", "persistent"):
+        for metric in ("overlay-randwrite-4k", "overlay-flush"):
+            assert (metric, column) in measured
 
     png = out / "latest.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
