@@ -49,11 +49,6 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _open(path: str, exclusive: bool) -> tuple[int, F.Header]:
-    fd, h = F.open_locked(path, exclusive=exclusive)
-    return fd, h
-
-
 def _backing_status(h: F.Header) -> tuple[str, str]:
     """("unchanged" | "changed" | "missing" | "unchecked", a phrase for people)."""
     if h.backing_kind not in (F.KIND_FILE, F.KIND_BLOCK_DEVICE):
@@ -105,7 +100,7 @@ def _chunks(h: F.Header, first: int, end: int):
 # -- info ----------------------------------------------------------------------------------------
 
 def info(path: str) -> dict:
-    fd, h = _open(path, exclusive=False)
+    fd, h = F.open_locked(path, exclusive=False)
     try:
         alloc, trimmed = F.bitmap_counts(F.read_bitmap(fd, h), path)
         st = os.fstat(fd)
@@ -164,7 +159,7 @@ def export(path: str, out: str, backing_changed: str = "refuse") -> dict:
 
     import nbd
 
-    fd, h = _open(path, exclusive=False)
+    fd, h = F.open_locked(path, exclusive=False)
     try:
         _refuse_interrupted_commit(path, h)
         _check_backing(path, h, backing_changed)
@@ -282,7 +277,7 @@ def _empty(fd: int, h: F.Header, **header_changes) -> None:
 
 
 def commit(path: str, backing_changed: str = "refuse") -> dict:
-    fd, h = _open(path, exclusive=True)
+    fd, h = F.open_locked(path, exclusive=True)
     try:
         if h.backing_kind not in (F.KIND_FILE, F.KIND_BLOCK_DEVICE):
             raise ToolError(f"{path}: commit writes into a file or block device backing; this "
@@ -329,7 +324,7 @@ def commit(path: str, backing_changed: str = "refuse") -> dict:
 # -- reset ---------------------------------------------------------------------------------------
 
 def reset(path: str) -> dict:
-    fd, h = _open(path, exclusive=True)
+    fd, h = F.open_locked(path, exclusive=True)
     try:
         _refuse_interrupted_commit(path, h)
         alloc, trimmed = F.bitmap_counts(F.read_bitmap(fd, h), path)
@@ -351,7 +346,7 @@ def reset(path: str) -> dict:
 # -- fork ----------------------------------------------------------------------------------------
 
 def fork(path: str, new: str) -> dict:
-    fd, h = _open(path, exclusive=False)
+    fd, h = F.open_locked(path, exclusive=False)
     try:
         if os.path.lexists(new):
             raise ToolError(f"{new}: already exists; remove it or choose another name")
@@ -371,7 +366,7 @@ def fork(path: str, new: str) -> dict:
         finally:
             os.close(tfd)
             os.unlink(tmp)
-        F._fsync_dir(new)
+        F.fsync_dir(new)
     finally:
         os.close(fd)
     return {"new": os.path.abspath(new), "method": how, "copied_bytes": copied}
@@ -496,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ToolError, F.OverlayError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:            # info | head: the reader has seen enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         where = f"{e.filename}: " if e.filename else ""
         print(f"{prog}: error: {where}{e.strerror or e}", file=sys.stderr)

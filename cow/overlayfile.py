@@ -405,7 +405,8 @@ class OverlayFile:
         self.close()
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a new name in path's folder durable."""
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -435,7 +436,7 @@ def create(path: str, h: Header) -> int:
         raise
     finally:
         os.unlink(tmp)
-    _fsync_dir(path)
+    fsync_dir(path)
     return fd
 
 
@@ -547,9 +548,11 @@ def _check_against(path, h: Header, backing, block_size, readonly, backing_chang
                            f"over a {KIND_NAMES[kind]} such as {name}")
     change = identity_change(h, kind, size, mtime_ns)
     if change and backing_changed != "accept":
-        raise OverlayError(f"{path}: the backing {name} changed since the overlay was made "
-                           f"({change}); its changes may no longer fit it. If you know it still "
-                           f"does, accept it with --overlay-backing-changed=accept")
+        what = f"the backing {name} changed since the overlay was made" if name == h.backing \
+            else f"the overlay was made over {h.backing}, and {name} differs from it"
+        raise OverlayError(f"{path}: {what} ({change}); its changes may no longer fit it. If "
+                           f"you know they still do, accept it with "
+                           f"--overlay-backing-changed=accept")
     if readonly or (not change and (kind, name, mtime_ns) == (h.backing_kind, h.backing,
                                                                h.backing_mtime_ns)):
         return None
