@@ -2,9 +2,10 @@
 
     python -m cow.nbdkit --print-plugin-path
     python -m cow.nbdkit [nbdkit options] BACKING [cow-block-size=N] [cow-on-read=...] [cow-on-cache=...]
+                         [overlay=FILE [overlay-backing-changed=accept]]
 
 BACKING is a file or device path, an NBD URI (nbd://, nbds://, nbd+unix://...), or an explicit
-file=PATH / uri=URI.  nbdkit options (-f, -U SOCKET, -r, --run CMD, --filter=NAME, ...) may come before
+file=PATH / uri=URI; with overlay=FILE it may be left out (FILE records it).  nbdkit options (-f, -U SOCKET, -r, --run CMD, --filter=NAME, ...) may come before
 or after it, as with nbdkit itself.  The second form replaces this process with
 
     nbdkit [nbdkit options] [--threads=N] python PLUGIN-PATH file=BACKING|uri=BACKING [cow-*=...]
@@ -39,7 +40,8 @@ _PARAM = re.compile(r"[A-Za-z_][\w.-]*=")  # key=value, as nbdkit tells them fro
 
 USAGE = ("usage: python -m cow.nbdkit --print-plugin-path\n"
          "       python -m cow.nbdkit [nbdkit options] BACKING [cow-block-size=N] "
-         "[cow-on-read=false|true|/PATH] [cow-on-cache=false|true]")
+         "[cow-on-read=false|true|/PATH] [cow-on-cache=false|true] [overlay=FILE]\n"
+         "       python -m cow.nbdkit [nbdkit options] overlay=FILE [...]   (FILE records BACKING)")
 
 
 class UsageError(Exception):
@@ -95,7 +97,9 @@ def parse_arguments(argv):
                 raise UsageError(f"more than one backing: {backing} and {arg}")
             backing = ("uri=" if "://" in arg else "file=") + arg
     if backing is None:
-        raise UsageError("no BACKING given")
+        if not any(p.startswith("overlay=") for p in params):
+            raise UsageError("no BACKING given")
+        return options, params, names
     return options, [backing, *params], names
 
 
@@ -103,8 +107,22 @@ def nbdkit_command(argv, nbdkit="nbdkit"):
     """The nbdkit command line that serves argv's backing through the plugin."""
     options, params, names = parse_arguments(argv)
     if not names & {"t", "threads"}:
-        options.append(f"--threads={DEFAULT_THREADS[params[0].split('=', 1)[0]]}")
+        options.append(f"--threads={DEFAULT_THREADS[_backing_kind(params)]}")
     return [nbdkit, *options, "python", PLUGIN_PATH, *params]
+
+
+def _backing_kind(params):
+    """"file" or "uri": the backing's parameter, or what an overlay= alone records."""
+    key = params[0].split("=", 1)[0]
+    if key in ("file", "uri"):
+        return key
+    overlay = next(p for p in params if p.startswith("overlay="))[len("overlay="):]
+    try:
+        from cow import overlayfile
+        recorded = overlayfile.recorded_backing(overlay)
+    except (OSError, ValueError):
+        return "file"           # the plugin reports what is wrong with it
+    return "file" if isinstance(recorded, str) and "://" not in recorded else "uri"
 
 
 def main(argv=None):

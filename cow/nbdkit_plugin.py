@@ -2,10 +2,13 @@
 
     nbdkit python PATH-TO-THIS-FILE file=BACKING | uri=nbd://...
                  [cow-block-size=N] [cow-on-read=false|true|/PATH] [cow-on-cache=false|true]
+                 [overlay=FILE [overlay-backing-changed=refuse|accept]]
 
 `python -m cow.nbdkit --print-plugin-path` prints PATH-TO-THIS-FILE.  The parameters have the names,
 defaults and meanings of nbdkit's cow filter (nbdkit-cow-filter(1)).  One engine, created at start-up,
 serves every connection, so all clients share one overlay; the backing is opened read-only.
+overlay=FILE keeps the overlay in FILE, as python -m cow.server --overlay FILE does (file= and uri=
+may then be left out: FILE records its backing); FILE is locked, and flushed at FLUSH, FUA and exit.
 
 nbdkit runs this file as `__main__` with neither its folder nor any virtual environment on sys.path,
 so it imports nothing relative: it adds the site-packages folder of the environment it belongs to
@@ -70,6 +73,7 @@ site.addsitedir(_SITE_DIR)
 import nbdkit  # noqa: E402  (the module nbdkit's python plugin provides)
 
 try:
+    from cow import overlayfile  # noqa: E402
     from cow.engine import Engine, parse_block_size  # noqa: E402
 except ImportError as exc:
     # An editable install rebuilds on import; a failed build's log is in the exception's notes.
@@ -84,7 +88,8 @@ class ConfigError(Exception):
     """A missing or bad parameter: reported by nbdkit as one error line at start-up."""
 
 
-_PARAMETERS = ("file", "uri", "cow-block-size", "cow-on-read", "cow-on-cache")
+_PARAMETERS = ("file", "uri", "cow-block-size", "cow-on-read", "cow-on-cache", "overlay",
+               "overlay-backing-changed")
 _TRUE = ("1", "true", "t", "yes", "y", "on")
 _FALSE = ("0", "false", "f", "no", "n", "off")
 
@@ -117,9 +122,25 @@ def _engine_arguments(params):
         raise ConfigError(
             f"unknown parameter {unknown[0]}={params[unknown[0]]} "
             f"(known: {', '.join(p + '=' for p in _PARAMETERS)})")
-    if ("file" in params) == ("uri" in params):
-        raise ConfigError("give the backing as exactly one of file=PATH or uri=nbd://...")
-    if "file" in params:
+    overlay = None
+    if "overlay" in params:
+        if not params["overlay"]:
+            raise ConfigError("overlay=: the overlay path is empty")
+        # Absolute: nbdkit may change directory to / when it forks into the background.
+        overlay = os.path.abspath(params["overlay"])
+    if "file" in params and "uri" in params or not ("file" in params or "uri" in params
+                                                    or overlay is not None):
+        raise ConfigError("give the backing as exactly one of file=PATH or uri=nbd://... (or "
+                          "overlay=FILE alone, which records its backing)")
+    if "file" not in params and "uri" not in params:
+        try:
+            backing = overlayfile.recorded_backing(overlay)
+        except FileNotFoundError:
+            raise ConfigError(f"overlay={params['overlay']}: no such overlay yet; give file= or "
+                              f"uri= to make it over") from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"overlay={params['overlay']}: {exc}") from None
+    elif "file" in params:
         if not params["file"]:
             raise ConfigError("file=: the backing path is empty")
         # nbdkit may change directory to / when it forks into the background.
@@ -140,6 +161,14 @@ def _engine_arguments(params):
         kwargs["cow_on_read"] = _parse_cow_on_read(params["cow-on-read"])
     if "cow-on-cache" in params:
         kwargs["cow_on_cache"] = _parse_bool("cow-on-cache", params["cow-on-cache"])
+    if overlay is not None:
+        kwargs["overlay"] = overlay
+        changed = params.get("overlay-backing-changed", "refuse")
+        if changed not in overlayfile.BACKING_CHANGED_CHOICES:
+            raise ConfigError(f"overlay-backing-changed={changed}: expected refuse or accept")
+        kwargs["backing_changed"] = changed
+    elif "overlay-backing-changed" in params:
+        raise ConfigError("overlay-backing-changed= goes with overlay=FILE")
     return backing, kwargs
 
 
@@ -172,7 +201,10 @@ def config_complete():
     except ConfigError as exc:
         _fail_at_start_up(exc)
     except (OSError, ValueError) as exc:
-        key = "file" if "file" in _params else "uri"
+        # An overlay's refusal names the overlay; anything else, the backing.
+        keys = ("overlay", "file", "uri") if isinstance(exc, overlayfile.OverlayError) \
+            else ("file", "uri", "overlay")
+        key = next(k for k in keys if k in _params)
         _fail_at_start_up(ConfigError(f"{key}={_params[key]}: {exc}"))
 
 
