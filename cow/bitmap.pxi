@@ -212,6 +212,14 @@ cdef int bitmap_resize(bitmap_t *bm, uint64_t nblocks) noexcept nogil:
     while bm.nrblocks > nblocks:
         bm.nrblocks -= 1
         bitmap_set_blk(bm, bm.nrblocks, BLOCK_NOT_ALLOCATED)
+    # The bits first: an absurd size fails here, before the dirty-page map (a 2**15th of it)
+    # is grown and cleared, which overcommitted memory would allow.
+    # 8 spare bytes: bitmap_run_end reads whole words.
+    p = <uint8_t *>realloc(bm.bits, nbytes + 8)
+    if p == NULL:
+        pthread_mutex_unlock(&bm.lock)
+        return -ENOMEM
+    bm.bits = p         # larger or not, nbytes still says what is valid
     p = <uint8_t *>realloc(bm.dirty, dirty_nbytes + 1)
     if p == NULL:
         pthread_mutex_unlock(&bm.lock)
@@ -223,11 +231,7 @@ cdef int bitmap_resize(bitmap_t *bm, uint64_t nblocks) noexcept nogil:
     p[dirty_nbytes] = 0
     bm.dirty = p
     bm.dirty_nbytes = dirty_nbytes
-    # 8 spare bytes: bitmap_run_end reads whole words.
-    p = <uint8_t *>realloc(bm.bits, nbytes + 8)
-    if p == NULL:
-        pthread_mutex_unlock(&bm.lock)
-        return -ENOMEM
+    p = bm.bits
     if nbytes > bm.nbytes:
         memset(p + bm.nbytes, 0, nbytes - bm.nbytes)
     memset(p + nbytes, 0, 8)
