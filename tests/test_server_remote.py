@@ -161,3 +161,25 @@ def test_backing_killed_mid_copy(tmp_path):
             h2.shutdown()
             log = proc.log_path.read_text()
             assert "backing connection broke" in log and back in log, log
+
+
+def test_shim_keeps_a_slow_backing_busy(nbdkit, tmp_path):
+    """The nbdkit shim over a backing without multi-conn: nbdkit's threads each wait for their
+    own backing read, all on the engine's one libnbd handle, so a client's 16 reads in flight
+    are (nearly) all in flight at the backing."""
+    from support_shim import run_shim
+
+    log = tmp_path / "backing.log"
+    back = nbdkit("-t", "64", "--filter=log", "--filter=multi-conn", "--filter=delay",
+                  "pattern", "64M", f"logfile={log}", "rdelay=500ms", "multi-conn-mode=disable")
+    with run_shim(back, tmp_path / "shim.sock") as server:
+        h = connect(server.uri)
+        bufs = [(i * 65536, nbd.Buffer(65536)) for i in range(16)]
+        cookies = [h.aio_pread(b, off) for off, b in bufs]
+        while h.aio_in_flight() > 0:
+            h.poll(-1)
+        assert all(h.aio_command_completed(c) for c in cookies)
+        assert all(b.to_bytearray()[:8] == off.to_bytes(8, "big") for off, b in bufs)
+        h.shutdown()
+    assert len(re.findall(r"connection=\d+ Connect ", log.read_text())) == 1
+    assert max_in_flight(log) >= 12, "the shim's backing reads waited for each other"
