@@ -30,6 +30,7 @@ from cow.server import (
     LARGE_REQUEST,
     LARGE_WORKERS,
     MAX_QUEUED_PER_CONNECTION,
+    OneEngine,
     Server,
 )
 
@@ -507,7 +508,8 @@ def _main(args, cleanup: list) -> int:
     description = "built-in sample disk" if sample_note else f"copy-on-write view of {backing}"
     export = P.Export(size=engine.size, name=args.exportname, description=description,
                       readonly=args.readonly, preferred_block_size=engine.block_size)
-    server = Server(engine, export, workers=args.threads, verbose=args.verbose, tls=tls,
+    server = Server(OneEngine(engine, export), slow_backing=engine.backing_is_nbd,
+                    workers=args.threads, verbose=args.verbose, tls=tls,
                     max_connections=args.max_connections,
                     handshake_timeout=args.handshake_timeout)
 

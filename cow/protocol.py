@@ -21,6 +21,13 @@ with :meth:`ServerConnection.decode_request`, validates it with
 features: the NBD error to reply with, or 0), does the work, and encodes the
 reply with the ``*_reply`` methods.
 
+What the server offers is an :class:`Exports` catalog, asked by name: one :class:`Export`
+(:class:`SingleExport`, the export under its name and as the default ""), or many (a view per
+export name, cow/views.py).  NBD_OPT_INFO and the meta context options only look a name up;
+NBD_OPT_GO and NBD_OPT_EXPORT_NAME acquire it, and the handle the catalog gives is the
+caller's to release when the connection ends; a name the catalog refuses gets the error
+reply it chose (EXPORT_NAME, which cannot be refused, hangs up).
+
 Wire constants keep the spelling of the NBD specification.
 """
 
@@ -273,6 +280,58 @@ class Export:
         return 1, preferred, self.max_payload
 
 
+class Refused(Exception):
+    """An export name the server will not serve now: the option's error reply type
+    (NBD_REP_ERR_UNKNOWN, _INVALID, _POLICY...) and a message for the client."""
+
+    def __init__(self, reply_type: int, message: str):
+        super().__init__(message)
+        self.reply_type = reply_type
+
+
+class Exports:
+    """What a server offers, by export name: the interface ServerConnection asks.
+
+    ``lookup(name)``: the Export a client would get for name (NBD_OPT_INFO, the meta context
+    options), without opening or creating anything.  ``acquire(name)``: the Export and a handle
+    for transmission (NBD_OPT_GO, NBD_OPT_EXPORT_NAME); it may open or create what serves the
+    name, and the caller gives the handle back with ``release(handle)`` when the connection ends.
+    ``listing()``: (name, description) pairs for NBD_OPT_LIST.  lookup and acquire raise
+    :class:`Refused` for a name they will not serve."""
+
+    def lookup(self, name: str) -> Export:
+        raise NotImplementedError
+
+    def acquire(self, name: str) -> tuple[Export, object]:
+        raise NotImplementedError
+
+    def release(self, handle: object) -> None:
+        pass
+
+    def listing(self) -> list[tuple[str, str]]:
+        return []
+
+
+class SingleExport(Exports):
+    """One export, under its name and as the default export "" (``handle``: what acquire gives
+    every connection)."""
+
+    def __init__(self, export: Export, handle: object = None):
+        self.export = export
+        self.handle = handle
+
+    def lookup(self, name: str) -> Export:
+        if not self.export.matches(name):
+            raise Refused(NBD_REP_ERR_UNKNOWN, f"unknown export {name!r}")
+        return self.export
+
+    def acquire(self, name: str) -> tuple[Export, object]:
+        return self.lookup(name), self.handle
+
+    def listing(self) -> list[tuple[str, str]]:
+        return [(self.export.name, self.export.description)]
+
+
 class _Malformed(Exception):
     """Option data that does not parse: NBD_REP_ERR_INVALID."""
 
@@ -361,10 +420,18 @@ class ServerConnection:
     ABORT gets NBD_REP_ERR_TLS_REQD (EXPORT_NAME, which cannot be refused, closes).
     """
 
-    def __init__(self, export: Export, *, max_options: int = MAX_OPTIONS, tls: str = "off"):
+    def __init__(self, exports: Export | Exports, *, max_options: int = MAX_OPTIONS,
+                 tls: str = "off"):
         if tls not in TLS_MODES:
             raise ValueError(f"tls must be one of {TLS_MODES}, not {tls!r}")
-        self.export = export
+        if isinstance(exports, Export):
+            exports = SingleExport(exports)
+        self.exports = exports
+        # The export chosen by GO or EXPORT_NAME, and the handle its acquire gave (the caller
+        # releases it when the connection ends).  Until then: the single export, if that is
+        # what the server offers (its size and limits), else None.
+        self.export: Export | None = getattr(exports, "export", None)
+        self.handle: object = None
         self.tls_mode = tls
         self.tls_active = False  # the TLS handshake has completed on this connection
         self.phase = Phase.HANDSHAKE
@@ -375,9 +442,11 @@ class ServerConnection:
         self.structured_replies = False
         self.meta_contexts: dict[int, str] = {}  # selected contexts: id -> name
         self.transmission_flags = 0
-        self.size = export.size
-        self.readonly = export.readonly
-        self.max_payload = export.max_payload
+        self.size = 0
+        self.readonly = False
+        self.max_payload = DEFAULT_MAX_PAYLOAD
+        if self.export is not None:
+            self._take(self.export)
         self._pending_option: tuple[int, int] | None = None  # (option, length) awaiting data
         self._skip_left = 0  # bytes of the pending option's data still to drop (too long)
         self.shutting_down = False  # see begin_shutdown
@@ -504,10 +573,18 @@ class ServerConnection:
     def _error(option: int, reply_type: int, message: str) -> bytes:
         return option_reply(option, reply_type, wire_string(message))
 
-    def _enter_transmission(self, name: str) -> None:
+    def _take(self, export: Export) -> None:
+        self.export = export
+        self.size = export.size
+        self.readonly = export.readonly
+        self.max_payload = export.max_payload
+
+    def _enter_transmission(self, name: str, export: Export, handle: object) -> None:
+        self._take(export)
+        self.handle = handle
         self.phase = Phase.TRANSMISSION
         self.export_name = name
-        self.transmission_flags = self.export.transmission_flags(self.structured_replies)
+        self.transmission_flags = export.transmission_flags(self.structured_replies)
 
     def _opt_export_name(self, data: bytes) -> Output:
         try:
@@ -515,9 +592,11 @@ class ServerConnection:
             name = cur.string(len(data))
         except _Malformed as e:
             return self._close(f"EXPORT_NAME: {e}")
-        if not self.export.matches(name):
-            return self._close(f"EXPORT_NAME: unknown export {name!r}")
-        self._enter_transmission(name)
+        try:
+            export, handle = self.exports.acquire(name)
+        except Refused as e:    # EXPORT_NAME cannot be refused: hang up
+            return self._close(f"EXPORT_NAME {name!r}: {e}")
+        self._enter_transmission(name, export, handle)
         reply = _EXPORT_NAME_REPLY.pack(self.size, self.transmission_flags)
         if not self.no_zeroes:
             reply += bytes(124)
@@ -529,10 +608,13 @@ class ServerConnection:
     def _opt_list(self, option: int, data: bytes) -> Output:
         if data:
             raise _Malformed("LIST takes no data")
-        name = self.export.name.encode()
-        entry = _U32.pack(len(name)) + name + wire_string(self.export.description)
-        return Output(option_reply(option, NBD_REP_SERVER, entry)
-                      + option_reply(option, NBD_REP_ACK))
+        out = []
+        for name, description in self.exports.listing():
+            raw = name.encode()
+            out.append(option_reply(option, NBD_REP_SERVER,
+                                    _U32.pack(len(raw)) + raw + wire_string(description)))
+        out.append(option_reply(option, NBD_REP_ACK))
+        return Output(b"".join(out))
 
     def _opt_starttls(self, option: int, data: bytes) -> Output:
         if data:
@@ -564,23 +646,29 @@ class ServerConnection:
         name = cur.string(cur.u32())
         requests = [cur.u16() for _ in range(cur.u16())]
         cur.end()
-        if not self.export.matches(name):
-            return Output(self._error(option, NBD_REP_ERR_UNKNOWN, f"unknown export {name!r}"))
-        flags = self.export.transmission_flags(self.structured_replies)
+        handle = None
+        try:
+            if option == NBD_OPT_GO:
+                export, handle = self.exports.acquire(name)
+            else:
+                export = self.exports.lookup(name)
+        except Refused as e:
+            return Output(self._error(option, e.reply_type, str(e)))
+        flags = export.transmission_flags(self.structured_replies)
         out = [option_reply(option, NBD_REP_INFO,
-                            _INFO_EXPORT.pack(NBD_INFO_EXPORT, self.size, flags))]
+                            _INFO_EXPORT.pack(NBD_INFO_EXPORT, export.size, flags))]
         if NBD_INFO_NAME in requests:
             out.append(option_reply(option, NBD_REP_INFO,
-                                    _U16.pack(NBD_INFO_NAME) + self.export.name.encode()))
+                                    _U16.pack(NBD_INFO_NAME) + export.name.encode()))
         if NBD_INFO_DESCRIPTION in requests:
             out.append(option_reply(option, NBD_REP_INFO, _U16.pack(NBD_INFO_DESCRIPTION)
-                                    + wire_string(self.export.description)))
+                                    + wire_string(export.description)))
         # Sent whether asked for or not (as nbdkit does): clients that did not ask ignore it.
-        block_size = _INFO_BLOCK_SIZE.pack(NBD_INFO_BLOCK_SIZE, *self.export.block_size())
+        block_size = _INFO_BLOCK_SIZE.pack(NBD_INFO_BLOCK_SIZE, *export.block_size())
         out.append(option_reply(option, NBD_REP_INFO, block_size))
         out.append(option_reply(option, NBD_REP_ACK))
         if option == NBD_OPT_GO:
-            self._enter_transmission(name)
+            self._enter_transmission(name, export, handle)
             return Output(b"".join(out), Action.TRANSMISSION)
         return Output(b"".join(out))
 
@@ -592,17 +680,19 @@ class ServerConnection:
         if not self.structured_replies:
             return Output(self._error(option, NBD_REP_ERR_INVALID,
                                       "meta contexts need structured replies first"))
-        if not self.export.matches(name):
-            return Output(self._error(option, NBD_REP_ERR_UNKNOWN, f"unknown export {name!r}"))
+        try:
+            export = self.exports.lookup(name)
+        except Refused as e:
+            return Output(self._error(option, e.reply_type, str(e)))
         out = []
         if option == NBD_OPT_LIST_META_CONTEXT:
-            for ctx in self.export.contexts:
+            for ctx in export.contexts:
                 if not queries or any(q == ctx or (q.endswith(":") and ctx.startswith(q))
                                       for q in queries):
                     out.append(option_reply(option, NBD_REP_META_CONTEXT,
                                             _U32.pack(0) + ctx.encode()))
         else:  # SET: the selection was cleared in _option
-            for ctx in self.export.contexts:
+            for ctx in export.contexts:
                 if ctx in queries:
                     cid = META_CONTEXT_IDS[ctx]
                     self.meta_contexts[cid] = ctx

@@ -333,11 +333,11 @@ def _sendmsg_all(sock: socket.socket, buffers: list) -> None:
 class _Connection:
     def __init__(self, server: Server, sock: socket.socket, conn_id: int):
         self.server = server
-        self.engine = server.engine
+        self.engine = None  # the engine of the view the client chose (at GO or EXPORT_NAME)
         self.sock = sock
         self.id = conn_id
         self.rx = _Receiver(sock)
-        self.proto = P.ServerConnection(server.export, tls=server.tls.mode)
+        self.proto = P.ServerConnection(server.exports, tls=server.tls.mode)
         self.send_lock = threading.Lock()
         self.verbose = server.verbose
         self.broken = False
@@ -385,7 +385,24 @@ class _Connection:
                 self.reads.close()  # the replier sends what is still coming, then returns
                 self.replier.join()
             self._close(linger)
+            self._release_view()
             self.server._forget(self)
+
+    def _release_view(self) -> None:
+        """Give back the view chosen at GO, once nothing of ours runs in its engine any more
+        (the last client of a view flushes and closes it)."""
+        handle, self.proto.handle = self.proto.handle, None
+        self.engine = None
+        if handle is None:
+            return
+        try:
+            self.server.exports.release(handle)
+        except OSError as e:
+            log.error("connection %d: closing view %s: %s; its changes since the last flush may "
+                      "be lost", self.id, self.proto.export_name, e.strerror or e)
+        except Exception:  # our bug: this connection is over anyway
+            log.error("connection %d: internal error releasing its view:\n%s", self.id,
+                      traceback.format_exc())
 
     def _close(self, linger: bool) -> None:
         """Close the socket, TLS session first, without losing replies the client has not
@@ -469,9 +486,11 @@ class _Connection:
                 log.info("connection %d: handshake ended: %s", self.id, out.reason)
                 return False
             if out.action is P.Action.TRANSMISSION:
+                self.engine = self.server.exports.engine_of(proto.handle)
                 if self.verbose:
-                    log.info("connection %d: transmission (structured replies %s, contexts %s)",
-                             self.id, proto.structured_replies,
+                    log.info("connection %d: transmission to %r (structured replies %s, "
+                             "contexts %s)", self.id, proto.export.name,
+                             proto.structured_replies,
                              ",".join(proto.meta_contexts.values()) or "none")
                 return True
             if out.action is P.Action.STARTTLS:
@@ -882,19 +901,33 @@ class _Workers:
 
 # ---- the server ------------------------------------------------------------------------------
 
-class Server:
-    """Accepts connections on one or more listening sockets and serves each in a thread."""
+class OneEngine(P.SingleExport):
+    """Today's server: one engine behind one export (its name, and the default export "")."""
 
-    def __init__(self, engine, export: P.Export, *, workers: int = 0,
+    def __init__(self, engine, export: P.Export):
+        super().__init__(export, engine)
+
+    def engine_of(self, handle):
+        return handle
+
+
+class Server:
+    """Accepts connections on one or more listening sockets and serves each in a thread.
+
+    ``exports``: what the server offers by name (cow.protocol.Exports) with ``engine_of(handle)``,
+    the engine of the handle its acquire gave: :class:`OneEngine`, or cow.views' ViewExports
+    (a view per name).  ``slow_backing``: the backing is an NBD server (requests that wait for it
+    go to workers)."""
+
+    def __init__(self, exports, *, slow_backing: bool, workers: int = 0,
                  verbose: bool = False, tls=None, max_connections: int = 0,
                  handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT):
         from cow.tls import TLSSettings
 
-        self.engine = engine
-        self.export = export
+        self.exports = exports
         self.read_buffers = _BufferPool()  # shared by the connections
         # Requests wait for an NBD backing (over a network, or a process): hand those over.
-        self.slow_backing = engine.backing_is_nbd
+        self.slow_backing = slow_backing
         self.max_workers = workers or (MAX_QUEUED_PER_CONNECTION if self.slow_backing
                                        else LARGE_WORKERS)
         self.verbose = verbose

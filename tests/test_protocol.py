@@ -550,3 +550,92 @@ def test_error_chunk_message_is_cut_on_a_character_boundary(shift):
     err, msglen = struct.unpack_from(">IH", data, 20)
     assert P.MAX_STRING - 3 < msglen <= P.MAX_STRING
     data[26:26 + msglen].decode("utf-8")
+
+
+# ---- export catalogs: a server that offers many exports by name ---------------------------------
+
+class Catalog(P.Exports):
+    """Exports "a" and "b" with sizes of their own; acquire and release are counted."""
+
+    def __init__(self):
+        self.acquired = []
+        self.looked_up = []
+
+    def _export(self, name):
+        if name not in ("a", "b"):
+            raise P.Refused(P.NBD_REP_ERR_UNKNOWN if name != "../x" else P.NBD_REP_ERR_INVALID,
+                            f"no export {name!r}")
+        return Export(size=SIZE * (2 if name == "b" else 1), name=name, description=f"view {name}",
+                      readonly=name == "b")
+
+    def lookup(self, name):
+        self.looked_up.append(name)
+        return self._export(name)
+
+    def acquire(self, name):
+        export = self._export(name)
+        self.acquired.append(name)
+        return export, f"handle-{name}"
+
+    def listing(self):
+        return [(n, f"view {n}") for n in ("a", "b")] + [(f"v{i}", "") for i in range(500)]
+
+
+def test_catalog_info_looks_up_without_acquiring():
+    cat = Catalog()
+    conn = connect(cat)
+    assert conn.export is None
+    reps = replies(send_option(conn, P.NBD_OPT_INFO, P.pack_info_go_data(
+        "b", (P.NBD_INFO_NAME, P.NBD_INFO_DESCRIPTION))))
+    info = info_by_type(reps)
+    assert struct.unpack(">QH", info[P.NBD_INFO_EXPORT])[0] == 2 * SIZE
+    assert info[P.NBD_INFO_DESCRIPTION] == b"view b"
+    assert cat.looked_up == ["b"] and cat.acquired == [] and conn.handle is None
+
+
+def test_catalog_go_acquires_and_takes_the_exports_size_and_flags():
+    cat = Catalog()
+    conn = connect(cat)
+    out = go(conn, "b")
+    assert out.action is Action.TRANSMISSION
+    assert cat.acquired == ["b"] and conn.handle == "handle-b"
+    assert conn.export.name == "b" and conn.size == 2 * SIZE and conn.readonly
+    assert conn.transmission_flags & P.NBD_FLAG_READ_ONLY
+    assert conn.check_request(P.NBD_CMD_READ, 0, 2 * SIZE - 512, 512) == 0
+    assert conn.check_request(P.NBD_CMD_WRITE, 0, 0, 512) == P.NBD_EPERM
+
+
+@pytest.mark.parametrize("name, reply", [("zz", P.NBD_REP_ERR_UNKNOWN),
+                                         ("../x", P.NBD_REP_ERR_INVALID)])
+def test_catalog_refusals_keep_the_client_haggling(name, reply):
+    cat = Catalog()
+    conn = connect(cat)
+    send_option(conn, P.NBD_OPT_STRUCTURED_REPLY)
+    for option, data in [(P.NBD_OPT_GO, P.pack_info_go_data(name)),
+                         (P.NBD_OPT_INFO, P.pack_info_go_data(name)),
+                         (P.NBD_OPT_SET_META_CONTEXT, P.pack_meta_context_data(
+                             name, ("base:allocation",))),
+                         (P.NBD_OPT_LIST_META_CONTEXT, P.pack_meta_context_data(name))]:
+        [r] = replies(send_option(conn, option, data))
+        assert r.reply_type == reply and name.encode() in r.data
+        assert conn.phase is Phase.OPTIONS
+    assert cat.acquired == [] and conn.handle is None
+    assert go(conn, "a").action is Action.TRANSMISSION and conn.handle == "handle-a"
+
+
+def test_catalog_export_name_refused_hangs_up():
+    conn = connect(Catalog())
+    out = send_option(conn, P.NBD_OPT_EXPORT_NAME, b"zz")
+    assert out.action is Action.CLOSE and "zz" in out.reason and conn.handle is None
+
+
+def test_catalog_list_sends_every_export():
+    conn = connect(Catalog())
+    reps = replies(send_option(conn, P.NBD_OPT_LIST))
+    assert reps[-1].reply_type == P.NBD_REP_ACK
+    names = []
+    for r in reps[:-1]:
+        assert r.reply_type == P.NBD_REP_SERVER
+        (n,) = struct.unpack_from(">I", r.data)
+        names.append((r.data[4:4 + n].decode(), r.data[4 + n:].decode()))
+    assert names[:2] == [("a", "view a"), ("b", "view b")] and len(names) == 502
