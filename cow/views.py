@@ -1,0 +1,509 @@
+"""Many writable views of one backing: a view per export name, opened on use, closed when idle.
+
+    views = ViewSet(Backing(path), directory="/var/lib/cow/views")   # or temporary="keep"
+    view = views.acquire("ci-42")        # opens (or creates) DIR/ci-42.cow; view.engine serves it
+    ...                                  # every connection to "ci-42" gets the same view
+    views.release(view)                  # the last one out flushes and closes it
+
+A view is an Engine over the shared backing (one Backing, opened once, passed to every engine)
+and its own overlay: a persistent overlay file ``DIR/NAME.cow`` (the format of ``--overlay``,
+cow/overlayfile.py), or a temporary one.  A view no client holds costs nothing: no open file, no
+bitmap.  It is opened when its first client arrives and flushed and closed when its last one
+leaves (a temporary view with ``temporary="keep"`` stays open until close_all, as nbdkit's cow
+filter keeps one overlay per export name; with ``"discard"`` its changes go with its last
+client).
+
+Names come from the network: only ``[A-Za-z0-9][A-Za-z0-9._-]*``, at most MAX_NAME bytes, so a
+name is never a path, never hidden, never an option, and maps to exactly one file.  Everything a
+view refuses is a ViewError whose ``kind`` says why (a bad name, no such view, the cap, or the
+view cannot be opened now): cow/server.py turns it into the NBD reply a client understands, the
+nbdkit shim into an errno.
+
+Concurrency: a view is OPENING, OPEN or CLOSING.  A client that finds it OPENING or CLOSING waits
+until it settles, then joins the open view or opens it again once closed, so that a client
+arriving while the last one leaves never sees a half-closed view, and the file's lock is never
+taken twice.  Opening and closing (file creation, fsync, the final flush) run outside the set's
+lock: other names open and close meanwhile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import stat
+import threading
+
+from cow import overlayfile
+from cow import protocol as P
+from cow.backing import Backing
+from cow.engine import Engine
+
+log = logging.getLogger("cow.views")
+
+MAX_NAME = 128                      # bytes (and characters: the set is ASCII)
+SUFFIX = ".cow"                     # DIR/NAME.cow
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+TEMPORARY_MODES = ("keep", "discard")
+
+# ViewError kinds
+BAD_NAME = "bad-name"               # not a name this server accepts (never a view)
+NO_SUCH_VIEW = "no-such-view"       # it does not exist and will not be created (-r, no default)
+LIMIT = "limit"                     # a new view beyond max_views
+UNAVAILABLE = "unavailable"         # exists, but cannot be opened now (busy, corrupt, I/O error)
+
+
+class ViewError(Exception):
+    """A view that will not be served; ``kind`` is one of the kinds above, the message one line
+    for the client."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def name_problem(name: object) -> str | None:
+    """Why name cannot be a view's name, or None if it can."""
+    if not isinstance(name, str):
+        return "an export name is a string"
+    if name == "":
+        return "the empty name is not a view"
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return "an export name must be UTF-8"
+    if len(raw) > MAX_NAME:
+        return f"a view name is at most {MAX_NAME} bytes, not {len(raw)}"
+    if not _NAME.fullmatch(name):
+        if name[0] in "._-":
+            return "a view name starts with a letter or a digit"
+        return ("a view name has only letters, digits, '.', '_' and '-' (ASCII; no '/', no "
+                "spaces)")
+    return None
+
+
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+OPENING, OPEN, CLOSING, CLOSED = "opening", "open", "closing", "closed"
+
+
+@dataclasses.dataclass(eq=False)
+class View:
+    """One name's view.  ``engine`` serves it while it is OPEN; ``clients`` hold it."""
+
+    name: str
+    engine: Engine | None = None
+    clients: int = 0
+    state: str = OPEN
+    created: bool = False           # its overlay file was made by this open
+    ready: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+    gone: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
+
+    @property
+    def size(self) -> int:
+        return self.engine.size
+
+    @property
+    def block_size(self) -> int:
+        return self.engine.block_size
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewInfo:
+    """What a client may learn of a view without opening it (NBD_OPT_INFO, NBD_OPT_LIST)."""
+
+    name: str
+    exists: bool
+    block_size: int
+    description: str
+
+
+class ViewSet:
+    """The views of one backing.
+
+    backing: an open Backing, shared by every view (the caller closes it, after close_all()).
+    directory: keep each view in directory/NAME.cow (persistent); or temporary="keep"|"discard"
+    for temporary overlays (in engine_kwargs' tmpdir).  readonly: open existing views read-only
+    and create none.  max_views: most views that may exist (0: no cap); a new name beyond it is
+    refused.  default: the view the empty name "" means (None: "" is refused).
+    engine_kwargs: the rest of Engine's options (block_size applies to new views only: an
+    existing overlay keeps its own).  remove_unchanged: remove a view's file again at its close
+    when this server created it and nothing was ever written to it (the nbdkit shim: nbdkit opens
+    the plugin for NBD_OPT_INFO as for NBD_OPT_GO, so an INFO would otherwise create the view).
+    """
+
+    def __init__(self, backing: Backing, *, directory: str | None = None,
+                 temporary: str | None = None, readonly: bool = False, max_views: int = 0,
+                 default: str | None = None, engine_kwargs: dict | None = None,
+                 remove_unchanged: bool = False):
+        if (directory is None) == (temporary is None):
+            raise ValueError("give exactly one of directory and temporary")
+        if temporary is not None and temporary not in TEMPORARY_MODES:
+            raise ValueError(f"temporary must be one of {TEMPORARY_MODES}, not {temporary!r}")
+        if temporary is not None and readonly:
+            raise ValueError("read-only temporary views would all be the backing itself")
+        if default is not None and (why := name_problem(default)):
+            raise ValueError(f"default view {default!r}: {why}")
+        if max_views < 0:
+            raise ValueError("max_views is a number >= 0")
+        self.backing = backing
+        self.directory = None if directory is None else os.path.abspath(directory)
+        self.temporary = temporary
+        self.readonly = readonly
+        self.max_views = max_views
+        self.default = default
+        self.remove_unchanged = remove_unchanged
+        kw = dict(engine_kwargs or {})
+        for key in ("overlay", "readonly"):
+            if key in kw:
+                raise ValueError(f"engine_kwargs: {key} is the view set's to choose")
+        if self.directory is not None and "tmpdir" in kw:
+            raise ValueError("engine_kwargs: tmpdir is for temporary views")
+        self.engine_kwargs = kw
+        self.size = backing.size
+        self._lock = threading.Lock()
+        self._views: dict[str, View] = {}
+        self._known: set[str] | None = None     # names with a file in directory (lazily)
+        self._changed: dict[str, tuple[int, int, int]] = {}  # name -> (bytes, ino, mtime_ns)
+        self._closed = False
+
+    # -- names and what exists -----------------------------------------------------------------
+
+    def resolve(self, name: str) -> str:
+        """The view a requested export name means ("" is the default view); ViewError if none."""
+        if name == "":
+            if self.default is None:
+                raise ViewError(NO_SUCH_VIEW, "this server has a view per export name and no "
+                                              "default view: ask for a view by name")
+            return self.default
+        why = name_problem(name)
+        if why:
+            raise ViewError(BAD_NAME, f"invalid view name: {why}")
+        return name
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.directory, name + SUFFIX)
+
+    def _file_exists(self, name: str) -> bool:
+        path = self.path(name)
+        if os.path.exists(path):
+            return True
+        if os.path.lexists(path):
+            raise ViewError(UNAVAILABLE, f"view {name}: {name}{SUFFIX} is a dangling symlink")
+        return False
+
+    def _scan(self) -> dict[str, os.DirEntry]:
+        """The views in directory, by name (files DIR/NAME.cow with a valid NAME)."""
+        found = {}
+        with os.scandir(self.directory) as it:
+            for entry in it:
+                if not entry.name.endswith(SUFFIX):
+                    continue
+                name = entry.name[:-len(SUFFIX)]
+                if name_problem(name) is None:
+                    try:
+                        if entry.is_file():
+                            found[name] = entry
+                    except OSError:
+                        pass
+        return found
+
+    def _count(self, rescan: bool) -> int:
+        """Views that exist (with the set's lock held): files, and views being made."""
+        if self.temporary is not None:
+            return len(self._views)
+        if self._known is None or rescan:
+            self._known = set(self._scan())
+        return len(self._known | set(self._views))
+
+    def _over_cap(self) -> bool:
+        """Would one more view pass max_views?  (With the lock held.)  The set of files is known
+        from a scan, kept up to date as views are made; files removed or added behind our back
+        (rm, python -m cow.overlay fork) are noticed by a fresh scan before refusing."""
+        if not self.max_views:
+            return False
+        return self._count(False) >= self.max_views and self._count(True) >= self.max_views
+
+    def probe(self, name: str) -> ViewInfo:
+        """What a client would get for name, without opening or creating anything: ViewError
+        for a name that acquire() would refuse before trying to open it."""
+        name = self.resolve(name)
+        with self._lock:
+            view = self._views.get(name)
+            if view is not None and view.state == OPEN:
+                return ViewInfo(name, True, view.engine.block_size, self._describe_open(view))
+        if self.temporary is not None:
+            exists = False
+        else:
+            exists = self._file_exists(name)
+        if not exists:
+            if self.readonly:
+                raise ViewError(NO_SUCH_VIEW, f"no view {name} (this server is read-only and "
+                                              f"creates none)")
+            with self._lock:
+                if name not in self._views and self._over_cap():
+                    raise self._limit_error()
+            return ViewInfo(name, False, self._new_block_size(), "new view, created on first "
+                                                                 "use")
+        block_size = self._new_block_size()
+        try:
+            fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                block_size = overlayfile.read_header(fd, self.path(name)).block_size
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            pass        # what acquire() will find out and say
+        return ViewInfo(name, True, block_size, self._describe_idle(name))
+
+    def _new_block_size(self) -> int:
+        return int(self.engine_kwargs.get("block_size") or 65536)
+
+    def _limit_error(self) -> ViewError:
+        return ViewError(LIMIT, f"this server holds its maximum of {self.max_views} views: no new "
+                                f"view can be made")
+
+    # -- opening and closing -------------------------------------------------------------------
+
+    def acquire(self, name: str) -> View:
+        """The open view for name (opened, or created, if need be), held until release(view).
+        ViewError if it is refused or cannot be opened."""
+        name = self.resolve(name)
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ViewError(UNAVAILABLE, "the server is shutting down")
+                view = self._views.get(name)
+                if view is None:
+                    exists = self.temporary is None and self._file_exists(name)
+                    if not exists:
+                        if self.readonly:
+                            raise ViewError(NO_SUCH_VIEW, f"no view {name} (this server is "
+                                                          f"read-only and creates none)")
+                        if self._over_cap():
+                            raise self._limit_error()
+                    view = self._views[name] = View(name, state=OPENING)
+                    break
+                if view.state == OPEN:
+                    view.clients += 1
+                    return view
+                wait_for = view.ready if view.state == OPENING else view.gone
+            wait_for.wait()     # opening or closing elsewhere: then join it, or open it anew
+        try:
+            engine = self._open_engine(name, exists)
+        except BaseException as e:
+            with self._lock:
+                del self._views[name]
+                view.state = CLOSED
+            view.ready.set()
+            view.gone.set()
+            if isinstance(e, overlayfile.OverlayBusy):
+                log.warning("view %s: %s", name, e)
+                raise ViewError(UNAVAILABLE, f"view {name} is in use by another process (see "
+                                             f"the server's log)") from None
+            if isinstance(e, overlayfile.OverlayError):
+                log.warning("view %s: %s", name, e)
+                raise ViewError(UNAVAILABLE, f"view {name}: {_strip_path(str(e), self)}") from None
+            if isinstance(e, OSError):
+                log.warning("view %s cannot be opened: %s", name, e)
+                raise ViewError(UNAVAILABLE, f"view {name} cannot be opened: "
+                                             f"{e.strerror or e}") from None
+            if isinstance(e, ValueError):
+                raise ViewError(UNAVAILABLE, f"view {name}: {e}") from None
+            raise
+        with self._lock:
+            view.engine = engine
+            view.created = not exists
+            view.clients = 1
+            view.state = OPEN
+            if self._known is not None and self.temporary is None:
+                self._known.add(name)
+        view.ready.set()
+        return view
+
+    def _open_engine(self, name: str, exists: bool) -> Engine:
+        kw = dict(self.engine_kwargs)
+        if self.temporary is None:
+            if exists:
+                kw.pop("block_size", None)      # an existing overlay keeps its own
+            kw.update(overlay=self.path(name), readonly=self.readonly)
+        return Engine(self.backing, **kw)
+
+    def release(self, view: View) -> None:
+        """A client of view is gone.  The last one flushes and closes the view (unless it is a
+        kept temporary view); OSError if that flush fails (the view is closed all the same)."""
+        with self._lock:
+            if view.state != OPEN or view.clients <= 0:
+                return          # closed by close_all meanwhile
+            view.clients -= 1
+            if view.clients or self.temporary == "keep":
+                return
+            view.state = CLOSING
+        self._close_view(view)
+
+    def _close_view(self, view: View) -> None:
+        engine = view.engine
+        unchanged = False
+        error = None
+        try:
+            st = engine.stats()
+            unchanged = (self.remove_unchanged and view.created and not st["allocated_blocks"]
+                         and not st["trimmed_blocks"])
+            changed = st["allocated_blocks"] * engine.block_size
+            engine.close()
+            if self.temporary is None:
+                path = self.path(view.name)
+                if unchanged:
+                    os.unlink(path)
+                else:
+                    st = os.stat(path)
+                    with self._lock:
+                        self._changed[view.name] = (min(changed, self.size), st.st_ino,
+                                                    st.st_mtime_ns)
+        except OSError as e:
+            error = e
+        finally:
+            with self._lock:
+                if self._views.get(view.name) is view:
+                    del self._views[view.name]
+                if unchanged and self._known is not None:
+                    self._known.discard(view.name)
+                view.state = CLOSED
+                view.engine = None
+            view.gone.set()
+        if error is not None:
+            raise error
+
+    def close_all(self) -> list[tuple[str, OSError]]:
+        """Close every open view (flushed first), held or not, and open no more: at shutdown,
+        once the connections are gone.  Returns the views whose final flush failed."""
+        with self._lock:
+            self._closed = True
+            views = [v for v in self._views.values() if v.state == OPEN]
+            for v in views:
+                v.state = CLOSING
+        failed = []
+        for v in views:
+            try:
+                self._close_view(v)
+            except OSError as e:
+                failed.append((v.name, e))
+        return failed
+
+    # -- what exists ---------------------------------------------------------------------------
+
+    def open_views(self) -> list[View]:
+        with self._lock:
+            return [v for v in self._views.values() if v.state == OPEN]
+
+    def count(self) -> int:
+        """Views that exist now (files in the directory, or live temporary views)."""
+        with self._lock:
+            return self._count(True)
+
+    def listing(self) -> list[tuple[str, str]]:
+        """(name, description) of every view that exists, by name: for NBD_OPT_LIST.  Open
+        views say how many clients hold them and how much they changed; idle ones what their
+        file uses on disk (or the bytes changed, as counted when this server last closed it)."""
+        with self._lock:
+            live = {name: v for name, v in self._views.items() if v.state == OPEN}
+            out = {name: self._describe_open(v) for name, v in live.items()}
+        if self.temporary is None:
+            try:
+                entries = self._scan()
+            except OSError as e:
+                log.warning("listing %s: %s", self.directory, e.strerror or e)
+                entries = {}
+            for name, entry in entries.items():
+                if name not in out:
+                    out[name] = self._describe_idle(name, entry)
+        return sorted(out.items())
+
+    def _describe_open(self, view: View) -> str:
+        st = view.engine.stats()
+        changed = min(st["allocated_blocks"] * view.engine.block_size, self.size)
+        who = f"{view.clients} client{'s' if view.clients != 1 else ''}" if view.clients \
+            else "idle"
+        kind = "temporary view" if self.temporary is not None else "view"
+        ro = ", read-only" if self.readonly else ""
+        return f"{kind}, {who}{ro}, {_human(changed)} changed"
+
+    def _describe_idle(self, name: str, entry: os.DirEntry | None = None) -> str:
+        try:
+            st = entry.stat() if entry is not None else os.stat(self.path(name))
+        except OSError as e:
+            return f"view, idle, unreadable: {e.strerror}"
+        ro = ", read-only" if self.readonly else ""
+        with self._lock:
+            known = self._changed.get(name)
+        if known is not None and known[1:] == (st.st_ino, st.st_mtime_ns):
+            return f"view, idle{ro}, {_human(known[0])} changed"
+        if not stat.S_ISREG(st.st_mode):
+            return "view, idle, not a regular file"
+        return f"view, idle{ro}, {_human(st.st_blocks * 512)} on disk"
+
+
+def _strip_path(message: str, views: ViewSet) -> str:
+    """An overlay error names the file by its path; a client is told the view's file name only
+    (the server's folders are none of its business)."""
+    if views.directory is not None:
+        message = message.replace(views.directory + os.sep, "")
+    return message
+
+
+# -- the NBD side: cow/server.py asks a ViewExports ---------------------------------------------
+
+_REPLY_FOR = {
+    BAD_NAME: P.NBD_REP_ERR_INVALID,        # not a name this server's syntax allows
+    NO_SUCH_VIEW: P.NBD_REP_ERR_UNKNOWN,    # "the chosen export does not exist on this server"
+    LIMIT: P.NBD_REP_ERR_POLICY,            # allowed by the syntax, forbidden by configuration
+    UNAVAILABLE: P.NBD_REP_ERR_UNKNOWN,     # "the requested export is not available"
+}
+
+
+class ViewExports(P.Exports):
+    """A ViewSet as the exports of cow.server: GO opens (or creates) the named view, INFO and
+    the meta context options only look, LIST lists the views that exist."""
+
+    def __init__(self, views: ViewSet, template: P.Export):
+        self.views = views
+        self.template = template        # size, read-only, limits: the same for every view
+
+    def _export(self, name: str, block_size: int, description: str) -> P.Export:
+        return dataclasses.replace(self.template, name=name, description=description,
+                                   preferred_block_size=block_size)
+
+    def lookup(self, name: str) -> P.Export:
+        try:
+            info = self.views.probe(name)
+        except ViewError as e:
+            raise P.Refused(_REPLY_FOR[e.kind], str(e)) from None
+        return self._export(info.name, info.block_size, info.description)
+
+    def acquire(self, name: str) -> tuple[P.Export, View]:
+        try:
+            view = self.views.acquire(name)
+        except ViewError as e:
+            raise P.Refused(_REPLY_FOR[e.kind], str(e)) from None
+        try:
+            description = self.views._describe_open(view)
+        except Exception:
+            self.views.release(view)
+            raise
+        return self._export(view.name, view.engine.block_size, description), view
+
+    def release(self, handle: View) -> None:
+        self.views.release(handle)
+
+    def engine_of(self, handle: View):
+        return handle.engine
+
+    def listing(self) -> list[tuple[str, str]]:
+        return self.views.listing()
