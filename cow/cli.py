@@ -40,6 +40,7 @@ DEFAULT_PORT = 10809
 DEFAULT_IPADDR = "127.0.0.1"
 SAMPLE_DISK_SIZE = 64 * 1024 * 1024
 LISTEN_BACKLOG = socket.SOMAXCONN  # the kernel caps it (net.core.somaxconn)
+_VIEW_NAME_MAX = 128  # cow.views.MAX_NAME (cow.views imports the engine: --help must not)
 
 
 EXAMPLES = """\
@@ -67,6 +68,11 @@ examples:
         keep the changes in vm.cow: they survive the server (see python -m cow.overlay)
   python -m cow.server --overlay vm.cow -U /tmp/s
         serve vm.cow again, over the backing it records
+  python -m cow.server golden.img -U /tmp/s --overlay-dir /var/lib/cow/views
+        a writable view per export name, each kept in its own file:
+        nbd+unix:///ci-42?socket=/tmp/s is /var/lib/cow/views/ci-42.cow
+  python -m cow.server golden.img -U /tmp/s --temporary-views discard --max-exports 64
+        a throw-away view per export name, gone when its last client leaves
 
 The backing is opened read-only and never written: all writes go to an overlay
 file. By default it is temporary (unlinked at once) and disappears when the server
@@ -201,10 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "3.13+)")
     exp = p.add_argument_group("export")
     exp.add_argument("-e", "--exportname", type=_export_name, metavar="NAME", default="",
-                     help="export name, e.g. -e disk (the default export \"\" works too)")
+                     help="export name, e.g. -e disk (the default export \"\" works too). With "
+                          "--overlay-dir or --temporary-views: the view a client asking for the "
+                          "default export \"\" gets (without -e, \"\" is refused: every "
+                          "client names its view)")
     exp.add_argument("-r", "--readonly", action="store_true",
                      help="read-only export: writes, trims and zeroes fail with EPERM, e.g. "
-                          "python -m cow.server disk.img -r -U /tmp/s")
+                          "python -m cow.server disk.img -r -U /tmp/s. With --overlay-dir: "
+                          "every view read-only, and no new view is made")
     exp.add_argument("-t", "--threads", type=_nonnegative_int, default=0, metavar="N",
                      help="most worker threads per connection, e.g. -t 16.  Small requests are "
                           "served inline; large READ/WRITE (from "
@@ -241,6 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
                           "--overlay FILE recorded: refuse (default), or accept it and record "
                           "the new one, e.g. --overlay-backing-changed=accept when you know the "
                           "overlay's changes still fit the backing")
+    views = p.add_argument_group(
+        "many views of one backing: a view per export name (nbd+unix:///NAME?socket=...)")
+    views.add_argument("--overlay-dir", metavar="DIR",
+                       help="every export name is its own view, kept in DIR/NAME.cow (the "
+                            "format of --overlay; see python -m cow.overlay): made on first use, "
+                            "opened when its first client connects, flushed and closed when its "
+                            "last one leaves, e.g. --overlay-dir /var/lib/cow/views. DIR is "
+                            "created (0700) if missing. A name is 1 to "
+                            f"{_VIEW_NAME_MAX} of A-Z a-z 0-9 . _ - and starts with a letter or "
+                            "digit; others are refused")
+    views.add_argument("--temporary-views", choices=("keep", "discard"), metavar="MODE",
+                       help="every export name is its own view with a temporary overlay: keep "
+                            "(its changes last until the server exits, as nbdkit's cow filter "
+                            "since 1.44) or discard (they go when its last client leaves), e.g. "
+                            "--temporary-views keep")
+    views.add_argument("--max-exports", type=_nonnegative_int, default=0, metavar="N",
+                       help="with --overlay-dir or --temporary-views: at most N views exist; a "
+                            "new name beyond that is refused (NBD_REP_ERR_POLICY), e.g. "
+                            "--max-exports 500 (default 0: no cap)")
     run = p.add_argument_group("running")
     run.add_argument("-P", "--pidfile", metavar="FILE",
                      help="write the server's PID to FILE once it is listening (removed on "
@@ -342,6 +371,39 @@ def _listen_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _check_views_options(args) -> None:
+    """Refuse what does not go with --overlay-dir / --temporary-views, or needs them."""
+    if args.overlay_dir is not None and args.temporary_views is not None:
+        raise _StartupError("--overlay-dir keeps every view; --temporary-views keeps none: "
+                            "give one of them")
+    views = args.overlay_dir is not None or args.temporary_views is not None
+    what = "--overlay-dir" if args.overlay_dir is not None else "--temporary-views"
+    if not views:
+        if args.max_exports:
+            raise _StartupError("--max-exports caps the views of --overlay-dir or "
+                                "--temporary-views; this server has one export")
+        return
+    if args.overlay is not None:
+        raise _StartupError(f"--overlay FILE serves one view; {what} a view per export name: "
+                            "give one of them")
+    if args.exportname:
+        from cow.views import name_problem
+        why = name_problem(args.exportname)
+        if why:
+            raise _StartupError(f"-e {args.exportname!r}: with {what}, -e names the default "
+                                f"view, and {why}")
+    if args.overlay_dir is not None:
+        if args.tmpdir is not None:
+            raise _StartupError("--tmpdir is for temporary overlays; with --overlay-dir every "
+                                "view is kept in DIR")
+        if args.readonly and (args.cow_on_read or args.cow_on_cache):
+            raise _StartupError("--readonly with --overlay-dir opens every view read-only: "
+                                "--cow-on-read and --cow-on-cache would write to them")
+    elif args.readonly:
+        raise _StartupError("--readonly with --temporary-views: every view would be the backing "
+                            "itself; serve the backing with -r alone")
+
+
 def _engine_kwargs(args) -> dict:
     from cow.engine import parse_block_size, parse_size
     kw = dict(cow_on_read=args.cow_on_read, cow_on_cache=args.cow_on_cache,
@@ -439,6 +501,91 @@ def _engine_missing(exc: ImportError) -> str:
     return f"the cow engine is not installed in {package} ({exc}); run ./dev setup"
 
 
+def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
+    """--overlay-dir / --temporary-views: the backing opened once and shared by a ViewSet.
+    Returns (exports, size, block size, slow backing, backing's description, start-up note)."""
+    from cow import overlayfile
+    from cow.backing import Backing
+    from cow.views import ViewExports, ViewSet
+
+    directory = args.overlay_dir
+    if directory is not None:
+        if args.readonly:
+            if not os.path.isdir(directory):
+                raise _StartupError(f"--overlay-dir {directory}: no such directory (with -r no "
+                                    f"view is made)")
+        else:
+            try:
+                os.mkdir(directory, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise _StartupError(f"--overlay-dir {directory}: cannot create it: "
+                                    f"{e.strerror}") from None
+            if not os.path.isdir(directory):
+                raise _StartupError(f"--overlay-dir {directory}: not a directory")
+            if not os.access(directory, os.W_OK | os.X_OK):
+                raise _StartupError(f"--overlay-dir {directory}: not writable (views are made "
+                                    f"there)")
+    try:
+        shared = Backing(backing, connections=kwargs.pop("nbd_connections", 4))
+    except OSError as e:
+        raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise _StartupError(str(e)) from None
+    cleanup.append(shared.close)
+    # The server holds the backing's lock while it runs, views open or not: a commit of one
+    # view into the golden image would change every other view under it.
+    try:
+        lock_fd = overlayfile.hold_backing(shared)
+    except overlayfile.OverlayError as e:
+        raise _StartupError(str(e)) from None
+    if lock_fd is not None:
+        cleanup.append(lambda: os.close(lock_fd))
+    engine_kwargs = {k: v for k, v in kwargs.items()
+                     if k not in ("overlay", "readonly") and v is not None}
+    if directory is not None:
+        engine_kwargs.pop("tmpdir", None)
+        engine_kwargs["backing_changed"] = args.overlay_backing_changed
+    try:
+        views = ViewSet(shared, directory=directory, temporary=args.temporary_views,
+                        readonly=args.readonly, max_views=args.max_exports,
+                        default=args.exportname or None, engine_kwargs=engine_kwargs)
+        # Every option checked once now (block size, cow-on-read...), not at each client:
+        # one temporary engine over the backing, closed at once.
+        probe_kwargs = {k: v for k, v in engine_kwargs.items() if k != "backing_changed"}
+        if directory is not None and not args.readonly:
+            probe_kwargs["tmpdir"] = directory     # an unnamed file, gone at once
+        from cow.engine import Engine
+        Engine(shared, **probe_kwargs).close()
+    except OSError as e:
+        raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise _StartupError(str(e)) from None
+
+    def close_views():
+        for name, e in views.close_all():
+            _fail(f"closing view {name}: {e.strerror or e}; its changes since the last flush "
+                  f"may be lost")
+
+    cleanup.append(close_views)
+    block_size = engine_kwargs.get("block_size", 65536)
+    template = P.Export(size=shared.size, readonly=args.readonly,
+                        preferred_block_size=block_size)
+    if directory is not None:
+        n = views.count()
+        note = f", a view per export name in {directory} ({n} exist"
+    else:
+        note = f", a temporary view per export name ({args.temporary_views} when idle"
+    note += f", at most {args.max_exports})" if args.max_exports else ")"
+    if args.exportname:
+        note += f", default view {args.exportname}"
+    if args.readonly:
+        note += ", read-only"
+    return (ViewExports(views, template), shared.size, block_size, shared.is_nbd,
+            shared.description, note)
+
+
 def _main(args, cleanup: list) -> int:
     try:
         from cow.backing import is_nbd_uri
@@ -450,6 +597,8 @@ def _main(args, cleanup: list) -> int:
         tls = server_settings(args.tls, args.tls_certificates, args.tls_psk, args.tls_verify_peer)
     except TLSConfigError as e:
         raise _StartupError(str(e)) from None
+
+    _check_views_options(args)
 
     # -- the engine over the backing
     backing = args.backing
@@ -473,6 +622,10 @@ def _main(args, cleanup: list) -> int:
                                 f"to make it over") from None
         except OSError as e:
             raise _StartupError(f"--overlay {args.overlay}: {e.strerror}") from None
+    if backing is None and args.overlay_dir is not None:
+        raise _StartupError("--overlay-dir needs the BACKING every view is a view of (the "
+                            "golden image), e.g. python -m cow.server golden.img --overlay-dir "
+                            f"{args.overlay_dir}")
     if backing is None:
         sample_dir = tempfile.mkdtemp(prefix="cow-sample-")
         cleanup.append(lambda: shutil.rmtree(sample_dir, ignore_errors=True))
@@ -488,29 +641,39 @@ def _main(args, cleanup: list) -> int:
             raise _StartupError(f"cannot open backing {backing!r}: {e.strerror}") from None
     kwargs = _engine_kwargs(args)
     what = repr(backing) if isinstance(backing, str) else shlex.join(backing)
-    try:
-        engine = Engine(backing, **kwargs)
-    except OSError as e:
-        raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
-    except ValueError as e:
-        raise _StartupError(str(e)) from None
-
-    def close_engine():
+    if args.overlay_dir is not None or args.temporary_views is not None:
+        exports, size, block_size, slow, backing, note = _open_views(args, backing, kwargs,
+                                                                     what, cleanup)
+    else:
         try:
-            engine.close()      # a persistent overlay is flushed first
+            engine = Engine(backing, **kwargs)
         except OSError as e:
-            _fail(f"closing the overlay: {e.strerror or e}; changes since the last flush may "
-                  f"be lost")
+            raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
+        except ValueError as e:
+            raise _StartupError(str(e)) from None
 
-    cleanup.append(close_engine)
-    backing = engine.backing   # the path, URI or command line
+        def close_engine():
+            try:
+                engine.close()      # a persistent overlay is flushed first
+            except OSError as e:
+                _fail(f"closing the overlay: {e.strerror or e}; changes since the last flush "
+                      f"may be lost")
 
-    description = "built-in sample disk" if sample_note else f"copy-on-write view of {backing}"
-    export = P.Export(size=engine.size, name=args.exportname, description=description,
-                      readonly=args.readonly, preferred_block_size=engine.block_size)
-    server = Server(OneEngine(engine, export), slow_backing=engine.backing_is_nbd,
-                    workers=args.threads, verbose=args.verbose, tls=tls,
-                    max_connections=args.max_connections,
+        cleanup.append(close_engine)
+        backing = engine.backing   # the path, URI or command line
+        description = "built-in sample disk" if sample_note \
+            else f"copy-on-write view of {backing}"
+        export = P.Export(size=engine.size, name=args.exportname, description=description,
+                          readonly=args.readonly, preferred_block_size=engine.block_size)
+        exports = OneEngine(engine, export)
+        size, block_size, slow = engine.size, engine.block_size, engine.backing_is_nbd
+        note = ", read-only" if args.readonly else ""
+        if engine.overlay is not None:
+            st = engine.stats()
+            note += (f", overlay {engine.overlay}: {st['allocated_blocks']} blocks allocated, "
+                     f"{st['trimmed_blocks']} trimmed")
+    server = Server(exports, slow_backing=slow, workers=args.threads, verbose=args.verbose,
+                    tls=tls, max_connections=args.max_connections,
                     handshake_timeout=args.handshake_timeout)
 
     # -- where to listen
@@ -558,14 +721,9 @@ def _main(args, cleanup: list) -> int:
     out = sys.stderr if (captive or activated) else sys.stdout
     if sample_note:
         print(f"python -m cow.server: {sample_note}", file=sys.stderr, flush=True)
-    ro = ", read-only" if args.readonly else ""
-    if engine.overlay is not None:
-        st = engine.stats()
-        ro += (f", overlay {engine.overlay}: {st['allocated_blocks']} blocks allocated, "
-               f"{st['trimmed_blocks']} trimmed")
     tls_note = f", TLS {tls.mode} ({tls.kind})" if tls.enabled else ""
-    print(f"python -m cow.server: serving {backing} ({engine.size} bytes, copy-on-write, block "
-          f"size {engine.block_size}{ro}{tls_note}) at {where}", file=out, flush=True)
+    print(f"python -m cow.server: serving {backing} ({size} bytes, copy-on-write, block "
+          f"size {block_size}{note}{tls_note}) at {where}", file=out, flush=True)
 
     # -- wake-ups: signals and the end of the captive command
     wake_r, wake_w = os.pipe()

@@ -36,6 +36,12 @@ back while the next request is already in the receive buffer, then leave with
 one ``sendmsg`` (never delaying a reply while the reader would wait for input);
 the socket's send buffer is raised so that a large reply leaves in one call.
 
+Views.  What a client gets is chosen by export name from a catalog (cow.protocol.Exports):
+one engine for every name the server answers to, or, with --overlay-dir / --temporary-views, a
+view per name (cow/views.py), opened at NBD_OPT_GO and given back when the connection ends, after
+its last request; the last client of a view flushes and closes it.  A connection serves every
+request with the engine of its own view, reads started over an NBD backing included.
+
 Hostile clients and TLS.  The whole handshake (TLS included) must finish within
 ``--handshake-timeout`` seconds, so a client that connects and sends nothing, or
 drips bytes, is dropped and its thread freed; ``--max-connections`` closes
