@@ -3,6 +3,7 @@
     python -m cow.nbdkit --print-plugin-path
     python -m cow.nbdkit [nbdkit options] BACKING [cow-block-size=N] [cow-on-read=...] [cow-on-cache=...]
                          [overlay=FILE [overlay-backing-changed=accept]]
+                         [overlay-dir=DIR [max-exports=N]]   (a view per export name)
 
 BACKING is a file or device path, an NBD URI (nbd://, nbds://, nbd+unix://...), or an explicit
 file=PATH / uri=URI; with overlay=FILE it may be left out (FILE records it).  nbdkit options (-f, -U SOCKET, -r, --run CMD, --filter=NAME, ...) may come before
@@ -40,7 +41,8 @@ _PARAM = re.compile(r"[A-Za-z_][\w.-]*=")  # key=value, as nbdkit tells them fro
 
 USAGE = ("usage: python -m cow.nbdkit --print-plugin-path\n"
          "       python -m cow.nbdkit [nbdkit options] BACKING [cow-block-size=N] "
-         "[cow-on-read=false|true|/PATH] [cow-on-cache=false|true] [overlay=FILE]\n"
+         "[cow-on-read=false|true|/PATH] [cow-on-cache=false|true] [overlay=FILE | "
+         "overlay-dir=DIR]\n"
          "       python -m cow.nbdkit [nbdkit options] overlay=FILE [...]   (FILE records BACKING)")
 
 

@@ -2,13 +2,18 @@
 
     nbdkit python PATH-TO-THIS-FILE file=BACKING | uri=nbd://...
                  [cow-block-size=N] [cow-on-read=false|true|/PATH] [cow-on-cache=false|true]
-                 [overlay=FILE [overlay-backing-changed=refuse|accept]]
+                 [overlay=FILE | overlay-dir=DIR [max-exports=N]] [overlay-backing-changed=...]
 
 `python -m cow.nbdkit --print-plugin-path` prints PATH-TO-THIS-FILE.  The parameters have the names,
 defaults and meanings of nbdkit's cow filter (nbdkit-cow-filter(1)).  One engine, created at start-up,
 serves every connection, so all clients share one overlay; the backing is opened read-only.
 overlay=FILE keeps the overlay in FILE, as python -m cow.server --overlay FILE does (file= and uri=
 may then be left out: FILE records its backing); FILE is locked, and flushed at FLUSH, FUA and exit.
+overlay-dir=DIR serves a view per export name, kept in DIR/NAME.cow, as python -m cow.server
+--overlay-dir DIR does (cow/views.py): the backing is opened once and shared, a view is opened by
+its first connection and flushed and closed after its last one, the connection's handle is its
+view's engine, and max-exports=N caps the views.  nbdkit opens the plugin for NBD_OPT_INFO as for
+NBD_OPT_GO, so a view this shim made is removed again when it closes with nothing written to it.
 
 nbdkit runs this file as `__main__` with neither its folder nor any virtual environment on sys.path,
 so it imports nothing relative: it adds the site-packages folder of the environment it belongs to
@@ -22,6 +27,7 @@ import json
 import os
 import site
 import sys
+import threading
 from importlib.machinery import EXTENSION_SUFFIXES
 
 API_VERSION = 2
@@ -74,7 +80,9 @@ import nbdkit  # noqa: E402  (the module nbdkit's python plugin provides)
 
 try:
     from cow import overlayfile  # noqa: E402
+    from cow.backing import Backing  # noqa: E402
     from cow.engine import Engine, parse_block_size  # noqa: E402
+    from cow.views import BAD_NAME, LIMIT, NO_SUCH_VIEW, UNAVAILABLE, ViewError, ViewSet  # noqa: E402
 except ImportError as exc:
     # An editable install rebuilds on import; a failed build's log is in the exception's notes.
     notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
@@ -89,12 +97,21 @@ class ConfigError(Exception):
 
 
 _PARAMETERS = ("file", "uri", "cow-block-size", "cow-on-read", "cow-on-cache", "overlay",
-               "overlay-backing-changed")
+               "overlay-backing-changed", "overlay-dir", "max-exports")
 _TRUE = ("1", "true", "t", "yes", "y", "on")
 _FALSE = ("0", "false", "f", "no", "n", "off")
 
 _params = {}   # key -> value, as given on the command line
 _engine = None  # the one Engine, made in config_complete, closed in cleanup
+# overlay-dir=DIR: the shared backing, its lock, the views (made at the first open or listing, when
+# nbdkit says whether it is read-only), the options every view's engine gets, and each open
+# view's engine (a connection's handle) -> its view.
+_backing = None
+_backing_lock_fd = None
+_views = None
+_views_options = None
+_view_of = {}
+_views_lock = threading.Lock()
 
 
 def _parse_bool(key, value):
@@ -128,6 +145,17 @@ def _engine_arguments(params):
             raise ConfigError("overlay=: the overlay path is empty")
         # Absolute: nbdkit may change directory to / when it forks into the background.
         overlay = os.path.abspath(params["overlay"])
+    if "overlay-dir" in params:
+        if overlay is not None:
+            raise ConfigError("overlay=FILE serves one view, overlay-dir=DIR a view per export "
+                              "name: give one of them")
+        if not params["overlay-dir"]:
+            raise ConfigError("overlay-dir=: the folder is empty")
+        if "file" not in params and "uri" not in params:
+            raise ConfigError("overlay-dir=DIR needs the backing every view is a view of: "
+                              "file=PATH or uri=nbd://...")
+    elif "max-exports" in params:
+        raise ConfigError("max-exports= goes with overlay-dir=DIR")
     if "file" in params and "uri" in params or not ("file" in params or "uri" in params
                                                     or overlay is not None):
         raise ConfigError("give the backing as exactly one of file=PATH or uri=nbd://... (or "
@@ -167,9 +195,48 @@ def _engine_arguments(params):
         if changed not in overlayfile.BACKING_CHANGED_CHOICES:
             raise ConfigError(f"overlay-backing-changed={changed}: expected refuse or accept")
         kwargs["backing_changed"] = changed
+    elif "overlay-dir" in params:
+        changed = params.get("overlay-backing-changed", "refuse")
+        if changed not in overlayfile.BACKING_CHANGED_CHOICES:
+            raise ConfigError(f"overlay-backing-changed={changed}: expected refuse or accept")
+        kwargs["backing_changed"] = changed
     elif "overlay-backing-changed" in params:
-        raise ConfigError("overlay-backing-changed= goes with overlay=FILE")
+        raise ConfigError("overlay-backing-changed= goes with overlay=FILE or overlay-dir=DIR")
     return backing, kwargs
+
+
+def _views_arguments(params):
+    """(folder, max views) for overlay-dir=DIR."""
+    # Absolute: nbdkit may change directory to / when it forks into the background.
+    folder = os.path.abspath(params["overlay-dir"])
+    try:
+        max_views = int(params.get("max-exports", "0"))
+    except ValueError:
+        max_views = -1
+    if max_views < 0:
+        raise ConfigError(f"max-exports={params['max-exports']}: expected a number >= 0")
+    return folder, max_views
+
+
+def _open_views(backing, kwargs):
+    """overlay-dir=DIR at start-up: the folder, the shared backing and its lock, the options
+    checked once on a throw-away engine."""
+    global _backing, _backing_lock_fd, _views_options
+    folder, max_views = _views_arguments(_params)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"overlay-dir={_params['overlay-dir']}: cannot create it: "
+                          f"{exc.strerror}") from None
+    if not os.path.isdir(folder):
+        raise ConfigError(f"overlay-dir={_params['overlay-dir']}: not a directory")
+    _backing = Backing(backing)
+    _backing_lock_fd = overlayfile.hold_backing(_backing)
+    probe = {k: v for k, v in kwargs.items() if k != "backing_changed"}
+    Engine(_backing, tmpdir=folder, **probe).close()
+    _views_options = dict(directory=folder, max_views=max_views, engine_kwargs=kwargs)
 
 
 def _fail_at_start_up(exc):
@@ -197,7 +264,10 @@ def config_complete():
     try:
         backing, kwargs = _engine_arguments(_params)
         nbdkit.debug(f"cow: backing {backing}, engine options {kwargs}")
-        _engine = Engine(backing, **kwargs)
+        if "overlay-dir" in _params:
+            _open_views(backing, kwargs)
+        else:
+            _engine = Engine(backing, **kwargs)
     except ConfigError as exc:
         _fail_at_start_up(exc)
     except (OSError, ValueError) as exc:
@@ -215,12 +285,72 @@ def thread_model():
 def cleanup():
     if _engine is not None:
         _engine.close()
+    if _views is not None:
+        for name, exc in _views.close_all():
+            nbdkit.debug(f"cow: closing view {name}: {exc}; changes since its last flush may "
+                         f"be lost")
+    if _backing_lock_fd is not None:
+        os.close(_backing_lock_fd)
+    if _backing is not None:
+        _backing.close()
 
 
-# -- per connection: the handle is the shared engine -------------------------------------------
+# -- per connection: the handle is the shared engine, or the engine of the connection's view ----
+
+# How a refused view reaches the client: nbdkit answers a failed open with an error reply to
+# NBD_OPT_GO (and hangs up on NBD_OPT_EXPORT_NAME).
+_ERRNO_FOR = {BAD_NAME: errno.EINVAL, NO_SUCH_VIEW: errno.ENOENT, LIMIT: errno.EPERM,
+              UNAVAILABLE: errno.EBUSY}
+
+
+def _view_set(readonly):
+    """The views, made at the first open or listing, when nbdkit says whether it serves
+    read-only (nbdkit -r: then existing views are opened read-only and none is made)."""
+    global _views
+    with _views_lock:
+        if _views is None:
+            _views = ViewSet(_backing, readonly=bool(readonly), remove_unchanged=True,
+                             **_views_options)
+        return _views
+
 
 def open(readonly):
-    return _engine
+    if _views_options is None:
+        return _engine
+    views = _view_set(readonly)
+    name = nbdkit.export_name()
+    try:
+        if bool(readonly) != views.readonly:
+            raise ViewError(UNAVAILABLE, "views are served read-only or read-write, not both")
+        view = views.acquire(name)
+    except ViewError as exc:
+        nbdkit.set_error(_ERRNO_FOR[exc.kind])
+        nbdkit.debug(f"cow: export {name!r} refused: {exc}")
+        raise
+    with _views_lock:
+        _view_of[view.engine] = view
+    return view.engine
+
+
+def close(h):
+    if _views_options is None:
+        return
+    with _views_lock:
+        view = _view_of.get(h)
+    if view is None:
+        return
+    try:
+        _views.release(view)
+    finally:
+        with _views_lock:
+            if view.engine is None:
+                _view_of.pop(h, None)
+
+
+def list_exports(readonly, is_tls):
+    if _views_options is None:
+        return [""]
+    return _view_set(readonly).listing()
 
 
 def get_size(h):
