@@ -314,3 +314,38 @@ def test_remove_unchanged_removes_only_what_it_made_and_nobody_wrote(backing, fo
     views.release(v)
     views.release(views.acquire("kept"))   # existed before this open: kept even unchanged now
     assert (folder / "kept.cow").exists()
+
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+
+
+def test_an_open_view_costs_its_bitmap_and_a_few_kib(tmp_path):
+    """Held views cost their bitmap and a few KiB each (the engine's block of zeroes is the
+    kernel's zero page, not a block of memory per view)."""
+    sparse = tmp_path / "golden.img"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 30)                 # 16384 blocks of 64 KiB: a 4 KiB bitmap
+    (tmp_path / "views").mkdir()
+    b = Backing(str(sparse))
+    try:
+        views = ViewSet(b, directory=str(tmp_path / "views"))
+        warm = [views.acquire(f"w{i}") for i in range(20)]
+        for v in warm:
+            v.engine.pwrite(b"w" * 4096, 0)
+        before = rss_kib()
+        held = []
+        for i in range(200):
+            v = views.acquire(f"v{i}")
+            v.engine.pwrite(b"v" * 4096, (i * 997 % 16384) * 65536)
+            v.engine.zero(4096, 8192)       # a partial block of zeroes: reads the zero block
+            held.append(v)
+        per_view = (rss_kib() - before) / 200
+        assert per_view < 4 + 12, per_view
+        for v in warm + held:
+            views.release(v)
+    finally:
+        b.close()
