@@ -103,8 +103,6 @@ class View:
     clients: int = 0
     state: str = OPEN
     created: bool = False           # its overlay file was made by this open
-    ready: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
-    gone: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 
     @property
     def size(self) -> int:
@@ -169,6 +167,7 @@ class ViewSet:
         self.engine_kwargs = kw
         self.size = backing.size
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)    # a view finished opening or closing
         self._views: dict[str, View] = {}
         self._known: set[str] | None = None     # names with a file in directory (lazily)
         self._changed: dict[str, tuple[int, int, int]] = {}  # name -> (bytes, ino, mtime_ns)
@@ -276,8 +275,8 @@ class ViewSet:
         """The open view for name (opened, or created, if need be), held until release(view).
         ViewError if it is refused or cannot be opened."""
         name = self.resolve(name)
-        while True:
-            with self._lock:
+        with self._settled:
+            while True:
                 if self._closed:
                     raise ViewError(UNAVAILABLE, "the server is shutting down")
                 view = self._views.get(name)
@@ -294,16 +293,14 @@ class ViewSet:
                 if view.state == OPEN:
                     view.clients += 1
                     return view
-                wait_for = view.ready if view.state == OPENING else view.gone
-            wait_for.wait()     # opening or closing elsewhere: then join it, or open it anew
+                self._settled.wait()    # opening or closing: then join it, or open it anew
         try:
             engine = self._open_engine(name, exists)
         except BaseException as e:
-            with self._lock:
+            with self._settled:
                 del self._views[name]
                 view.state = CLOSED
-            view.ready.set()
-            view.gone.set()
+                self._settled.notify_all()
             if isinstance(e, overlayfile.OverlayBusy):
                 log.warning("view %s: %s", name, e)
                 raise ViewError(UNAVAILABLE, f"view {name} is in use by another process (see "
@@ -318,14 +315,14 @@ class ViewSet:
             if isinstance(e, ValueError):
                 raise ViewError(UNAVAILABLE, f"view {name}: {e}") from None
             raise
-        with self._lock:
+        with self._settled:
             view.engine = engine
             view.created = not exists
             view.clients = 1
             view.state = OPEN
             if self._known is not None and self.temporary is None:
                 self._known.add(name)
-        view.ready.set()
+            self._settled.notify_all()
         return view
 
     def _open_engine(self, name: str, exists: bool) -> Engine:
@@ -370,14 +367,14 @@ class ViewSet:
         except OSError as e:
             error = e
         finally:
-            with self._lock:
+            with self._settled:
                 if self._views.get(view.name) is view:
                     del self._views[view.name]
                 if unchanged and self._known is not None:
                     self._known.discard(view.name)
                 view.state = CLOSED
                 view.engine = None
-            view.gone.set()
+                self._settled.notify_all()
         if error is not None:
             raise error
 
