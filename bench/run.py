@@ -19,6 +19,7 @@ import platform
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ from report import Metric, Results
 
 REPO = Path(__file__).resolve().parent.parent
 SCALING_JOBS = ("randwrite-4k", "seqread-1m")
-SECTIONS = ("pipeline", "seed", "scaling", "threads", "startup", "overlay")
+SECTIONS = ("pipeline", "seed", "scaling", "threads", "startup", "overlay", "views")
 # The threads section: nbdkit's threads per connection (-t) for every nbdkit target, on small
 # random I/O, where a python plugin's per-request cost shows; then the shim and the C filter over
 # an NBD backing whose reads are delayed (a remote disk), where requests wait on the network.
@@ -115,6 +116,11 @@ def parse_args(argv):
                    "the timed FLUSH (default 1G, quick 32M)")
     p.add_argument("--overlay-dir", help="overlay section: folder for both overlays (default: the "
                    "work folder; give a disk-backed folder to see the cost of real syncs)")
+    p.add_argument("--views-counts", default=None,
+                   help="views section: how many views in one server (default 1,10,100,1000; "
+                   "quick 1,10,100)")
+    p.add_argument("--views-runtime", type=float,
+                   help="views section: seconds per throughput run (default: --runtime)")
     p.add_argument("--out-dir", default=str(REPO / "bench" / "results"), help="results folder")
     p.add_argument("--workdir", help="scratch folder for backings, overlays (TMPDIR) and copies "
                    "(default: a new folder in /dev/shm if it has room, else /var/tmp; removed after)")
@@ -138,6 +144,9 @@ def parse_args(argv):
     a.startup_size = parse_size(a.startup_size)
     a.flush_disk = parse_size(a.flush_disk or ("1G" if q else "16G"))
     a.flush_bytes = parse_size(a.flush_bytes or ("32M" if q else "1G"))
+    a.views_counts = [int(x) for x in split_list([a.views_counts
+                                                  or ("1,10,100" if q else "1,10,100,1000")])]
+    a.views_runtime = a.views_runtime or a.runtime
     a.python = a.python or (str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists()
                             else sys.executable)
     a.workloads = split_list(a.workloads) or all_workloads
@@ -388,13 +397,86 @@ class Bench:
         self.attempt("overlay-randwrite-4k", column, writes)
         self.attempt("overlay-flush", column, flush)
 
+    def views_once(self, target, n):
+        """n views in one server, each with a client that connects, writes 4 blocks and
+        flushes, every client staying on; then the same n clients on one view (what the
+        connections cost by themselves); then they all leave."""
+        def measure(column, names):
+            folder = self.workdir / f"views-{self.tag()}"
+            folder.mkdir()
+            try:
+                with self.start(target, self.backing, overlay_dir=folder) as server:
+                    time.sleep(0.2)         # the readiness probe's connection is gone
+                    fd0 = wl.fd_count(server.pid)
+                    rss0 = server.rss_kib()
+                    firsts, handles = wl.views_clients([server.view_uri(x) for x in names],
+                                                       self.a.size)
+                    held_rss, held_fds = server.rss_kib(), wl.fd_count(server.pid)
+                    wl.close_all(handles)
+                    left_fds = wl.wait_fds(server.pid, fd0)
+                    time.sleep(0.2)
+                    idle_rss, peak = server.rss_kib(), server.peak_rss_kib()
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            return dict(firsts=firsts, rss0=rss0, held_rss=held_rss, held_fds=held_fds - fd0,
+                        left_fds=left_fds - fd0, idle_rss=idle_rss, peak=peak)
+
+        def go():
+            views = measure("views", [f"v{k}" for k in range(n)])
+            one = measure("one view", ["one"] * n)
+            k = min(10, n)
+            first = statistics.median(views["firsts"][:k]) * 1000
+            last = statistics.median(views["firsts"][-k:]) * 1000
+            per_view = (views["held_rss"] - one["held_rss"]) / n
+            res = self.results
+            res.add(f"views-first@{n}", "cow-server", first)
+            res.add(f"views-last@{n}", "cow-server", last)
+            res.add(f"views-median@{n}", "cow-server",
+                    statistics.median(views["firsts"]) * 1000)
+            res.add(f"views-peak@{n}", "cow-server", views["peak"] / 1024)
+            res.add(f"views-peak-one@{n}", "cow-server", one["peak"] / 1024)
+            res.add(f"views-per-view@{n}", "cow-server", per_view)
+            res.add(f"views-held-fds@{n}", "cow-server", views["held_fds"] / n)
+            res.add(f"views-left-fds@{n}", "cow-server", views["left_fds"])
+            res.add(f"views-idle-rss@{n}", "cow-server", (views["idle_rss"] - views["rss0"]) / 1024)
+            res.add(f"views-idle-rss-one@{n}", "cow-server", (one["idle_rss"] - one["rss0"]) / 1024)
+            self.log(f"views {n:<5} first reply: first {first:.1f} ms, last {last:.1f} ms; peak "
+                     f"RSS {views['peak'] / 1024:.0f} MiB (one view, {n} conns: "
+                     f"{one['peak'] / 1024:.0f}); {per_view:+.1f} KiB a view; fds left "
+                     f"{views['left_fds']}, RSS idle {views['idle_rss'] - views['rss0']:+d} KiB")
+        self.attempt(f"views-first@{n}", "cow-server", go)
+
+    def views_throughput_once(self, target):
+        """Random 4 KiB writes: 8 views busy at once against one view with 8 connections, the
+        same load: job i writes the i-th eighth of the disk in either case (so both copy up the
+        same number of blocks)."""
+        def run(column, names):
+            folder = self.workdir / f"views-{self.tag()}"
+            folder.mkdir()
+            try:
+                with self.start(target, self.backing, overlay_dir=folder) as server:
+                    iops = wl.run_fio_uris([server.view_uri(x) for x in names],
+                                           size=self.a.size, bs="4k",
+                                           rw="randwrite", iodepth=self.a.iodepth,
+                                           runtime_s=self.a.views_runtime,
+                                           out_json=self.workdir / "fio.json", cwd=self.workdir)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            self.results.add("views-randwrite", column, iops)
+            self.log(f"{'views randwrite':<18} {column:<16} {iops:.0f} IOPS")
+        configs = [("8-views", [f"busy{i}" for i in range(8)]), ("1-view", ["one"] * 8)]
+        if self.counter % 2:
+            configs.reverse()
+        for column, names in configs:
+            self.attempt("views-randwrite", column, lambda: run(column, names))
+
     def prepare(self):
         w = self.a.workloads
         if "overlay" in w:
             self.flush_backing = wl.make_sparse(self.workdir / "flush-backing.img",
                                                 self.a.flush_disk)
         if any(j.key in w for j in wl.FIO_JOBS) or {"pipeline", "scaling", "threads",
-                                                    "overlay"} & set(w):
+                                                    "overlay", "views"} & set(w):
             self.log(f"making a {human_size(self.a.size)} sample backing")
             self.backing = wl.make_backing(self.workdir / "backing.img", self.a.size)
         if "seed" in w:
@@ -453,6 +535,58 @@ class Bench:
                 k = rnd % len(OVERLAY_CONFIGS)
                 for column, _ in OVERLAY_CONFIGS[k:] + OVERLAY_CONFIGS[:k]:
                     self.overlay_once(by_name["cow-server"], column, rnd)
+            if "views" in w and "cow-server" in by_name:
+                for n in a.views_counts:
+                    self.views_once(by_name["cow-server"], n)
+                self.views_throughput_once(by_name["cow-server"])
+
+
+def render_views(bench):
+    a, res = bench.a, bench.results
+    col = "cow-server"
+    bitmap = (a.size + 65535) // 65536 * 2 / 8 / 1024
+    out = ["## Views: many writable views of one backing in one server (`--overlay-dir`)\n",
+           f"A {human_size(a.size)} backing, 64 KiB blocks (a view's bitmap: {bitmap:g} KiB). N "
+           f"clients, one after another, each on its own new view: connect, write 4 random "
+           f"4 KiB blocks, flush, and stay connected; then the same N clients on one view (what "
+           f"the connections cost by themselves); then they all leave (RSS after: against the "
+           f"server's RSS before the first client). Time to first reply: "
+           f"from connect to the first write's reply (the view is made on the way), median of "
+           f"the first and of the last 10 views. RSS a view: (RSS with N views held − RSS with "
+           f"N connections on one view) / N. Medians of {a.rounds} round(s).\n",
+           "| views | first reply, first views (ms) | last views (ms) | last / first | "
+           "median (ms) | peak RSS (MiB) | peak RSS, one view (MiB) | RSS a view (KiB) | "
+           "fds a held view (with its socket) | fds left after | RSS after (MiB) | RSS after, "
+           "one view (MiB) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in a.views_counts:
+        get = lambda key: res.median(f"{key}@{n}", col)  # noqa: E731
+        first, last = get("views-first"), get("views-last")
+        cells = [report.fmt_value(first, "ms"), report.fmt_value(last, "ms"),
+                 f"{last / first:.2f}×" if first and last else "—",
+                 report.fmt_value(get("views-median"), "ms"),
+                 report.fmt_value(get("views-peak"), "MiB"),
+                 report.fmt_value(get("views-peak-one"), "MiB"),
+                 f"{get('views-per-view'):+.1f}" if get("views-per-view") is not None else "—",
+                 f"{get('views-held-fds'):.1f}" if get("views-held-fds") is not None else "—",
+                 f"{get('views-left-fds'):.0f}" if get("views-left-fds") is not None else "—",
+                 f"{get('views-idle-rss'):+.1f}" if get("views-idle-rss") is not None else "—",
+                 f"{get('views-idle-rss-one'):+.1f}" if get("views-idle-rss-one") is not None
+                 else "—"]
+        out.append(f"| {n} | " + " | ".join(cells) + " |")
+    v8, v1 = res.median("views-randwrite", "8-views"), res.median("views-randwrite", "1-view")
+    if v8 or v1:
+        out.append(f"\nRandom 4 KiB writes, fio, 8 jobs × iodepth {a.iodepth}, "
+                   f"{a.views_runtime:g} s, job i in the i-th eighth of the disk (the same "
+                   f"blocks to copy up either way): 8 views busy at once (a job each) "
+                   f"{report.fmt_value(v8, 'IOPS')} IOPS; one view with 8 connections "
+                   f"{report.fmt_value(v1, 'IOPS')} IOPS"
+                   + (f" (**{v8 / v1:.2f}×**)" if v8 and v1 else "") + ".")
+    big = max(a.views_counts)
+    out.append(f"\nGoals (issue 11): the {big}th view opens within 2× of the first (last / "
+               f"first); RSS grows by no more than a view's bitmap plus a few KiB (RSS a view); "
+               f"8 busy views within 20% of one view with the same load.\n")
+    return "\n".join(out)
 
 
 def thread_key(job, connections, threads):
@@ -614,6 +748,9 @@ def render(bench, meta, argv):
                        f"{report.fmt_value(vp, unit)} | {f'{r:.2f}×' if r else '—'} |")
         out.append("\nRatios are speed, >1 is faster with --overlay (for times: temporary / "
                    "persistent). The issue asks for ≥ 0.8× on random writes.\n")
+
+    if "views" in w and any(res.count(f"views-first@{n}", "cow-server") for n in a.views_counts):
+        out.append(render_views(bench))
 
     out.append("## Notes\n")
     mc = ", ".join(f"{c}: {'yes' if bench.multi_conn[c] else 'no'}" for c in cols if c in bench.multi_conn)

@@ -60,6 +60,20 @@ def nbd_handshake(uri):
         del h
 
 
+def nbd_list(uri):
+    """Connect and list the exports without choosing one (a server of views has no default
+    export to hand to a handshake); returns True (a view has multi-conn)."""
+    h = nbd.NBD()
+    h.set_opt_mode(True)
+    h.connect_uri(uri)
+    try:
+        h.opt_list(lambda name, description: 0)
+        return True
+    finally:
+        h.opt_abort()
+        del h
+
+
 @dataclass
 class Server:
     """One running server process."""
@@ -75,6 +89,9 @@ class Server:
     @property
     def uri(self):
         return f"nbd+unix:///?socket={self.sock}"
+
+    def view_uri(self, name):
+        return f"nbd+unix:///{name}?socket={self.sock}"
 
     @property
     def pid(self):
@@ -122,7 +139,8 @@ class Target:
         raise NotImplementedError
 
     def start(self, ctx, backing, workdir, tag, timeout=60.0, env=None, **opts):
-        """Start a fresh server over backing; return a Server once a client completed a handshake."""
+        """Start a fresh server over backing; return a Server once a client completed a handshake
+        (or, for a server of views, listed its exports)."""
         workdir = Path(workdir)
         sock = workdir / f"{self.name}-{tag}.sock"
         log = workdir / f"{self.name}-{tag}.log"
@@ -135,8 +153,9 @@ class Target:
                                     cwd=workdir, env={**ctx.env, **(env or {})})
         _STARTED[proc.pid] = proc
         server = Server(self, proc, sock, log, cleanup)
+        probe = nbd_list if opts.get("overlay_dir") else nbd_handshake_multi_conn
         try:
-            server.multi_conn = wait_ready(server, timeout)
+            server.multi_conn = wait_ready(server, timeout, probe)
         except BaseException:
             server.stop()
             raise
@@ -144,8 +163,12 @@ class Target:
         return server
 
 
-def wait_ready(server, timeout):
-    """Poll until an NBD handshake succeeds; return can_multi_conn."""
+def nbd_handshake_multi_conn(uri):
+    return nbd_handshake(uri)[1]
+
+
+def wait_ready(server, timeout, probe=nbd_handshake_multi_conn):
+    """Poll until probe(uri) succeeds (an NBD handshake); return what it says of multi-conn."""
     deadline = time.monotonic() + timeout
     last = None
     refused_handshakes = 0
@@ -155,7 +178,7 @@ def wait_ready(server, timeout):
                                + log_tail(server.log))
         if os.path.exists(server.sock):
             try:
-                return nbd_handshake(server.uri)[1]
+                return probe(server.uri)
             except nbd.Error as e:
                 last = e
                 # Connected, but the server turned the handshake down: it will not get better.
@@ -209,8 +232,10 @@ class CowServer(Target):
         return None
 
     def command(self, ctx, backing, sock, workdir, cleanup, lock_mode=None, overlay=None,
-                block_size=None, **opts):
+                block_size=None, overlay_dir=None, **opts):
         cmd = [ctx.python, "-P", "-m", "cow.server", "-U", sock]
+        if overlay_dir:
+            cmd += ["--overlay-dir", str(overlay_dir)]      # the caller makes and removes it
         if lock_mode:
             cmd += ["--lock-mode", lock_mode]
         if block_size:

@@ -1,6 +1,7 @@
-"""Measurements: sample backings, fio runs, the copy pipeline, nbdcopy timing, start-up."""
+"""Measurements: sample backings, fio runs, the copy pipeline, nbdcopy timing, start-up, views."""
 
 import json
+import os
 import random
 import subprocess
 import time
@@ -159,3 +160,77 @@ def scattered_writes_then_flush(uri, disk_size, total, jobs, iodepth, out_json, 
     finally:
         h.shutdown()
         del h
+
+
+# -- views: many writable views of one backing in one server ------------------------------------
+
+def fd_count(pid):
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def views_clients(uris, size, writes=4, seed=1):
+    """One client per URI, one after another: connect (the server opens its view), write
+    `writes` 4 KiB blocks at random places and flush; every client stays connected.  Returns
+    (seconds from connect to the first write's reply, per client; the open handles)."""
+    rng = random.Random(seed)
+    firsts, handles = [], []
+    try:
+        for uri in uris:
+            h = nbd.NBD()
+            t0 = time.monotonic()
+            h.connect_uri(uri)
+            h.pwrite(b"v" * 4096, rng.randrange(size // 4096) * 4096)
+            firsts.append(time.monotonic() - t0)
+            handles.append(h)
+            for _ in range(writes - 1):
+                h.pwrite(b"w" * 4096, rng.randrange(size // 4096) * 4096)
+            h.flush()
+    except BaseException:
+        close_all(handles)
+        raise
+    return firsts, handles
+
+
+def close_all(handles):
+    for h in handles:
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
+    handles.clear()
+
+
+def wait_fds(pid, want, timeout=60.0):
+    """Wait until the process holds at most `want` descriptors; returns how many it holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        n = fd_count(pid)
+        if n is None or n <= want or time.monotonic() > deadline:
+            return n
+        time.sleep(0.05)
+
+
+def run_fio_uris(uris, *, size, bs, rw, iodepth, runtime_s, out_json, cwd):
+    """One fio job per URI (fio's nbd engine), job i in the i-th slice of the disk (so that the
+    work of a job does not depend on whether the URIs are one export or many), reported as a
+    group; returns IOPS."""
+    per_job = size // len(uris) // MiB * MiB
+    cmd = ["fio", "--ioengine=nbd", f"--rw={rw}", f"--bs={bs}", f"--iodepth={iodepth}",
+           "--time_based", f"--runtime={max(1, int(runtime_s * 1000))}ms", "--group_reporting",
+           "--output-format=json", f"--output={out_json}"]
+    for i, uri in enumerate(uris):
+        cmd += [f"--name=job{i}", f"--uri={uri}", f"--offset={i * per_job}", f"--size={per_job}"]
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"fio failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
+    text = Path(out_json).read_text()
+    res = json.loads(text[text.index("{"):])["jobs"][0]
+    if res.get("error"):
+        raise RuntimeError(f"fio reported error {res['error']}")
+    iops = res["read"]["iops"] + res["write"]["iops"]
+    if iops <= 0:
+        raise RuntimeError("fio did no I/O")
+    return iops

@@ -22,6 +22,7 @@ def test_quick_run_writes_table_and_chart(tmp_path):
            "--seed-size", "4M", "--seed-delay-ms", "1", "--startup-size", "1G",
            "--nbdkit-threads", "1,2", "--threads-runtime", "0.2",
            "--flush-disk", "256M", "--flush-bytes", "8M",
+           "--views-counts", "1,3", "--views-runtime", "0.2",
            "--workdir", str(tmp_path / "work"), "--out-dir", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -38,7 +39,9 @@ def test_quick_run_writes_table_and_chart(tmp_path):
                            "random 4 KiB reads, 1 conn, -t 2", "random 4 KiB writes, 4 conn, -t 1",
                            "random 4 KiB reads, NBD backing, -t 2",
                            "cow.server --overlay FILE against its temporary overlay",
-                           "then one FLUSH (ms)"]:
+                           "then one FLUSH (ms)",
+                           "Views: many writable views of one backing in one server",
+                           "8 views busy at once"]:
         assert row in table, row
     assert "ERROR" not in table and "| error" not in table
 
@@ -56,6 +59,9 @@ def test_quick_run_writes_table_and_chart(tmp_path):
     for column in ("temporary", "persistent"):
         for metric in ("overlay-randwrite-4k", "overlay-flush"):
             assert (metric, column) in measured
+    for metric in ("views-first@1", "views-last@3", "views-per-view@3", "views-left-fds@3"):
+        assert (metric, "cow-server") in measured
+    assert ("views-randwrite", "8-views") in measured and ("views-randwrite", "1-view") in measured
 
     png = out / "latest.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
