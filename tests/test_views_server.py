@@ -185,6 +185,22 @@ def test_bad_names_are_refused_and_nothing_is_created(disk, folder, tmp_path, ra
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".cow") == []
 
 
+def test_old_style_export_name_opens_a_view_too(disk, folder, tmp_path):
+    with start_server(disk, "--overlay-dir", folder, tmp_path=tmp_path) as (_, proc):
+        with RawClient(proc.sock_path) as c:
+            c.greeting()
+            c.send(P.pack_option(P.NBD_OPT_EXPORT_NAME, b"legacy"))
+            size, _ = struct.unpack(">QH", c.recv_exact(10))
+            assert size == 4 * MiB
+            c.request(P.NBD_CMD_WRITE, 0, 5, cookie=7, payload=b"hello")
+            assert c.reply() == (7, 0, b"")
+            c.request(P.NBD_CMD_DISC)
+        wait_until(lambda: not held_files(proc, folder), what="legacy to close")
+        h = connect(proc, "legacy")
+        assert h.pread(5, 0) == b"hello"
+        h.shutdown()
+
+
 def test_qemu_img_is_told_why_a_name_is_refused(disk, folder, tmp_path):
     with start_server(disk, "--overlay-dir", folder, "--max-exports", "1",
                       tmp_path=tmp_path) as (_, proc):
