@@ -34,6 +34,7 @@ import os
 import re
 import stat
 import threading
+import time
 
 from cow import overlayfile
 from cow import protocol as P
@@ -465,6 +466,34 @@ _REPLY_FOR = {
 }
 
 
+class _Trim:
+    """Give freed heap memory back to the system, at most once per `interval` seconds: a closed
+    view's bitmap is freed, but glibc keeps freed memory below the top of its heaps (measured:
+    +4 MiB of RSS kept after 1000 views of a 1 GiB backing closed).  malloc_trim(0) returns the
+    free pages inside the heaps too."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval = interval
+        self.last = 0.0
+        self.lock = threading.Lock()
+        try:
+            import ctypes
+            self.fn = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):   # not glibc
+            self.fn = None
+
+    def __call__(self, last: bool = False) -> None:
+        """A view closed; ``last``: no view is open any more (then trim regardless)."""
+        if self.fn is None:
+            return
+        now = time.monotonic()
+        with self.lock:
+            if now - self.last < self.interval and not last:
+                return
+            self.last = now
+        self.fn(0)
+
+
 class ViewExports(P.Exports):
     """A ViewSet as the exports of cow.server: GO opens (or creates) the named view, INFO and
     the meta context options only look, LIST lists the views that exist."""
@@ -472,6 +501,7 @@ class ViewExports(P.Exports):
     def __init__(self, views: ViewSet, template: P.Export):
         self.views = views
         self.template = template        # size, read-only, limits: the same for every view
+        self._trim = _Trim()
 
     def _export(self, name: str, block_size: int, description: str) -> P.Export:
         return dataclasses.replace(self.template, name=name, description=description,
@@ -498,6 +528,8 @@ class ViewExports(P.Exports):
 
     def release(self, handle: View) -> None:
         self.views.release(handle)
+        if handle.state == CLOSED:
+            self._trim(last=not self.views._views)
 
     def engine_of(self, handle: View):
         return handle.engine
