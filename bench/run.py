@@ -424,7 +424,7 @@ class Bench:
         def go():
             views = measure("views", [f"v{k}" for k in range(n)])
             one = measure("one view", ["one"] * n)
-            k = min(10, n)
+            k = min(n, max(10, n // 20))    # the first and the last 5% (at least 10)
             first = statistics.median(views["firsts"][:k]) * 1000
             last = statistics.median(views["firsts"][-k:]) * 1000
             per_view = (views["held_rss"] - one["held_rss"]) / n
@@ -552,7 +552,7 @@ def render_views(bench):
            f"the connections cost by themselves); then they all leave (RSS after: against the "
            f"server's RSS before the first client). Time to first reply: "
            f"from connect to the first write's reply (the view is made on the way), median of "
-           f"the first and of the last 10 views. RSS a view: (RSS with N views held − RSS with "
+           f"the first and of the last 5% of the views (at least 10). RSS a view: (RSS with N views held − RSS with "
            f"N connections on one view) / N. Medians of {a.rounds} round(s).\n",
            "| views | first reply, first views (ms) | last views (ms) | last / first | "
            "median (ms) | peak RSS (MiB) | peak RSS, one view (MiB) | RSS a view (KiB) | "
