@@ -269,6 +269,7 @@ class Bench:
         self.workdir = Path(workdir)
         self.results = Results()
         self.mem = Results()         # peak RSS (MiB) per workload and target
+        self.cpu = Results()         # server CPU seconds (user + system) per GiB served
         self.multi_conn = {}
         self.t0 = time.monotonic()
         self.counter = 0
@@ -299,12 +300,15 @@ class Bench:
     def fio_once(self, job, target, numjobs, runtime, key, **opts):
         def go():
             with self.start(target, self.backing, **opts) as server:
+                cpu0 = server.cpu_seconds()
                 res = wl.run_fio(job, server.uri, size=self.a.size, numjobs=numjobs,
                                  iodepth=self.a.iodepth, runtime_s=runtime,
                                  out_json=self.workdir / "fio.json", cwd=self.workdir)
+                cpu1 = server.cpu_seconds()
                 peak = server.peak_rss_kib()
             self.results.add(key, target.name, res["value"])
             self.mem.add(key, target.name, peak / 1024 if peak else None)
+            self.cpu.add(key, target.name, per_gib(cpu0, cpu1, res["bytes"]))
             self.log(f"{key:<16} {target.name:<12} {report.fmt_value(res['value'], job.unit):>8} "
                      f"{job.unit:<5} peak RSS {peak / 1024 if peak else 0:.0f} MiB")
         self.attempt(key, target.name, go)
@@ -312,6 +316,7 @@ class Bench:
     def pipeline_once(self, target):
         def go():
             with self.start(target, self.backing) as server:
+                cpu0 = server.cpu_seconds()
                 prep = wl.pipeline_prep(server.uri, self.a.size)
                 dest = "null:" if self.a.copy_to == "null" else self.workdir / "copy-out.img"
                 try:
@@ -319,10 +324,14 @@ class Bench:
                 finally:
                     if dest != "null:":
                         Path(dest).unlink(missing_ok=True)
+                cpu1 = server.cpu_seconds()
                 peak = server.peak_rss_kib()
             self.results.add("pipeline-prep", target.name, prep)
             self.results.add("pipeline-copy", target.name, copy)
+            self.results.add("pipeline-total", target.name, prep + copy)
             self.mem.add("pipeline", target.name, peak / 1024 if peak else None)
+            # Per GiB of the export copied out (nbdcopy skips what block status calls zero).
+            self.cpu.add("pipeline", target.name, per_gib(cpu0, cpu1, self.a.size))
             self.log(f"{'pipeline':<16} {target.name:<12} prep {prep:.2f} s, nbdcopy {copy:.2f} s, "
                      f"peak RSS {peak / 1024 if peak else 0:.0f} MiB")
         self.attempt("pipeline-copy", target.name, go)
@@ -589,6 +598,13 @@ def render_views(bench):
     return "\n".join(out)
 
 
+def per_gib(cpu0, cpu1, nbytes):
+    """CPU seconds per GiB of nbytes, from two cpu_seconds() readings (None if either failed)."""
+    if cpu0 is None or cpu1 is None or not nbytes:
+        return None
+    return (cpu1 - cpu0) / (nbytes / wl.GiB)
+
+
 def thread_key(job, connections, threads):
     return f"{job}@{connections}c-t{threads}"
 
@@ -622,7 +638,8 @@ def render(bench, meta, argv):
     main = [Metric(j.key, f"{j.title}", j.unit, True) for j in wl.FIO_JOBS if j.key in w]
     pipe = [Metric("pipeline-prep", "pipeline: trim ¼ + rewrite pieces, 1 conn", "s", False),
             Metric("pipeline-copy", f"pipeline: nbdcopy whole export, {a.copy_connections} conns",
-                   "s", False)] if "pipeline" in w else []
+                   "s", False),
+            Metric("pipeline-total", "pipeline: both steps", "s", False)] if "pipeline" in w else []
     shim_vs_null = ([report.ratio_column(res, "cow-shim", "python-null", "shim ÷ do-nothing")]
                     if {"cow-shim", "python-null"} <= set(cols) else [])
     if main or pipe:
@@ -639,6 +656,16 @@ def render(bench, meta, argv):
                        f"4 KiB and 196 KiB unaligned), then `nbdcopy --connections="
                        f"{a.copy_connections}` of the whole export to "
                        f"{'null:' if a.copy_to == 'null' else 'a file'}.")
+        out.append("")
+        cpu_rows = [Metric(m.key, m.title, "s/GiB", False) for m in main]
+        if pipe:
+            cpu_rows.append(Metric("pipeline", "pipeline: both steps, per GiB of the export",
+                                   "s/GiB", False))
+        out.append("### CPU time per GiB served\n")
+        out.append("Seconds of CPU (user + system, all threads) the server process spent per GiB "
+                   "that fio read and wrote (for the pipeline: per GiB of the export, over both "
+                   "steps), median. Ratios: the C filter's CPU time over ours, >1 is less CPU.\n")
+        out.append(report.table(bench.cpu, cpu_rows, cols, labels, ref))
         out.append("")
 
     seed_ratio = None
@@ -828,7 +855,8 @@ def main(argv=None):
     md.write_text(text)
     shutil.copyfile(md, out_dir / "latest.md")
     raw = {"meta": meta, "argv": argv, **bench.results.to_json(),
-           "peak_rss_mib": bench.mem.to_json()["values"], "multi_conn": bench.multi_conn}
+           "peak_rss_mib": bench.mem.to_json()["values"],
+           "cpu_s_per_gib": bench.cpu.to_json()["values"], "multi_conn": bench.multi_conn}
     (out_dir / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
     shutil.copyfile(out_dir / f"{stamp}.json", out_dir / "latest.json")
     if not a.no_chart:

@@ -49,6 +49,18 @@ def read_status_kib(pid, field_name):
     return None
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process so far, all its threads included (from
+    /proc/PID/stat); None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime are fields 14 and 15 of stat(5); fields[0] here is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def nbd_handshake(uri):
     """Connect, complete the handshake, return (size, can_multi_conn); raises nbd.Error."""
     h = nbd.NBD()
@@ -102,6 +114,9 @@ class Server:
 
     def rss_kib(self):
         return read_status_kib(self.pid, "VmRSS")
+
+    def cpu_seconds(self):
+        return cpu_seconds(self.pid)
 
     def stop(self):
         _stop_proc(self.proc)

@@ -91,7 +91,9 @@ def run_fio(job, uri, *, size, numjobs, iodepth, runtime_s, out_json, cwd):
     value = iops if job.unit == "IOPS" else mibs
     if value <= 0:
         raise RuntimeError(f"fio {job.key} did no I/O")
-    return {"value": value, "iops": iops, "mib_s": mibs, "p99_ms": max(p99) if p99 else None}
+    moved = res["read"]["io_bytes"] + res["write"]["io_bytes"]
+    return {"value": value, "iops": iops, "mib_s": mibs, "p99_ms": max(p99) if p99 else None,
+            "bytes": moved}
 
 
 def pipeline_prep(uri, size, seed=1):

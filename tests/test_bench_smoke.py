@@ -44,6 +44,7 @@ def test_quick_run_writes_table_and_chart(tmp_path):
                            "8 views busy at once"]:
         assert row in table, row
     assert "ERROR" not in table and "| error" not in table
+    assert "CPU time per GiB served" in table and "pipeline: both steps" in table
 
     raw = json.loads((out / "latest.json").read_text())
     assert raw["errors"] == []
@@ -56,6 +57,10 @@ def test_quick_run_writes_table_and_chart(tmp_path):
     for target in ["cow-shim", "python-null", "nbdkit-cow"]:
         assert ("randread-4k@4c-t2", target) in measured
     assert ("randread-4k-nbd@t1", "cow-shim") in measured
+    cpu = {(v["metric"], v["column"]) for v in raw["cpu_s_per_gib"]}
+    for target in TARGETS:
+        for metric in ["randwrite-4k", "seqread-1m", "pipeline"]:
+            assert (metric, target) in cpu
     for column in ("temporary", "persistent"):
         for metric in ("overlay-randwrite-4k", "overlay-flush"):
             assert (metric, column) in measured
