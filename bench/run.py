@@ -395,7 +395,7 @@ class Bench:
             self.log(f"{'overlay randwrite':<18} {column:<11} {res['value']:.0f} IOPS")
 
         def flush():
-            with self.start(target, self.flush_backing, block_size="4K", **opts) as server:
+            with self.start(target, self.flush_backing, cow_block_size="4K", **opts) as server:
                 secs_w, secs_f = wl.scattered_writes_then_flush(
                     server.uri, self.a.flush_disk, self.a.flush_bytes, self.a.jobs,
                     self.a.iodepth, self.workdir / "fio.json", self.workdir)

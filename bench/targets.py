@@ -1,7 +1,9 @@
 """The servers under test: how to start each one over a backing, and how to stop it.
 
 Every target serves one export on a Unix socket. A backing is either a file path or an NBD URI
-(the seed experiment's delayed backing); a target that cannot take an NBD backing says so.
+(the remote section's delayed backing); a target that cannot take an NBD backing says so.
+The three COW targets over an NBD backing also take nbdkit's cow settings: cow_block_size="4K",
+cow_on_read="true" (virt-v2v's setting).
 """
 
 import json
@@ -233,6 +235,16 @@ def nbd_plugin_args(uri):
     return ["nbd", f"socket={uri[len(prefix):]}"]
 
 
+def cow_params(opts):
+    """nbdkit cow parameters (the shim's and the C filter's) from cow_block_size / cow_on_read."""
+    out = []
+    if opts.get("cow_block_size"):
+        out.append(f"cow-block-size={opts['cow_block_size']}")
+    if opts.get("cow_on_read"):
+        out.append(f"cow-on-read={opts['cow_on_read']}")
+    return out
+
+
 class CowServer(Target):
     name = "cow-server"
     label = "cow.server"
@@ -247,14 +259,16 @@ class CowServer(Target):
         return None
 
     def command(self, ctx, backing, sock, workdir, cleanup, lock_mode=None, overlay=None,
-                block_size=None, overlay_dir=None, **opts):
+                cow_block_size=None, cow_on_read=None, overlay_dir=None, **opts):
         cmd = [ctx.python, "-P", "-m", "cow.server", "-U", sock]
         if overlay_dir:
             cmd += ["--overlay-dir", str(overlay_dir)]      # the caller makes and removes it
         if lock_mode:
             cmd += ["--lock-mode", lock_mode]
-        if block_size:
-            cmd += ["--cow-block-size", block_size]
+        if cow_block_size:
+            cmd += ["--cow-block-size", cow_block_size]
+        if cow_on_read:
+            cmd += ["--cow-on-read", cow_on_read]
         if overlay:
             # A fresh overlay file for every run, removed after it.
             Path(overlay).unlink(missing_ok=True)
@@ -286,10 +300,11 @@ class CowShim(Target):
         return None
 
     def command(self, ctx, backing, sock, workdir, cleanup, threads=None, **opts):
-        # What `python -m cow.nbdkit BACKING` runs: its default threads unless told.
+        # What `python -m cow.nbdkit BACKING [cow-*=...]` runs: its default threads unless told.
         key = "uri" if "://" in backing else "file"
         threads = threads or launcher_threads(ctx)[key]
-        return nbdkit_base(sock, threads) + ["python", ctx.shim_path, f"{key}={backing}"]
+        return (nbdkit_base(sock, threads) + ["python", ctx.shim_path, f"{key}={backing}"]
+                + cow_params(opts))
 
 
 class PythonNull(Target):
@@ -317,10 +332,12 @@ class NbdkitCow(Target):
     nbd_backing = True
 
     def command(self, ctx, backing, sock, workdir, cleanup, threads=None, **opts):
-        # nbdkit's default threads (16) unless told.
+        # nbdkit's default threads (16) unless told; the filter's parameters after the plugin's.
         if "://" in backing:
-            return nbdkit_base(sock, threads) + ["--filter=cow"] + nbd_plugin_args(backing)
-        return nbdkit_base(sock, threads) + ["--filter=cow", "file", backing]
+            plugin = nbd_plugin_args(backing)
+        else:
+            plugin = ["file", backing]
+        return nbdkit_base(sock, threads) + ["--filter=cow"] + plugin + cow_params(opts)
 
 
 class QemuNbd(Target):
@@ -353,12 +370,18 @@ class NbdkitFile(Target):
 
 
 class DelayedBacking(Target):
-    """Not a target: the seed experiment's slow backing (nbdkit file with reads delayed)."""
+    """Not a target: a remote disk, `nbdkit --filter=delay file BACKING rdelay=Nms` with nbdkit's
+    default threads, as a user would run it. It advertises multi-conn (nbdkit's file plugin does)
+    unless multi_conn=False: then `--filter=multi-conn ... multi-conn-mode=disable` turns it off,
+    as for nbdkit's ssh and vddk plugins and most remote sources."""
 
     name = "delayed-backing"
 
-    def command(self, ctx, backing, sock, workdir, cleanup, delay_ms=4, **opts):
-        return nbdkit_base(sock) + ["--filter=delay", "file", backing, f"delay-read={delay_ms}ms"]
+    def command(self, ctx, backing, sock, workdir, cleanup, delay_ms=2, multi_conn=True, **opts):
+        if multi_conn:
+            return nbdkit_base(sock) + ["--filter=delay", "file", backing, f"rdelay={delay_ms}ms"]
+        return nbdkit_base(sock) + ["--filter=multi-conn", "--filter=delay", "file", backing,
+                                    f"rdelay={delay_ms}ms", "multi-conn-mode=disable"]
 
 
 ALL_TARGETS = [CowServer(), CowShim(), PythonNull(), NbdkitCow(), QemuNbd(), NbdkitFile()]

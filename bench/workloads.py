@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -31,6 +32,15 @@ def make_backing(path, size, holes=True):
             f.seek(off)
             f.write(data[:n])
     return path
+
+
+def make_random(path, size, seed=9):
+    """A disk of random data with no holes: a copy reads every byte of it from the backing."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        for off in range(0, size, 16 * MiB):
+            f.write(rng.randbytes(min(16 * MiB, size - off)))
+    return Path(path)
 
 
 def make_sparse(path, size):
@@ -137,6 +147,21 @@ def nbdcopy_time(uri, dest, connections, cwd):
         raise RuntimeError(f"nbdcopy failed ({r.returncode}): {r.stderr[-800:]}")
     return elapsed
 
+
+
+def nbdcopy_plain(uri, connections, cwd):
+    """`nbdcopy -C N URI null:`, as a user would type it (nbdcopy's default threads: the number of
+    cores, which also caps its connections). Returns (seconds, nbdcopy's user + system seconds)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    r = subprocess.run(["nbdcopy", "-C", str(connections), uri, "null:"], cwd=cwd,
+                       capture_output=True, text=True)
+    elapsed = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError(f"nbdcopy failed ({r.returncode}): {r.stderr[-800:]}")
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return elapsed, cpu
 
 
 def scattered_writes_then_flush(uri, disk_size, total, jobs, iodepth, out_json, cwd):
