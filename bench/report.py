@@ -112,9 +112,15 @@ def chart(path, results, ratio_metrics, scaling, columns, labels, reference, tit
     nscale = len(scaling)
     fig = plt.figure(figsize=(14, max(6.5, 0.55 * len(ratio_metrics) * max(1, len(columns)) / 2.2)),
                      layout="constrained")
-    grid = fig.add_gridspec(max(1, nscale), 2, width_ratios=[1.35, 1])
-    ax = fig.add_subplot(grid[:, 0])
-    shown = [c for c in columns if c != reference]
+    if nscale:
+        grid = fig.add_gridspec(nscale, 2, width_ratios=[1.35, 1])
+        ax = fig.add_subplot(grid[:, 0])
+    else:
+        ax = fig.add_subplot()
+    # Only the targets with a bar somewhere (a section may measure a few of them).
+    shown = [c for c in columns if c != reference
+             and any(ratio(results.median(m.key, c), results.median(m.key, reference),
+                           m.higher_is_better) is not None for m in ratio_metrics)]
     height = 0.8 / max(1, len(shown))
     ymax = 0.0
     for i, c in enumerate(shown):
