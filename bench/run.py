@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/run.py             # defaults: about 10 minutes on 2 cores
     .venv/bin/python bench/run.py --quick     # under 3 minutes
-    .venv/bin/python bench/run.py --targets cow-server,nbdkit-cow --workloads randwrite-4k,seed
+    .venv/bin/python bench/run.py --targets cow-server,nbdkit-cow --workloads randwrite-4k,remote
 
 Rounds are interleaved (every workload on every target, then the next round, with the target order
 rotated each round); each run gets a fresh server; tables show medians and ratios against nbdkit's
@@ -38,7 +38,8 @@ from report import Metric, Results
 
 REPO = Path(__file__).resolve().parent.parent
 SCALING_JOBS = ("randwrite-4k", "seqread-1m")
-SECTIONS = ("pipeline", "seed", "scaling", "threads", "startup", "overlay", "views")
+SECTIONS = ("pipeline", "remote", "scaling", "threads", "startup", "overlay", "views")
+WORKLOAD_ALIASES = {"seed": "remote"}  # the remote section grew out of the seed's experiment
 # The threads section: nbdkit's threads per connection (-t) for every nbdkit target, on small
 # random I/O, where a python plugin's per-request cost shows; then the shim and the C filter over
 # an NBD backing whose reads are delayed (a remote disk), where requests wait on the network.
@@ -49,11 +50,36 @@ OVERLAY_CONFIGS = [  # (column, label): cow.server's temporary overlay against -
     ("temporary", "temporary overlay"),
     ("persistent", "--overlay FILE"),
 ]
-SEED_CONFIGS = [  # (column, target, options, label)
-    ("cow-server-global", "cow-server", {"lock_mode": "global"}, "cow.server --lock-mode global"),
-    ("cow-server-fine", "cow-server", {"lock_mode": "fine"}, "cow.server --lock-mode fine"),
-    ("cow-shim-nbd", "cow-shim", {}, "nbdkit + cow shim (fine)"),
-    ("nbdkit-cow-nbd", "nbdkit-cow", {}, "nbdkit --filter=cow nbd (C)"),
+# The remote section (the seed's experiment, grown): a COW layer over a slow remote disk.
+# Settings: (key, heading, the backing advertises multi-conn, cow options for every COW server).
+REMOTE_SETTINGS = [
+    ("mc", "multi-conn backing", True, {}),
+    ("nomc", "no multi-conn", False, {}),
+    ("nomc-cor4k", "no multi-conn, cow-on-read 4K", False,
+     {"cow_block_size": "4K", "cow_on_read": "true"}),
+]
+ALL_REMOTE = tuple(k for k, *_ in REMOTE_SETTINGS)
+# Configurations: (column, target (None: nbdcopy straight from the backing), options, label, settings).
+REMOTE_CONFIGS = [
+    ("cow-server", "cow-server", {}, "cow.server", ALL_REMOTE),
+    ("cow-server-global", "cow-server", {"lock_mode": "global"}, "cow.server --lock-mode global",
+     ("mc", "nomc")),
+    ("cow-shim", "cow-shim", {}, "nbdkit + cow shim (`uri=`)", ALL_REMOTE),
+    ("nbdkit-cow", "nbdkit-cow", {}, "nbdkit --filter=cow nbd (C)", ALL_REMOTE),
+    ("ceiling", None, {}, "nbdcopy straight from the backing (ceiling)", ("mc", "nomc")),
+]
+REMOTE_REF = "nbdkit-cow"
+REMOTE_CPU_KEYS = ("remote-cpu-", "remote-backing-cpu-", "remote-nbdcopy-cpu-", "remote-cores-")
+# Issue 9's targets: (text, numerator column, denominator column, setting, at least).
+REMOTE_GOALS = [
+    ("cow.server ≥ 1.2× the C filter, multi-conn backing", "cow-server", REMOTE_REF, "mc", 1.2),
+    ("cow.server ≥ 1.0× the C filter, no multi-conn", "cow-server", REMOTE_REF, "nomc", 1.0),
+    ("cow-on-read 4K: cow.server ≥ 1.0× the C filter, no multi-conn", "cow-server", REMOTE_REF,
+     "nomc-cor4k", 1.0),
+    ("the shim ≥ 0.8× the C filter, multi-conn backing", "cow-shim", REMOTE_REF, "mc", 0.8),
+    ("the shim ≥ 0.8× the C filter, no multi-conn", "cow-shim", REMOTE_REF, "nomc", 0.8),
+    ("fine ÷ global ≥ 1.9×, multi-conn backing", "cow-server", "cow-server-global", "mc", 1.9),
+    ("fine ÷ global ≥ 1.9×, no multi-conn", "cow-server", "cow-server-global", "nomc", 1.9),
 ]
 
 
@@ -107,8 +133,10 @@ def parse_args(argv):
     p.add_argument("--copy-connections", type=int, default=4, help="nbdcopy connections (default 4)")
     p.add_argument("--copy-to", choices=("null", "file"), default="null",
                    help="nbdcopy destination: null: (default) or a file in the work folder")
-    p.add_argument("--seed-size", help="delayed backing size (default 256M, quick 64M)")
-    p.add_argument("--seed-delay-ms", type=int, help="delay per backing read (default 4, quick 2)")
+    p.add_argument("--remote-size", "--seed-size", dest="remote_size",
+                   help="remote section: size of the delayed backing (default 256M, quick 64M)")
+    p.add_argument("--remote-delay-ms", "--seed-delay-ms", dest="remote_delay_ms", type=int,
+                   help="remote section: delay per backing read, ms (default 2)")
     p.add_argument("--startup-size", default="16T", help="sparse backing for start-up (default 16T)")
     p.add_argument("--flush-disk", help="overlay section: sparse disk the scattered writes go to "
                    "(default 16G, quick 1G)")
@@ -139,8 +167,8 @@ def parse_args(argv):
                                                          or f"1,{a.jobs}"])]
     a.threads_connections = sorted(set(a.threads_connections))
     a.threads_runtime = a.threads_runtime or 1.0
-    a.seed_size = parse_size(a.seed_size or ("64M" if q else "256M"))
-    a.seed_delay_ms = a.seed_delay_ms or (2 if q else 4)
+    a.remote_size = parse_size(a.remote_size or ("64M" if q else "256M"))
+    a.remote_delay_ms = a.remote_delay_ms or 2
     a.startup_size = parse_size(a.startup_size)
     a.flush_disk = parse_size(a.flush_disk or ("1G" if q else "16G"))
     a.flush_bytes = parse_size(a.flush_bytes or ("32M" if q else "1G"))
@@ -149,7 +177,7 @@ def parse_args(argv):
     a.views_runtime = a.views_runtime or a.runtime
     a.python = a.python or (str(REPO / ".venv/bin/python") if (REPO / ".venv/bin/python").exists()
                             else sys.executable)
-    a.workloads = split_list(a.workloads) or all_workloads
+    a.workloads = [WORKLOAD_ALIASES.get(x, x) for x in split_list(a.workloads)] or all_workloads
     bad = [w for w in a.workloads if w not in all_workloads]
     if bad:
         p.error(f"unknown workloads {bad}; choose from {all_workloads}")
@@ -160,6 +188,8 @@ def parse_args(argv):
         p.error(f"unknown targets {bad}; choose from {list(tg.BY_NAME)}")
     if a.size < 4 * wl.MiB or a.size % 4096:
         p.error("--size must be a multiple of 4 KiB and at least 4M")
+    if a.remote_size < wl.MiB or a.remote_size % (64 * wl.KiB):
+        p.error("--remote-size must be a multiple of 64 KiB and at least 1M")
     return a
 
 
@@ -199,7 +229,7 @@ def fs_type(path):
 def default_scratch(a):
     """tmpfs when it has room: the servers are measured, not this machine's disk and its writeback
     (which other work on the machine disturbs). Room: backing, an overlay and a copy, with margin."""
-    need = 4 * a.size + 2 * a.seed_size + (1 << 30)
+    need = 4 * a.size + 2 * a.remote_size + (1 << 30)
     try:
         st = os.statvfs("/dev/shm")
         if st.f_bavail * st.f_frsize >= need:
@@ -271,6 +301,7 @@ class Bench:
         self.mem = Results()         # peak RSS (MiB) per workload and target
         self.cpu = Results()         # server CPU seconds (user + system) per GiB served
         self.multi_conn = {}
+        self.remote_multi_conn = {}  # (setting, column) -> what the server told nbdcopy
         self.t0 = time.monotonic()
         self.counter = 0
 
@@ -350,17 +381,51 @@ class Bench:
             self.log(f"{key:<16} {target.name:<12} {report.fmt_value(res['value'], 'IOPS'):>8} IOPS")
         self.attempt(key, target.name, go)
 
-    def seed_once(self, column, target, opts):
+    def remote_once(self, setting, config, target):
+        """nbdcopy -C N URI null: through one configuration over a fresh delayed backing."""
+        skey, _, backing_mc, cow_opts = setting
+        column, _, opts, _, _ = config
+        size = self.a.remote_size
+
         def go():
             delayed = tg.DelayedBacking()
-            with self.start(delayed, self.seed_backing, delay_ms=self.a.seed_delay_ms) as back:
-                with self.start(target, back.uri, **opts) as server:
-                    secs = wl.nbdcopy_time(server.uri, "null:", self.a.copy_connections, self.workdir)
-                    peak = server.peak_rss_kib()
-            self.results.add("seed-copy", column, secs)
-            self.mem.add("seed", column, peak / 1024 if peak else None)
-            self.log(f"{'seed':<16} {column:<18} nbdcopy {secs:.2f} s")
-        self.attempt("seed-copy", column, go)
+            with self.start(delayed, self.remote_backing, delay_ms=self.a.remote_delay_ms,
+                            multi_conn=backing_mc) as back:
+                if back.multi_conn != backing_mc:
+                    raise RuntimeError(f"the delayed backing advertises multi-conn: "
+                                       f"{back.multi_conn}, wanted {backing_mc}")
+                server = self.start(target, back.uri, **opts, **cow_opts) if target else None
+                try:
+                    uri = server.uri if server else back.uri
+                    cpu0 = server.cpu_seconds() if server else None
+                    bcpu0 = back.cpu_seconds()
+                    secs, copy_cpu = wl.nbdcopy_plain(uri, self.a.copy_connections, self.workdir)
+                    cpu1 = server.cpu_seconds() if server else None
+                    bcpu1 = back.cpu_seconds()
+                    if server:
+                        self.remote_multi_conn[(skey, column)] = server.multi_conn
+                        peak = server.peak_rss_kib()
+                finally:
+                    if server:
+                        server.stop()
+            gib = size / wl.GiB
+            mibs = size / wl.MiB / secs
+            cpu = cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None
+            bcpu = bcpu1 - bcpu0 if bcpu0 is not None and bcpu1 is not None else None
+            self.results.add(f"remote-{skey}", column, mibs)
+            self.results.add(f"remote-cpu-{skey}", column, cpu / gib if cpu is not None else None)
+            self.results.add(f"remote-backing-cpu-{skey}", column,
+                             bcpu / gib if bcpu is not None else None)
+            self.results.add(f"remote-nbdcopy-cpu-{skey}", column, copy_cpu / gib)
+            busy = sum(x for x in (cpu, bcpu, copy_cpu) if x is not None) / secs
+            self.results.add(f"remote-cores-{skey}", column, busy)
+            if server:
+                self.mem.add(f"remote-{skey}", column, peak / 1024 if peak else None)
+            self.log(f"{'remote ' + skey:<16} {column:<18} {mibs:6.0f} MiB/s ({secs:.2f} s), CPU "
+                     f"s/GiB: server {cpu / gib if cpu is not None else 0:.2f}, backing "
+                     f"{bcpu / gib if bcpu is not None else 0:.2f}, nbdcopy {copy_cpu / gib:.2f}; "
+                     f"{busy:.2f} cores busy")
+        self.attempt(f"remote-{skey}", column, go)
 
     def startup_once(self, target):
         def go():
@@ -488,8 +553,10 @@ class Bench:
                                                     "overlay", "views"} & set(w):
             self.log(f"making a {human_size(self.a.size)} sample backing")
             self.backing = wl.make_backing(self.workdir / "backing.img", self.a.size)
-        if "seed" in w:
-            self.seed_backing = wl.make_backing(self.workdir / "seed-backing.img", self.a.seed_size)
+        if "remote" in w:
+            self.log(f"making a {human_size(self.a.remote_size)} random backing (no holes)")
+            self.remote_backing = wl.make_random(self.workdir / "remote-backing.img",
+                                                 self.a.remote_size)
         if "startup" in w:
             self.sparse_backing = self.make_huge_sparse()
 
@@ -507,7 +574,8 @@ class Bench:
         a, w = self.a, self.a.workloads
         fio_jobs = [j for j in wl.FIO_JOBS if j.key in w]
         by_name = {t.name: t for t in self.targets}
-        seed_configs = [c for c in SEED_CONFIGS if c[1] in by_name]
+        remote_runs = [(st, c) for c in REMOTE_CONFIGS if c[1] is None or c[1] in by_name
+                       for st in REMOTE_SETTINGS if st[0] in c[4]]
         for rnd in range(a.rounds):
             order = self.targets[rnd % len(self.targets):] + self.targets[:rnd % len(self.targets)]
             self.log(f"round {rnd + 1}/{a.rounds}: order {' '.join(t.name for t in order)}")
@@ -517,10 +585,11 @@ class Bench:
             if "pipeline" in w:
                 for t in order:
                     self.pipeline_once(t)
-            if "seed" in w:
-                k = rnd % max(1, len(seed_configs))
-                for column, name, opts, _ in seed_configs[k:] + seed_configs[:k]:
-                    self.seed_once(column, by_name[name], opts)
+            if "remote" in w:
+                # Rotated so that each configuration meets the machine at another point each round.
+                k = rnd * len(remote_runs) // a.rounds
+                for st, c in remote_runs[k:] + remote_runs[:k]:
+                    self.remote_once(st, c, by_name[c[1]] if c[1] else None)
             if "scaling" in w:
                 for key in SCALING_JOBS:
                     for n in a.connections:
@@ -605,6 +674,114 @@ def per_gib(cpu0, cpu1, nbytes):
     return (cpu1 - cpu0) / (nbytes / wl.GiB)
 
 
+def remote_ratio(res, column, over, skey):
+    return report.ratio(res.median(f"remote-{skey}", column), res.median(f"remote-{skey}", over), True)
+
+
+def render_remote(bench):
+    """The remote section: MiB/s per configuration and backing, ratios, issue 9's targets, CPU."""
+    a, res = bench.a, bench.results
+    settings = [st for st in REMOTE_SETTINGS
+                if any(res.count(f"remote-{st[0]}", c[0]) for c in REMOTE_CONFIGS)]
+    configs = [c for c in REMOTE_CONFIGS
+               if any(res.count(f"remote-{st[0]}", c[0]) for st in settings)]
+    if not settings:
+        return ["## A COW layer over a remote disk\n", "No measurement succeeded (see Notes).\n"]
+    errors = {(what, col) for what, col, _ in res.errors}
+    shim_t = (bench.ctx.launcher_threads or {}).get("uri")
+    out = ["## A COW layer over a remote disk (the seed's experiment, grown)\n"]
+    out.append(
+        f"Backing: a {human_size(a.remote_size)} file of random data (no holes: every byte is "
+        f"read) served by `nbdkit --filter=delay file IMG rdelay={a.remote_delay_ms}ms` with "
+        f"nbdkit's default threads, fresh for every run. It advertises multi-conn; for \"no "
+        f"multi-conn\" `--filter=multi-conn ... multi-conn-mode=disable` turns that off, as for "
+        f"nbdkit's ssh and vddk plugins. On top, a fresh COW server over `nbd+unix:///?socket=...`: "
+        f"`python -m cow.server URI`, the shim (`nbdkit"
+        + (f" -t {shim_t}" if shim_t else "")
+        + f" python PLUGIN uri=URI`, what `python -m cow.nbdkit URI` runs), nbdkit's C filter "
+        f"(`nbdkit --filter=cow nbd socket=...`, default threads). \"cow-on-read 4K\": each of "
+        f"them with virt-v2v's setting, `cow-block-size=4K cow-on-read=true`. Measured: "
+        f"`nbdcopy -C {a.copy_connections} URI null:` (nbdcopy's default threads, one per core "
+        f"here ({os.cpu_count()}), which also caps its connections), as MiB/s; medians of "
+        f"{a.rounds} interleaved round(s); (×) against nbdkit's C filter in the same column, >1 "
+        f"is faster.\n")
+    out.append("| configuration | " + " | ".join(f"{h} (MiB/s)" for _, h, _, _ in settings) + " |")
+    out.append("|---|" + "---|" * len(settings))
+    for column, _, _, label, applies in configs:
+        cells = []
+        for skey, *_ in settings:
+            v = res.median(f"remote-{skey}", column)
+            if v is None:
+                cells.append("error" if (f"remote-{skey}", column) in errors else "—")
+                continue
+            cell = report.fmt_value(v, "MiB/s")
+            r = remote_ratio(res, column, REMOTE_REF, skey)
+            if column == REMOTE_REF:
+                cell += " (ref)"
+            elif r is not None:
+                cell += f" ({r:.2f}×)"
+            cells.append(cell)
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+
+    out.append("\nIssue 9's targets (medians of this run):\n")
+    out.append("| target | measured | holds |")
+    out.append("|---|---|---|")
+    for text, num, den, skey, least in REMOTE_GOALS:
+        r = remote_ratio(res, num, den, skey)
+        out.append(f"| {text} | {f'{r:.2f}×' if r is not None else '—'} | "
+                   f"{'—' if r is None else ('yes' if r >= least else '**no**')} |")
+    out.append("\nThe seed patch measured 3m51s with the global lock against 2m01s with "
+               "fine-grained locking (1.91×).")
+
+    out.append(f"\nCPU, medians per GiB copied: user + system seconds of the COW server (from "
+               f"ready to the end of the copy, start-up not counted) / of the backing nbdkit / of "
+               f"nbdcopy; and the cores that the three kept busy together (their CPU seconds over "
+               f"the copy's wall time; this machine has {os.cpu_count()}).\n")
+    out.append("| configuration | " + " | ".join(f"{h}: server / backing / nbdcopy s/GiB, cores"
+                                               for _, h, _, _ in settings) + " |")
+    out.append("|---|" + "---|" * len(settings))
+    for column, _, _, label, _ in configs:
+        cells = []
+        for skey, *_ in settings:
+            parts = [res.median(f"remote-{k}-{skey}", column)
+                     for k in ("cpu", "backing-cpu", "nbdcopy-cpu")]
+            busy = res.median(f"remote-cores-{skey}", column)
+            if busy is None:
+                cells.append("—")
+                continue
+            cells.append(" / ".join("—" if x is None else f"{x:.2f}" for x in parts)
+                         + f", {busy:.2f}")
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    adv = sorted({(skey, col) for skey, col in bench.remote_multi_conn
+                  if not bench.remote_multi_conn[(skey, col)]})
+    if adv:
+        out.append("\nNot advertising multi-conn to nbdcopy (so it used one connection): "
+                   + ", ".join(f"{col} ({skey})" for skey, col in adv) + ".")
+    out.append("")
+    return out
+
+
+def remote_chart_rows(bench):
+    """The remote section in the chart: per backing setting, the fine servers (and the ceiling in
+    the no-COW column), then cow.server --lock-mode global alone; ratios against the C filter."""
+    res, rows = bench.results, []
+    for skey, heading, _, _ in REMOTE_SETTINGS:
+        key = f"remote-chart-{skey}"
+        for col, src in (("cow-server", "cow-server"), ("cow-shim", "cow-shim"),
+                         (tg.REFERENCE, REMOTE_REF), ("nbdkit-file", "ceiling")):
+            res.add(key, col, res.median(f"remote-{skey}", src))
+        shown = res.count(key, "nbdkit-file") and any(t.name == "nbdkit-file" for t in bench.targets)
+        ceiling = " (no-COW bar: straight from the backing)" if shown else ""
+        rows.append(Metric(key, f"remote, {heading}: nbdcopy{ceiling}", "MiB/s", True))
+        gkey = f"remote-chart-global-{skey}"
+        res.add(gkey, "cow-server", res.median(f"remote-{skey}", "cow-server-global"))
+        res.add(gkey, tg.REFERENCE, res.median(f"remote-{skey}", REMOTE_REF))
+        if res.count(gkey, "cow-server"):
+            rows.append(Metric(gkey, f"remote, {heading}: cow.server --lock-mode global",
+                               "MiB/s", True))
+    return rows
+
+
 def thread_key(job, connections, threads):
     return f"{job}@{connections}c-t{threads}"
 
@@ -626,9 +803,11 @@ def render(bench, meta, argv):
     out.append(f"- Load average (1/5/15 min) at start: {meta['loadavg_start']}; at end: "
                f"{meta.get('loadavg_end', '?')}; wall time {meta.get('wall', '?')}")
     out.append(f"- Scratch folder (backings, overlays via TMPDIR, copies): {meta.get('scratch', '?')}")
-    out.append(f"- Backing: {human_size(a.size)} sparse file, data in two of every three 64 KiB "
-               f"pieces and a hole in the third; fio `--ioengine=nbd` over a Unix socket, "
-               f"{a.jobs} jobs (one NBD connection each) × iodepth {a.iodepth}, {a.runtime:g} s per run")
+    if set(w) & ({j.key for j in wl.FIO_JOBS} | {"pipeline", "scaling", "threads"}):
+        out.append(f"- Backing: {human_size(a.size)} sparse file, data in two of every three "
+                   f"64 KiB pieces and a hole in the third; fio `--ioengine=nbd` over a Unix "
+                   f"socket, {a.jobs} jobs (one NBD connection each) × iodepth {a.iodepth}, "
+                   f"{a.runtime:g} s per run")
     out.append(f"- {a.rounds} round(s), interleaved (target order rotated each round), a fresh server "
                f"for every run; cells are medians; ratios (×) are speed relative to nbdkit's C cow "
                f"filter, >1 is faster (for times: its time / ours)")
@@ -668,34 +847,8 @@ def render(bench, meta, argv):
         out.append(report.table(bench.cpu, cpu_rows, cols, labels, ref))
         out.append("")
 
-    seed_ratio = None
-    if "seed" in w:
-        scols = [c for c, *_ in SEED_CONFIGS if res.count("seed-copy", c)]
-        slabels = {c: lab for c, _, _, lab in SEED_CONFIGS}
-        out.append("## The seed's experiment: global lock vs fine-grained locking\n")
-        out.append(f"Backing: {human_size(a.seed_size)} sample served by `nbdkit --filter=delay file "
-                   f"delay-read={a.seed_delay_ms}ms` (a remote disk); the server under test serves "
-                   f"a COW view of it; `nbdcopy --connections={a.copy_connections}` copies the export "
-                   f"to null:. Median seconds (lower is better).\n")
-        out.append("| configuration | nbdcopy (s) | speed vs global lock |")
-        out.append("|---|---|---|")
-        g = res.median("seed-copy", "cow-server-global")
-        for c in scols:
-            v = res.median("seed-copy", c)
-            r = report.ratio(v, g, False)
-            out.append(f"| {slabels[c]} | {report.fmt_value(v, 's')} | "
-                       f"{f'{r:.2f}×' if r is not None else '—'} |")
-        f = res.median("seed-copy", "cow-server-fine")
-        if g and f:
-            seed_ratio = g / f
-            out.append(f"\nThe seed patch measured 3m51s with the global lock against 2m01s with "
-                       f"fine-grained locking (1.91×). Here: {g:.2f} s against {f:.2f} s "
-                       f"(**{seed_ratio:.2f}×**).")
-        c_ref = res.median("seed-copy", "nbdkit-cow-nbd")
-        if f and c_ref:
-            out.append(f"nbdkit's C cow filter over the same delayed backing: {c_ref:.2f} s "
-                       f"(our fine mode is {c_ref / f:.2f}× its speed).")
-        out.append("")
+    if "remote" in w:
+        out += render_remote(bench)
 
     scaling_metrics = []
     if "scaling" in w:
@@ -785,8 +938,10 @@ def render(bench, meta, argv):
     if getattr(bench, "skipped", None):
         for name, why in bench.skipped:
             out.append(f"- Skipped {name}: {why}")
+    # Speeds and times only: CPU seconds (10 ms clock ticks) are coarse by nature.
     spreads = sorted(((max(v) / min(v), key, col) for (key, col), v in res.values.items()
-                      if len(v) >= 2 and min(v) > 0), reverse=True)
+                      if len(v) >= 2 and min(v) > 0 and not key.startswith(REMOTE_CPU_KEYS)),
+                     reverse=True)
     if spreads:
         wide = [x for x in spreads if x[0] > 1.5]
         worst = ", ".join(f"{key} on {col} {r:.1f}×" for r, key, col in wide[:6])
@@ -796,7 +951,7 @@ def render(bench, meta, argv):
     for what, col, msg in res.errors:
         out.append(f"- ERROR {what} on {col}: {msg.splitlines()[0] if msg else ''}")
     out.append("")
-    return "\n".join(out), main + pipe, scaling_metrics, seed_ratio
+    return "\n".join(out), main + pipe, scaling_metrics
 
 
 def main(argv=None):
@@ -846,7 +1001,7 @@ def main(argv=None):
     meta["loadavg_end"] = loadavg()
     el = int(time.monotonic() - bench.t0)
     meta["wall"] = f"{el // 60}m{el % 60:02d}s"
-    text, ratio_metrics, scaling_metrics, seed_ratio = render(bench, meta, argv)
+    text, ratio_metrics, scaling_metrics = render(bench, meta, argv)
     print(text)
     out_dir = Path(a.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -868,12 +1023,7 @@ def main(argv=None):
             if any(bench.results.count(k, c) for _, k in keys for c in cols):
                 j = wl.FIO_BY_KEY[key]
                 scaling.append((j.title, j.unit, keys))
-        # The seed experiment's fine-mode servers against the C filter over the same slow backing.
-        for col, seed_col in (("cow-server", "cow-server-fine"), ("cow-shim", "cow-shim-nbd"),
-                              (tg.REFERENCE, "nbdkit-cow-nbd")):
-            bench.results.add("seed-chart", col, bench.results.median("seed-copy", seed_col))
-        ratio_metrics = ratio_metrics + [Metric("seed-chart", "seed: nbdcopy over a delayed NBD "
-                                                "backing (fine)", "s", False)]
+        ratio_metrics = ratio_metrics + remote_chart_rows(bench)
         metrics = [m for m in ratio_metrics if any(bench.results.count(m.key, c) for c in cols)]
         if metrics or scaling:
             png = out_dir / f"{stamp}.png"

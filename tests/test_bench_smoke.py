@@ -19,7 +19,7 @@ def test_quick_run_writes_table_and_chart(tmp_path):
     out = tmp_path / "results"
     cmd = [PYTHON, str(REPO / "bench" / "run.py"), "--quick", "--targets", *TARGETS,
            "--size", "16M", "--runtime", "0.2", "--scaling-runtime", "0.2", "--connections", "2",
-           "--seed-size", "4M", "--seed-delay-ms", "1", "--startup-size", "1G",
+           "--remote-size", "4M", "--remote-delay-ms", "1", "--startup-size", "1G",
            "--nbdkit-threads", "1,2", "--threads-runtime", "0.2",
            "--flush-disk", "256M", "--flush-bytes", "8M",
            "--views-counts", "1,3", "--views-runtime", "0.2",
@@ -35,7 +35,9 @@ def test_quick_run_writes_table_and_chart(tmp_path):
                   "qemu-nbd", "nbdkit file", "shim ÷ do-nothing"]:
         assert label in header
     for row in FIO_ROWS + ["pipeline: nbdcopy whole export", "2 conn", "start-up (ms)",
-                           "cow.server --lock-mode global", "cow.server --lock-mode fine",
+                           "cow.server --lock-mode global", "nbdkit + cow shim (`uri=`)",
+                           "nbdcopy straight from the backing (ceiling)",
+                           "no multi-conn, cow-on-read 4K (MiB/s)", "fine ÷ global ≥ 1.9×",
                            "random 4 KiB reads, 1 conn, -t 2", "random 4 KiB writes, 4 conn, -t 1",
                            "random 4 KiB reads, NBD backing, -t 2",
                            "cow.server --overlay FILE against its temporary overlay",
@@ -52,8 +54,12 @@ def test_quick_run_writes_table_and_chart(tmp_path):
     for target in TARGETS:
         for metric in ["randwrite-4k", "seqread-1m", "pipeline-copy", "randwrite-4k@2", "startup-s"]:
             assert (metric, target) in measured
-    assert ("seed-copy", "cow-server-global") in measured
-    assert ("seed-copy", "cow-server-fine") in measured
+    for setting in ["mc", "nomc", "nomc-cor4k"]:
+        for column in ["cow-server", "cow-shim", "nbdkit-cow"]:
+            assert (f"remote-{setting}", column) in measured
+    for setting in ["mc", "nomc"]:
+        for column in ["cow-server-global", "ceiling"]:
+            assert (f"remote-{setting}", column) in measured
     for target in ["cow-shim", "python-null", "nbdkit-cow"]:
         assert ("randread-4k@4c-t2", target) in measured
     assert ("randread-4k-nbd@t1", "cow-shim") in measured
