@@ -875,7 +875,7 @@ def render(bench, meta, argv):
                            "IOPS", True) for n in a.nbdkit_threads]
         if ncols:
             out.append(f"\nOver an NBD backing: `nbdkit --filter=delay file "
-                       f"delay-read={a.threads_delay_ms}ms` on the same sample, fresh for every "
+                       f"rdelay={a.threads_delay_ms}ms` on the same sample, fresh for every "
                        f"run, and the server under test serves a COW view of it (the shim with "
                        f"`uri=`, the C filter stacked on the nbd plugin).\n")
             out.append(report.table(res, nmetrics, ncols, labels, ref))
