@@ -699,7 +699,7 @@ def render_remote(bench):
         f"`python -m cow.server URI`, the shim (`nbdkit"
         + (f" -t {shim_t}" if shim_t else "")
         + f" python PLUGIN uri=URI`, what `python -m cow.nbdkit URI` runs), nbdkit's C filter "
-        f"(`nbdkit --filter=cow nbd socket=...`, default threads). \"cow-on-read 4K\": each of "
+        f"(`nbdkit --filter=cow nbd uri=URI`, default threads). \"cow-on-read 4K\": each of "
         f"them with virt-v2v's setting, `cow-block-size=4K cow-on-read=true`. Measured: "
         f"`nbdcopy -C {a.copy_connections} URI null:` (nbdcopy's default threads, one per core "
         f"here ({os.cpu_count()}), which also caps its connections), as MiB/s; medians of "
