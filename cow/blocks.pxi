@@ -62,6 +62,48 @@ cdef void aread_done(batch_t *w) noexcept nogil:
     pthread_mutex_unlock(&q.m)
 
 
+# The pieces of a read that a front end sends itself (Engine.read_plan): each is count bytes of
+# a file at pos (the overlay or a file backing), or count zero bytes (fd -1).
+
+cdef struct rpiece_t:
+    int fd                      # the overlay's or the backing's descriptor, or -1: zeroes
+    uint64_t pos                # where in that file
+    uint64_t count
+
+
+cdef struct rplan_t:
+    rpiece_t *p
+    size_t n
+    size_t cap
+    bint backing                # a piece reads the backing's descriptor
+
+
+cdef int rplan_add(rplan_t *plan, int fd, uint64_t pos, uint64_t count) noexcept nogil:
+    """Append a piece, merged into the previous one where they continue each other."""
+    cdef rpiece_t *last
+    cdef void *p
+    cdef size_t cap
+    if count == 0:
+        return 0
+    if plan.n:
+        last = &plan.p[plan.n - 1]
+        if last.fd == fd and (fd < 0 or last.pos + last.count == pos):
+            last.count += count
+            return 0
+    if plan.n == plan.cap:
+        cap = plan.cap * 2 if plan.cap else 8
+        p = realloc(plan.p, cap * sizeof(rpiece_t))
+        if p == NULL:
+            return -ENOMEM
+        plan.p = <rpiece_t *>p
+        plan.cap = cap
+    plan.p[plan.n].fd = fd
+    plan.p[plan.n].pos = pos if fd >= 0 else 0
+    plan.p[plan.n].count = count
+    plan.n += 1
+    return 0
+
+
 cdef class BlockCore:
     """The engine's state and its nogil core; Engine (engine.pyx) sets it up and wraps it."""
 
@@ -481,6 +523,60 @@ cdef class BlockCore:
         if rc == 1:
             return 0            # nothing to wait for after all
         return 1 if rc == 0 else rc
+
+    cdef int c_read_plan(self, rplan_t *plan, uint64_t count, uint64_t offset,
+                         bint holes) noexcept nogil:
+        """Engine.read_plan's core: the pieces that make up [offset, offset+count), each from
+        the overlay, from a file backing, or zeroes (trimmed blocks; with holes, also the
+        backing's holes, found with SEEK_DATA).  0, or 2: not here (global lock mode, a piece
+        that needs an NBD backing, cow-on-read over blocks not allocated): use c_pread; <0:
+        error.  Each piece holds what c_pread would read from the same place at this moment."""
+        cdef uint64_t end = offset + count, blknum, run_end, n, k, limit, pos
+        cdef runs_t runs
+        cdef size_t i
+        cdef int state, r = 0
+        if self.global_mode:
+            return 2
+        limit = ((end - 1) >> self.blkshift) + 1
+        while count > 0 and r == 0:
+            blknum = offset >> self.blkshift
+            pthread_mutex_lock(&self.bm.lock)
+            state = bitmap_get_blk(&self.bm, blknum)
+            run_end = bitmap_run_end(&self.bm, blknum, limit) << self.blkshift
+            pthread_mutex_unlock(&self.bm.lock)
+            n = (run_end if run_end < end else end) - offset
+            if state == BLOCK_ALLOCATED:
+                r = rplan_add(plan, self.ov.fd, self.ov.data_offset + offset, n)
+            elif state == BLOCK_TRIMMED:
+                r = rplan_add(plan, -1, 0, n)
+            elif self.b.fd < 0 or self.cow_on_read_active():
+                return 2
+            else:
+                plan.backing = True
+                k = 0                   # bytes of the backing; past its end: zeroes
+                if offset < self.b.c_size:
+                    k = min(n, self.b.c_size - offset)
+                if k and holes:
+                    memset(&runs, 0, sizeof(runs))
+                    runs.limit = <size_t>-1
+                    r = self.b.extents(&runs, offset, k)
+                    pos = offset
+                    i = 0
+                    while r == 0 and i < runs.n:
+                        r = rplan_add(plan, -1 if runs.kind[i] & T_HOLE_ZERO else self.b.fd,
+                                      pos, runs.length[i])
+                        pos += runs.length[i]
+                        i += 1
+                    runs_free(&runs)
+                    if r == 0 and pos != offset + k:
+                        r = -EIO
+                elif k:
+                    r = rplan_add(plan, self.b.fd, offset, k)
+                if r == 0:
+                    r = rplan_add(plan, -1, 0, n - k)
+            offset += n
+            count -= n
+        return r
 
     cdef int cor_start(self, uint8_t *buf, uint64_t count, uint64_t offset, aread_t *r,
                        uint64_t limit) noexcept nogil:

@@ -38,6 +38,20 @@ class ReadQueue:
         nothing is pending."""
     def close(self) -> None: ...
 
+class ReadPlan:
+    """The pieces of one read (Engine.read_plan), held until released: while held, the engine
+    and its backing stay open, so each piece's fd stays valid."""
+
+    pieces: list[tuple[int, int, int]]  # (fd, pos, count) in order; fd -1: count zero bytes
+    sparse: bool                        # a piece is zeroes
+    def send(self, sock: int, items: list, before: Sequence[Buffer] = ...) -> None:
+        """Send on the blocking socket fd sock the buffers in before, then items: buffers and
+        this plan's pieces (protocol.read_reply_items), file pieces with sendfile, in one call
+        with the GIL released.  OSError: the reply may be cut short."""
+    def release(self) -> None: ...
+    def __enter__(self) -> ReadPlan: ...
+    def __exit__(self, *exc: object) -> None: ...
+
 class Engine:
     """A copy-on-write view of a read-only backing.
 
@@ -99,6 +113,11 @@ class Engine:
         (token, status) comes out of queue.wait() once buf is filled (status 0) or the read
         failed (-errno); keep buf alive and untouched until then.  None: cannot be started so
         (cow-on-read, global lock mode, a file backing): use pread()."""
+    def read_plan(self, count: int, offset: int, holes: bool = False) -> ReadPlan | None:
+        """Where the bytes of a read are (the overlay, a file backing, or zeroes), for a front
+        end that sends them itself; holes: the backing's holes become zero pieces too.  None
+        where the engine must read itself (global lock mode, an NBD backing under blocks not
+        allocated, cow-on-read): use pread()."""
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None: ...
     def zero(self, count: int, offset: int, may_trim: bool = True, fast: bool = False) -> None:
         """Make the range read as zeroes. fast=True fails at once with OSError(ENOTSUP)

@@ -215,6 +215,169 @@ cdef class ReadQueue:
 
 
 # ---------------------------------------------------------------------------------------------
+# The pieces of a read, for a front end that sends them itself (Engine.read_plan).
+
+cdef extern from *:
+    """
+    static const unsigned char cow_zeroes[65536];
+    """
+    const unsigned char cow_zeroes[65536]
+
+cdef enum:
+    SEND_IOV = 64               # buffers gathered into one sendmsg
+
+
+cdef struct seg_t:              # one part of a reply to send (ReadPlan.send)
+    const uint8_t *buf          # bytes to send, or NULL: count bytes of fd at pos (fd -1: zeroes)
+    int fd
+    uint64_t pos
+    uint64_t count
+
+
+cdef int send_iov(int sock, iovec *iov, int n, int flags) noexcept nogil:
+    """sendmsg until every buffer has left; 0 or -errno."""
+    cdef msghdr m
+    cdef ssize_t r
+    memset(&m, 0, sizeof(m))
+    while n > 0:
+        m.msg_iov = iov
+        m.msg_iovlen = n
+        r = sendmsg(sock, &m, flags | MSG_NOSIGNAL)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        while n > 0 and <size_t>r >= iov[0].iov_len:
+            r -= iov[0].iov_len
+            iov += 1
+            n -= 1
+        if n > 0 and r > 0:
+            iov[0].iov_base = <uint8_t *>iov[0].iov_base + r
+            iov[0].iov_len -= r
+    return 0
+
+
+cdef int send_segs(int sock, seg_t *segs, size_t nsegs) noexcept nogil:
+    """Send segs in order: buffers and zeroes gathered with sendmsg (MSG_MORE while more
+    follows), pieces of files with sendfile (the page cache's pages go to the socket, no copy);
+    a file that ends before its piece does gives zeroes for the rest.  0 or -errno (the reply
+    may be cut short then)."""
+    cdef iovec iov[SEND_IOV]
+    cdef int n = 0, r
+    cdef size_t i
+    cdef uint64_t left, k
+    cdef off_t pos
+    cdef ssize_t sent
+    for i in range(nsegs):
+        left = segs[i].count
+        if segs[i].buf == NULL and segs[i].fd >= 0:
+            if n:
+                r = send_iov(sock, iov, n, MSG_MORE)
+                if r < 0:
+                    return r
+                n = 0
+            pos = <off_t>segs[i].pos
+            while left:
+                sent = sendfile(sock, segs[i].fd, &pos, left if left < 0x40000000 else 0x40000000)
+                if sent < 0:
+                    if errno == EINTR:
+                        continue
+                    return -errno
+                if sent == 0:
+                    break       # the end of the file: zeroes
+                left -= sent
+        while left:
+            if n == SEND_IOV:
+                r = send_iov(sock, iov, n, MSG_MORE)
+                if r < 0:
+                    return r
+                n = 0
+            if segs[i].buf != NULL:
+                iov[n].iov_base = <void *>segs[i].buf
+                k = left
+            else:
+                iov[n].iov_base = <void *>cow_zeroes
+                k = min(left, sizeof(cow_zeroes))
+            iov[n].iov_len = k
+            n += 1
+            left -= k
+    if n:
+        return send_iov(sock, iov, n, 0)
+    return 0
+
+
+cdef class ReadPlan:
+    """The pieces of one read: ``pieces`` is a list of (fd, pos, count), count bytes of the
+    open file fd at pos, or count zero bytes where fd is -1.  While the plan is held (until
+    release(), or the end of a with block) the engine and its backing stay open, so every fd
+    stays valid; release it as soon as the pieces are sent."""
+
+    cdef BlockCore engine
+    cdef Backing backing        # holds a call on the backing while a piece reads its fd
+    cdef readonly list pieces
+    cdef readonly bint sparse   # a piece is zeroes
+
+    def send(self, int sock, items, before=()):
+        """Send on the socket sock (a blocking one) the buffers in ``before``, then ``items``
+        in order: buffers (reply headers) and pieces of this plan as (fd, pos, count) tuples,
+        sent with sendfile, zeroes for fd -1 (protocol.read_reply_items lays a reply out so).
+        One call with the GIL released; OSError if a send fails (the reply may be cut short:
+        the connection cannot go on)."""
+        cdef size_t n = len(before) + len(items), i = 0, nviews = 0
+        cdef seg_t *segs
+        cdef Py_buffer *views
+        cdef int r = 0
+        if self.engine is None:
+            raise ValueError("cow: the read plan was released")
+        segs = <seg_t *>calloc(n if n else 1, sizeof(seg_t))
+        views = <Py_buffer *>calloc(n if n else 1, sizeof(Py_buffer))
+        if segs == NULL or views == NULL:
+            free(segs)
+            free(views)
+            raise MemoryError()
+        try:
+            for seq in (before, items):
+                for item in seq:
+                    if type(item) is tuple:
+                        segs[i].fd, segs[i].pos, segs[i].count = item
+                    else:
+                        PyObject_GetBuffer(item, &views[nviews], PyBUF_SIMPLE)
+                        nviews += 1
+                        segs[i].buf = <const uint8_t *>views[nviews - 1].buf
+                        segs[i].count = views[nviews - 1].len
+                    i += 1
+            with nogil:
+                r = send_segs(sock, segs, i)
+        finally:
+            for i in range(nviews):
+                PyBuffer_Release(&views[i])
+            free(views)
+            free(segs)
+        if r < 0:
+            raise OSError(-r, f"cow: sending a READ reply: {os.strerror(-r)}")
+
+    def release(self):
+        if self.backing is not None:
+            cow_atomic_add(&self.backing.calls, -1)
+            self.backing = None
+        if self.engine is not None:
+            self.engine.leave()
+            self.engine = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __dealloc__(self):
+        if self.backing is not None:
+            cow_atomic_add(&self.backing.calls, -1)
+        if self.engine is not None:
+            self.engine.leave()
+
+
+# ---------------------------------------------------------------------------------------------
 
 cdef class Engine(BlockCore):
     """A copy-on-write view of a read-only backing (see cow/engine.pyi for the API)."""
@@ -426,6 +589,49 @@ cdef class Engine(BlockCore):
             PyBuffer_Release(&view)
         if r < 0:
             raise_errno(-r, "pread", view.len, offset_u)
+
+    def read_plan(self, count, offset, bint holes=False):
+        """The pieces of a read of count bytes at offset, for a front end that sends them
+        itself (sendfile): a ReadPlan, or None where the engine must read (global lock mode, an
+        NBD backing under blocks not allocated, cow-on-read): use pread() then.  holes: find
+        the backing's holes too (SEEK_DATA), so that they come out as zero pieces.
+
+        Each piece holds what pread() would read from the same place at this moment.  Data
+        sent later from an fd is whatever that place holds then: for blocks written or trimmed
+        meanwhile, the new data or zeroes, as for any request that overlaps the read; block N
+        only ever lives at its own place in the overlay, so a piece never shows another
+        block's data."""
+        cdef uint64_t count_u = u64(count, "count")
+        cdef uint64_t offset_u = u64(offset, "offset")
+        cdef rplan_t plan
+        cdef ReadPlan out
+        cdef size_t i
+        cdef int r
+        memset(&plan, 0, sizeof(plan))
+        self.enter()
+        try:
+            self.check_range("read_plan", count_u, offset_u)
+            with nogil:
+                r = self.c_read_plan(&plan, count_u, offset_u, holes) if count_u else 0
+            if r < 0:
+                raise_errno(-r, "read_plan", count_u, offset_u)
+            if r == 2:
+                return None
+            out = ReadPlan.__new__(ReadPlan)
+            out.pieces = [(plan.p[i].fd, plan.p[i].pos, plan.p[i].count) for i in range(plan.n)]
+            out.sparse = False
+            for i in range(plan.n):
+                if plan.p[i].fd < 0:
+                    out.sparse = True
+            if plan.backing:
+                cow_atomic_add(&self.b.calls, 1)
+                out.backing = self.b
+            self.active += 1        # the plan's own hold, given back by release()
+            out.engine = self
+            return out
+        finally:
+            free(plan.p)
+            self.leave()
 
     def pread_start(self, buf, offset, ReadQueue queue not None, token):
         """Start filling buf from offset without waiting for the backing.  True: done (buf is

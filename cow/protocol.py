@@ -211,6 +211,7 @@ _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">IHHQI")
 _READ_CHUNK = struct.Struct(">IHHQIQ")  # chunk header + offset of an OFFSET_DATA chunk
+_HOLE_CHUNK = struct.Struct(">IHHQIQI")  # a whole OFFSET_HOLE chunk: header, offset, length
 _ERROR_PAYLOAD = struct.Struct(">IH")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
@@ -781,6 +782,53 @@ class ServerConnection:
             return base + _READ_CHUNK_AT
         _SIMPLE_REPLY.pack_into(buf, base + _SIMPLE_AT, NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
         return base + _SIMPLE_AT
+
+    def read_reply_items(self, cookie: int, offset: int, count: int, pieces, df: bool = False
+                         ) -> list:
+        """A successful READ reply whose data the caller sends from files: the reply as a list
+        of items to send in order, each either bytes (headers) or a piece from ``pieces``.
+
+        ``pieces`` (Engine.read_plan) are (fd, pos, length) tuples that make up the ``count``
+        bytes at ``offset`` in order; fd -1 means zeroes.  The caller sends a piece's length
+        bytes of fd from pos, or that many zero bytes.  With structured replies and without
+        NBD_CMD_FLAG_DF, zero pieces become NBD_REPLY_TYPE_OFFSET_HOLE chunks (nothing of
+        them is sent but the chunk) and each run of other pieces one OFFSET_DATA chunk; the
+        last chunk carries NBD_REPLY_FLAG_DONE.  Otherwise the reply is one header and the
+        pieces, zeroes included (a simple reply, or one OFFSET_DATA chunk)."""
+        if not self.structured_replies:
+            return [_SIMPLE_REPLY.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie), *pieces]
+        if df or all(p[0] >= 0 for p in pieces):
+            return [_READ_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE,
+                                     NBD_REPLY_TYPE_OFFSET_DATA, cookie, count + 8, offset),
+                    *pieces]
+        # Chunks: (at, length, data pieces) for a run of data, (at, length, None) for a hole.
+        chunks: list = []
+        at = offset
+        for piece in pieces:
+            n = piece[2]
+            if piece[0] < 0:
+                chunks.append((at, n, None))
+            elif chunks and chunks[-1][2] is not None:
+                start, length, run = chunks[-1]
+                run.append(piece)
+                chunks[-1] = (start, length + n, run)
+            else:
+                chunks.append((at, n, [piece]))
+            at += n
+        if at != offset + count:
+            raise ValueError(f"read pieces cover {at - offset} bytes, not {count}")
+        out: list = []
+        last = len(chunks) - 1
+        for i, (start, length, run) in enumerate(chunks):
+            flags = NBD_REPLY_FLAG_DONE if i == last else 0
+            if run is None:
+                out.append(_HOLE_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, flags,
+                                            NBD_REPLY_TYPE_OFFSET_HOLE, cookie, 12, start, length))
+            else:
+                out.append(_READ_CHUNK.pack(NBD_STRUCTURED_REPLY_MAGIC, flags,
+                                            NBD_REPLY_TYPE_OFFSET_DATA, cookie, length + 8, start))
+                out.extend(run)
+        return out
 
     def block_status_reply(self, cookie: int, count: int, req_one: bool,
                            results: list[tuple[int, list[tuple[int, int]]]]) -> bytes:

@@ -30,7 +30,13 @@ Data path.  Requests are received with ``recv_into`` into a reusable buffer
 (several small requests per system call when the client pipelines); small WRITE
 payloads are handed to the engine as views of that buffer, large ones are
 received straight into one of a few reusable payload buffers of the connection.
-READ data is read by the engine into a reusable buffer just behind the reply
+READs from ZERO_COPY_READ (64 KiB) are not read at all: the engine says where their
+bytes are (Engine.read_plan: pieces of the overlay, of a file backing, or zeroes) and the reply
+leaves with sendfile from those files, header first, whole, under the send lock
+(ReadPlan.send, one call with the GIL released).  With structured replies, the zero pieces
+(trimmed blocks, the backing's holes) go out as NBD_REPLY_TYPE_OFFSET_HOLE chunks, unless the
+client set NBD_CMD_FLAG_DF.  Under TLS, over an NBD backing for blocks not copied up, and
+below that size, the engine reads READ data into a reusable buffer just behind the reply
 header, so that header and data leave together.  Replies served inline are held
 back while the next request is already in the receive buffer, then leave with
 one ``sendmsg`` (never delaying a reply while the reader would wait for input);
@@ -78,6 +84,7 @@ from cow.protocol import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
     NBD_CMD_DISC,
+    NBD_CMD_FLAG_DF,
     NBD_CMD_FLAG_FAST_ZERO,
     NBD_CMD_FLAG_FUA,
     NBD_CMD_FLAG_NO_HOLE,
@@ -112,6 +119,8 @@ MAX_BATCH_REPLIES = 256  # ... and at most this many of them (well under IOV_MAX
 KEEP_BUFFER = 4 * 1024 * 1024  # larger one-off buffers are not kept between requests
 READ_POOL_BUDGET = 64 * 1024 * 1024  # idle read reply buffers the server keeps for reuse
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at wmem_max)
+ZERO_COPY_READ = 64 * 1024  # READs from this size are sent from the files (sendfile), and with
+                            # structured replies their holes as OFFSET_HOLE chunks
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to transmission (qemu-nbd's default)
 SHUTDOWN_GRACE = 20.0  # seconds for in-flight requests at SIGTERM before sends are cut off
 SHUTDOWN_HANDSHAKE_WAIT = 5.0  # seconds a client still haggling at SIGTERM may go on (its
@@ -297,6 +306,17 @@ class _ReplyBatch:
         return self.buf, base
 
     def add(self, reply) -> None:
+        if reply.__class__ is _PlannedReply:  # sent now, after what is held back
+            conn = self.conn
+            try:
+                with conn.send_lock:
+                    reply.plan.send(conn.sock.fileno(), reply.items, self.replies)
+            finally:
+                reply.plan.release()
+                self.replies.clear()
+                self.nbytes = 0
+                self.pos = 0
+            return
         self.replies.append(reply)
         self.nbytes += len(reply)
         if self.nbytes >= BATCH_BUFFER or len(self.replies) >= MAX_BATCH_REPLIES:
@@ -316,7 +336,7 @@ class _ReplyBatch:
         self.pos = 0
 
 
-def _sendmsg_all(sock: socket.socket, buffers: list) -> None:
+def _sendmsg_all(sock: socket.socket, buffers: list, flags: int = 0) -> None:
     """Send every buffer in order, whole, with as few sendmsg calls as the socket allows."""
     if isinstance(sock, ssl.SSLSocket):  # no sendmsg on TLS: one record write each
         for b in buffers:
@@ -324,7 +344,7 @@ def _sendmsg_all(sock: socket.socket, buffers: list) -> None:
         return
     bufs = buffers
     while bufs:
-        sent = sock.sendmsg(bufs)
+        sent = sock.sendmsg(bufs, (), flags)
         i = 0
         while i < len(bufs) and sent >= len(bufs[i]):
             sent -= len(bufs[i])
@@ -332,6 +352,17 @@ def _sendmsg_all(sock: socket.socket, buffers: list) -> None:
         bufs = bufs[i:]
         if bufs and sent:
             bufs[0] = memoryview(bufs[0])[sent:]
+
+
+class _PlannedReply:
+    """A READ reply sent from the files: the engine's plan (held until sent) and the reply's
+    items (protocol.read_reply_items), which ReadPlan.send sends with sendfile."""
+
+    __slots__ = ("plan", "items")
+
+    def __init__(self, plan, items):
+        self.plan = plan
+        self.items = items
 
 
 # ---- one connection --------------------------------------------------------------------------
@@ -365,9 +396,17 @@ class _Connection:
         self.replier: threading.Thread | None = None
         self._read_slots = threading.BoundedSemaphore(MAX_QUEUED_PER_CONNECTION)
         self._read_buffers = server.read_buffers
+        self.zero_copy = False  # large READs are sent with sendfile (set for transmission)
 
     # -- plumbing
     def _send(self, data) -> None:
+        if data.__class__ is _PlannedReply:
+            try:
+                with self.send_lock:
+                    data.plan.send(self.sock.fileno(), data.items)
+            finally:
+                data.plan.release()
+            return
         with self.send_lock:
             self.sock.sendall(data)
 
@@ -534,8 +573,10 @@ class _Connection:
         engine = self.engine
         slow_backing = self.server.slow_backing
         # Under TLS everything stays on this thread: an OpenSSL connection must not be read
-        # and written from two threads at once.
+        # and written from two threads at once.  It also keeps the copying path for READs
+        # (its records are encrypted in user space).
         inline_only = proto.tls_active
+        self.zero_copy = not proto.tls_active
         decode, check, handle = proto.decode_request, proto.check_request, self._handle
         max_payload = proto.max_payload
         try:
@@ -790,6 +831,22 @@ class _Connection:
         engine = self.engine
         try:
             if cmd == NBD_CMD_READ:
+                if count >= ZERO_COPY_READ and self.zero_copy:
+                    df = bool(flags & NBD_CMD_FLAG_DF)
+                    plan = engine.read_plan(count, offset,
+                                            self.proto.structured_replies and not df)
+                    if plan is not None:
+                        try:
+                            reply = _PlannedReply(plan, self.proto.read_reply_items(
+                                cookie, offset, count, plan.pieces, df))
+                        except BaseException:
+                            plan.release()
+                            raise
+                        if self.verbose:
+                            log.info("connection %d: READ offset=%d count=%d flags=0x%x -> OK "
+                                     "(%d pieces sent from the files)", self.id, offset, count,
+                                     flags, len(plan.pieces))
+                        return reply
                 buf, base = space.get(count)
                 mv = memoryview(buf)
                 at = base + READ_REPLY_PREFIX

@@ -11,6 +11,8 @@ import mmap
 import os
 import re
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -938,3 +940,98 @@ def test_overlay_is_sparse(engines, tmp_path):
     eng.flush()
     assert 65536 <= eng.stats()["overlay_bytes"] < 1 * MiB
     assert eng.stats()["allocated_blocks"] == 2
+
+
+# ---------------------------------------------------------------- read plans (sendfile)
+
+
+def assemble(pieces):
+    """What a front end sends for a plan's pieces: each file piece read from its fd (zeroes
+    past the end of the file), zeroes for fd -1."""
+    out = bytearray()
+    for fd, pos, n in pieces:
+        assert n > 0
+        data = os.pread(fd, n, pos) if fd >= 0 else b""
+        out += data + bytes(n - len(data))
+    return out
+
+
+@pytest.mark.parametrize("overlay", [False, True], ids=["temporary", "persistent"])
+@pytest.mark.parametrize("bs", [4 * KiB, 64 * KiB, MiB], ids=["4K", "64K", "1M"])
+def test_read_plan_pieces_hold_what_pread_reads(disk, bs, overlay, tmp_path):
+    kw = {"overlay": tmp_path / "vm.cow"} if overlay else {}
+    size = max(24 * bs, 2 * MiB) + 12345        # a last block cut short
+    d = disk(size, block_size=bs, **kw)
+    e = d.eng
+    d.pwrite(randbytes(1, 3 * bs), bs)
+    d.pwrite(randbytes(2, 5000), 7 * bs - 1000)
+    d.trim(2 * bs, 12 * bs)
+    d.zero(2 * bs, 20 * bs, may_trim=False)     # allocated, punched
+    d.pwrite(b"x" * 10, size - 10)
+    cuts = [0, bs - 1, bs, 3 * bs + 17, 7 * bs - 1000, 12 * bs, 20 * bs + 5, size - bs - 3,
+            size - 10, size]
+    for holes in (False, True):
+        for a in cuts:
+            for b in cuts:
+                if b <= a:
+                    continue
+                plan = e.read_plan(b - a, a, holes)
+                assert assemble(plan.pieces) == d.want[a:b], (holes, a, b)
+                assert sum(n for _, _, n in plan.pieces) == b - a
+                assert plan.sparse == any(fd < 0 for fd, _, _ in plan.pieces)
+                plan.release()
+                plan.release()                  # twice: nothing more
+    # Trimmed blocks are zero pieces; with holes, so are the backing's holes (every third
+    # 64 KiB piece of the sample), and without, those come from the backing's file.
+    with e.read_plan(2 * bs, 12 * bs) as plan:
+        assert plan.pieces == [(-1, 0, 2 * bs)]
+    piece = -(-22 * bs // (64 * KiB))           # untouched: data, then a hole
+    while piece % 3 != 1:
+        piece += 1
+    with e.read_plan(128 * KiB, piece * 64 * KiB, True) as plan:
+        assert [fd < 0 for fd, _, _ in plan.pieces] == [False, True]
+    with e.read_plan(128 * KiB, piece * 64 * KiB) as plan:
+        assert len(plan.pieces) == 1 and plan.pieces[0][0] >= 0
+    # A persistent overlay's block data starts at its data offset.
+    with e.read_plan(bs, bs) as plan:
+        [(fd, pos, n)] = plan.pieces
+        assert pos == e.stats()["data_offset"] + bs and n == bs
+    assert e.read_plan(0, 0).pieces == []
+    with pytest.raises(ValueError):
+        e.read_plan(2, size - 1)
+
+
+def test_read_plan_where_the_engine_must_read_itself(engines, backing_factory, nbdkit):
+    path = backing_factory(MiB)
+    e = engines(path, lock_mode="global")
+    assert e.read_plan(65536, 0) is None
+    e = engines(path, cow_on_read=True)
+    assert e.read_plan(65536, 0) is None        # it would copy up
+    e.pread(bytearray(65536), 0)                # ... now it is in the overlay
+    with e.read_plan(65536, 0) as plan:
+        assert assemble(plan.pieces) == read_file(path)[:65536]
+    e = engines(nbdkit("file", path, "--filter=nozero"))
+    assert e.read_plan(65536, 0) is None        # the backing is an NBD export
+    e.pwrite(b"y" * 65536, 65536)
+    e.trim(65536, 0)
+    with e.read_plan(131072, 0) as plan:        # all in the overlay: no backing read
+        assert assemble(plan.pieces) == bytes(65536) + b"y" * 65536
+
+
+def test_a_held_read_plan_keeps_its_files_open(engines, backing_factory):
+    path = backing_factory(MiB)
+    e = engines(path)
+    e.pwrite(b"z" * 65536, 0)
+    plan = e.read_plan(MiB, 0)
+    closer = threading.Thread(target=e.close)
+    closer.start()
+    while not e.closed:                         # close() has begun ...
+        time.sleep(0.001)
+    # ... and waits for the plan: its files are still open and read what they held.
+    assert assemble(plan.pieces) == b"z" * 65536 + read_file(path)[65536:]
+    assert closer.is_alive()
+    plan.release()
+    closer.join()
+    assert e.closed
+    with pytest.raises(ValueError):
+        plan.send(0, [])

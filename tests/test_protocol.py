@@ -478,6 +478,41 @@ def test_simple_replies():
     assert bytes(buf[start:]) == struct.pack(">IIQ", P.NBD_SIMPLE_REPLY_MAGIC, 0, 9) + b"data"
 
 
+def test_read_reply_items_lay_out_replies_sent_from_files():
+    """Pieces (fd, pos, length), fd -1 for zeroes: a simple reply or a DF read is one header and
+    every piece; a structured reply makes each run of data one OFFSET_DATA chunk and each zero
+    piece an OFFSET_HOLE chunk, DONE on the last."""
+    pieces = [(5, 100, 4096), (6, 0, 512), (-1, 0, 8192), (5, 20000, 100), (-1, 0, 4)]
+    count = sum(p[2] for p in pieces)
+    simple = transmission(structured=False)
+    assert simple.read_reply_items(3, 1000, count, pieces) == [
+        struct.pack(">IIQ", P.NBD_SIMPLE_REPLY_MAGIC, 0, 3), *pieces]
+    conn = transmission()
+    data = ">IHHQIQ"
+    assert conn.read_reply_items(3, 1000, count, pieces, df=True) == [
+        struct.pack(data, P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                    P.NBD_REPLY_TYPE_OFFSET_DATA, 3, count + 8, 1000), *pieces]
+    hole = ">IHHQIQI"
+    assert conn.read_reply_items(3, 1000, count, pieces) == [
+        struct.pack(data, P.NBD_STRUCTURED_REPLY_MAGIC, 0, P.NBD_REPLY_TYPE_OFFSET_DATA, 3,
+                    4608 + 8, 1000), pieces[0], pieces[1],
+        struct.pack(hole, P.NBD_STRUCTURED_REPLY_MAGIC, 0, P.NBD_REPLY_TYPE_OFFSET_HOLE, 3, 12,
+                    5608, 8192),
+        struct.pack(data, P.NBD_STRUCTURED_REPLY_MAGIC, 0, P.NBD_REPLY_TYPE_OFFSET_DATA, 3,
+                    108, 13800), pieces[3],
+        struct.pack(hole, P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                    P.NBD_REPLY_TYPE_OFFSET_HOLE, 3, 12, 13900, 4)]
+    # No zero piece: one data chunk.  All zeroes: one hole chunk.
+    assert conn.read_reply_items(4, 0, 4096, [(5, 0, 4096)]) == [
+        struct.pack(data, P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                    P.NBD_REPLY_TYPE_OFFSET_DATA, 4, 4104, 0), (5, 0, 4096)]
+    assert conn.read_reply_items(4, 0, 4096, [(-1, 0, 4096)]) == [
+        struct.pack(hole, P.NBD_STRUCTURED_REPLY_MAGIC, P.NBD_REPLY_FLAG_DONE,
+                    P.NBD_REPLY_TYPE_OFFSET_HOLE, 4, 12, 0, 4096)]
+    with pytest.raises(ValueError):
+        conn.read_reply_items(4, 0, 8192, [(-1, 0, 4096)])
+
+
 def test_structured_replies():
     conn = transmission()
     buf = bytearray(P.READ_REPLY_PREFIX + 4)
