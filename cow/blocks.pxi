@@ -122,6 +122,7 @@ cdef class BlockCore:
     cdef Backing b
     cdef bint owns_backing              # made here (closed here), else shared with others
     cdef uint8_t *zero_block            # blksize zero bytes, never written
+    cdef pipes_t pipes                  # idle pipes for payloads (payload.pxi)
 
     cdef int cor_mode                   # COR_OFF / COR_ON / COR_PATH
     cdef bytes cor_path
@@ -238,8 +239,18 @@ cdef class BlockCore:
         self.release(&c)
         return 0
 
-    cdef int write_blocks(self, uint64_t first, uint64_t nblocks, const uint8_t *buf) noexcept nogil:
-        """Write whole blocks (the last may end at the end of the disk) with one pwrite."""
+    cdef inline int put(self, const uint8_t *buf, psrc_t *src, uint64_t count,
+                        uint64_t offset) noexcept nogil:
+        """Write count bytes of block data at offset: from buf, or (src not NULL) the
+        payload's next count bytes, spliced out of its pipes."""
+        if src != NULL:
+            return psrc_write(src, self.ov.fd, count, self.ov.data_offset + offset)
+        return overlay_pwrite(&self.ov, buf, count, offset)
+
+    cdef int write_blocks(self, uint64_t first, uint64_t nblocks, const uint8_t *buf,
+                          psrc_t *src=NULL) noexcept nogil:
+        """Write whole blocks (the last may end at the end of the disk) with one pwrite (or
+        splice: see put)."""
         cdef claim_t c
         cdef uint64_t i, fresh = 0, end = first + nblocks
         cdef uint64_t offset = first << self.blkshift, count = self.run_bytes(first, end)
@@ -248,7 +259,7 @@ cdef class BlockCore:
             r = self.claim_allocated(&c, first, nblocks)
             if r != 0:
                 if r == 1:
-                    r = overlay_pwrite(&self.ov, buf, count, offset)
+                    r = self.put(buf, src, count, offset)
                     self.release(&c)
                 return r
         if self.claim(&c, first, nblocks) < 0:
@@ -260,16 +271,17 @@ cdef class BlockCore:
         r = reserve(&self.bm, fresh)
         pthread_mutex_unlock(&self.bm.lock)
         if r == 0:
-            r = overlay_pwrite(&self.ov, buf, count, offset)
+            r = self.put(buf, src, count, offset)
             self.mark(first, end if r == 0 else first, BLOCK_ALLOCATED, fresh)   # data first
         self.release(&c)
         return r
 
     cdef int write_partial(self, uint64_t blknum, uint64_t blkoffs, uint64_t n,
-                           const uint8_t *src) noexcept nogil:
-        """Write n bytes at blkoffs inside one block (src NULL: zeroes).  An allocated block is
-        written in place; otherwise the block is built (from the backing, or zeroes if trimmed),
-        merged and written whole, under an exclusive claim on that block alone."""
+                           const uint8_t *src, psrc_t *psrc=NULL) noexcept nogil:
+        """Write n bytes at blkoffs inside one block (src NULL: zeroes; psrc not NULL: the
+        payload's next n bytes).  An allocated block is written in place; otherwise the block is
+        built (from the backing, or zeroes if trimmed), merged and written whole, under an
+        exclusive claim on that block alone."""
         cdef claim_t c
         cdef uint64_t offset = (blknum << self.blkshift) + blkoffs
         cdef const uint8_t *data = src if src != NULL else self.zero_block
@@ -279,15 +291,15 @@ cdef class BlockCore:
             r = self.claim_allocated(&c, blknum, 1)
             if r != 0:
                 if r == 1:
-                    r = overlay_pwrite(&self.ov, data, n, offset)
+                    r = self.put(data, psrc, n, offset)
                     self.release(&c)
                 return r
         if self.claim(&c, blknum, 1) < 0:
             return -ENOMEM
         state = self.get_state(blknum)       # stable now: the block is ours
         if state == BLOCK_ALLOCATED:
-            r = overlay_pwrite(&self.ov, data, n, offset)
-        elif state == BLOCK_TRIMMED and src == NULL:
+            r = self.put(data, psrc, n, offset)
+        elif state == BLOCK_TRIMMED and src == NULL and psrc == NULL:
             r = 0                            # zeroing what already reads as zeroes
         else:
             block = <uint8_t *>malloc(self.blksize)
@@ -299,8 +311,11 @@ cdef class BlockCore:
                     r = 0
                 else:
                     r = self.b.read(block, self.blksize, blknum << self.blkshift)
-                if r == 0:
+                if r == 0 and psrc != NULL:
+                    r = psrc_read(psrc, block + blkoffs, n)
+                elif r == 0:
                     memcpy(block + blkoffs, data, n)
+                if r == 0:
                     pthread_mutex_lock(&self.bm.lock)
                     r = reserve(&self.bm, 1)
                     pthread_mutex_unlock(&self.bm.lock)
@@ -610,19 +625,23 @@ cdef class BlockCore:
         r.cor = NULL
         return rc
 
-    cdef int c_pwrite(self, const uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
+    cdef int c_pwrite(self, const uint8_t *buf, uint64_t count, uint64_t offset,
+                      psrc_t *src=NULL) noexcept nogil:
+        """Write count bytes at offset from buf, or (src not NULL, buf NULL) from a payload
+        received into pipes, taken piece by piece in order."""
         cdef uint64_t blknum, blkoffs, n, nblocks
         cdef int r = 0
         while count > 0 and r == 0:
             self.next_piece(offset, count, &blknum, &blkoffs, &n, &nblocks)
             if nblocks == 0:
-                r = self.write_partial(blknum, blkoffs, n, buf)
+                r = self.write_partial(blknum, blkoffs, n, buf, src)
             elif self.global_mode:
                 n = self.blk_bytes(blknum)     # one block at a time under the global lock
-                r = self.write_blocks(blknum, 1, buf)
+                r = self.write_blocks(blknum, 1, buf, src)
             else:
-                r = self.write_blocks(blknum, nblocks, buf)
-            buf += n
+                r = self.write_blocks(blknum, nblocks, buf, src)
+            if buf != NULL:
+                buf += n
             offset += n
             count -= n
         return r

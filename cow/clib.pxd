@@ -46,6 +46,11 @@ cdef extern from *:
 
 cdef extern from "<fcntl.h>" nogil:
     int O_RDONLY, O_RDWR, O_CLOEXEC, O_TMPFILE, O_EXCL
+    int fcntl(int fd, int cmd, ...)
+    int F_SETPIPE_SZ
+    ssize_t splice(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t len,
+                   unsigned int flags)
+    unsigned int SPLICE_F_MOVE, SPLICE_F_NONBLOCK
     int fallocate(int fd, int mode, off_t offset, off_t len)
     int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE
     int posix_fadvise(int fd, off_t offset, off_t len, int advice)
@@ -56,6 +61,7 @@ cdef extern from "<unistd.h>" nogil:
     ssize_t pread(int fd, void *buf, size_t count, off_t offset)
     ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset)
     ssize_t read(int fd, void *buf, size_t count)
+    int pipe2(int fds[2], int flags)
     ssize_t write(int fd, const void *buf, size_t count)
     off_t lseek(int fd, off_t offset, int whence)
     int close(int fd)

@@ -119,6 +119,14 @@ class Engine:
         where the engine must read itself (global lock mode, an NBD backing under blocks not
         allocated, cow-on-read): use pread()."""
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None: ...
+    def pwrite_from(self, sock: int, count: int, offset: int, prefix: Buffer = b"",
+                    fua: bool = False) -> None:
+        """Write count bytes at offset: prefix, then the rest received from the socket fd
+        sock (a WRITE's payload), moved with splice where it can be.  The payload is always
+        consumed; EOFError if the stream ended or failed inside it (nothing written), else
+        pwrite()'s errors, raised once the payload is received and dropped."""
+    def drop_idle_pipes(self) -> None:
+        """Close the idle pipes pwrite_from keeps for the next payloads."""
     def zero(self, count: int, offset: int, may_trim: bool = True, fast: bool = False) -> None:
         """Make the range read as zeroes. fast=True fails at once with OSError(ENOTSUP)
         when that would need a backing read (an unaligned piece of a block not yet copied up)."""

@@ -33,7 +33,7 @@ on error.
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.errno cimport errno, EIO, ENOSPC, ENOMEM, EINVAL, EOPNOTSUPP, EISDIR, EINTR, EAGAIN, \
-    EROFS
+    EPIPE, EROFS
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX, INT64_MAX
@@ -51,6 +51,7 @@ from cow import overlayfile
 
 include "bitmap.pxi"
 include "overlay.pxi"
+include "payload.pxi"
 
 
 cdef uint8_t *zero_block_map(size_t n) noexcept nogil:
@@ -388,6 +389,7 @@ cdef class Engine(BlockCore):
         self.zero_block = NULL
         self.bm_ready = False
         pthread_mutex_init(&self.ov.flush_lock, NULL)
+        pipes_init(&self.pipes)
 
     def __init__(self, backing, *, block_size=None, cow_on_read=False,
                  bint cow_on_cache=False, str lock_mode="fine", tmpdir=None,
@@ -495,6 +497,7 @@ cdef class Engine(BlockCore):
     def __dealloc__(self):
         self._release(True)
         pthread_mutex_destroy(&self.ov.flush_lock)
+        pipes_destroy(&self.pipes)
 
     cdef void _release(self, bint flush) noexcept:
         if flush and self.ov.fd >= 0 and self.ov.persistent and not self.ov.readonly:
@@ -510,6 +513,7 @@ cdef class Engine(BlockCore):
             self.b.close()
         zero_block_unmap(self.zero_block, self.blksize)
         self.zero_block = NULL
+        pipes_drain(&self.pipes)
         if self.bm_ready:
             bitmap_destroy(&self.bm)
             pthread_mutex_destroy(&self.global_lock)
@@ -709,6 +713,107 @@ cdef class Engine(BlockCore):
             PyBuffer_Release(&view)
         if r < 0:
             raise_errno(-r, "pwrite", view.len, offset_u)
+
+    def pwrite_from(self, int sock, count, offset, prefix=b"", bint fua=False):
+        """Write count bytes at offset: the payload of a WRITE, whose first len(prefix) bytes
+        are prefix and the rest still to be received from the socket sock.  The payload is
+        received whole before anything is written (with splice into pipes, or into memory where
+        pipes cannot hold it), then moved into the overlay with splice where whole blocks or
+        allocated blocks are written, and read out into memory where a block is read, modified
+        and written.
+
+        The payload is always consumed, whatever the outcome.  EOFError: the stream ended or
+        failed inside it, and nothing was written (the connection cannot go on).  Otherwise
+        errors are pwrite's (OSError, ValueError), raised after the payload was received and
+        dropped.  ValueError at once, before any byte is received: a prefix longer than count."""
+        cdef uint64_t count_u = u64(count, "count")
+        cdef uint64_t offset_u = u64(offset, "offset")
+        cdef Py_buffer view
+        cdef psrc_t *src = NULL
+        cdef uint8_t *buf = NULL
+        cdef int r = 0, got = 0
+        cdef object refused = None
+        PyObject_GetBuffer(prefix, &view, PyBUF_SIMPLE)
+        try:
+            if <uint64_t>view.len > count_u:
+                raise ValueError(f"cow: pwrite_from: {view.len} bytes of prefix for a write of "
+                                 f"{count_u}")
+            try:
+                self.enter()
+            except BaseException:           # closed: drop the payload, then say so
+                with nogil:
+                    got = drain(sock, count_u - view.len)
+                if got == 0:
+                    raise
+            else:
+                try:
+                    try:
+                        self.check_writable("pwrite")
+                        self.check_range("pwrite", count_u, offset_u)
+                    except (OSError, ValueError) as e:
+                        refused = e
+                    if refused is not None:
+                        with nogil:
+                            got = drain(sock, count_u - view.len)
+                    else:
+                        src = <psrc_t *>calloc(1, sizeof(psrc_t))
+                        if src == NULL:
+                            with nogil:
+                                got = drain(sock, count_u - view.len)
+                            r = -ENOMEM
+                        else:
+                            src.mem = <const uint8_t *>view.buf
+                            src.mem_left = view.len
+                            with nogil:
+                                r = self.c_pwrite_from(src, sock, count_u, offset_u, fua, &got)
+                finally:
+                    self.leave()
+        finally:
+            free(src)
+            PyBuffer_Release(&view)
+        if got == -EPIPE:
+            raise EOFError(f"cow: pwrite_from: the stream ended inside a payload of {count_u} "
+                           f"bytes: nothing written")
+        if got < 0:
+            raise EOFError(f"cow: pwrite_from: receiving a payload of {count_u} bytes: "
+                           f"{os.strerror(-got)}: nothing written")
+        if refused is not None:
+            raise refused
+        if r < 0:
+            raise_errno(-r, "pwrite", count_u, offset_u)
+
+    def drop_idle_pipes(self):
+        """Close the pipes pwrite_from keeps for the next payloads (a client went away); the
+        pipes of payloads in progress are not touched."""
+        with nogil:
+            pipes_drain(&self.pipes)
+
+    cdef int c_pwrite_from(self, psrc_t *src, int sock, uint64_t count, uint64_t offset,
+                           bint fua, int *got) noexcept nogil:
+        """pwrite_from's work, the GIL released: receive (*got: 0, or how receiving failed,
+        and then nothing is written), write, flush for FUA.  0 or -errno of the write."""
+        cdef uint8_t *buf
+        cdef int r = 0
+        got[0] = psrc_receive(&self.pipes, src, sock, count - src.mem_left)
+        if got[0] == 1:                     # too much for the pipes, or no splice: into memory
+            buf = <uint8_t *>malloc(count)
+            if buf == NULL:
+                got[0] = drain_rest(src, sock, count)
+                psrc_release(&self.pipes, src)
+                return -ENOMEM
+            got[0] = psrc_to_memory(src, sock, buf, count)
+            psrc_release(&self.pipes, src)
+            if got[0] == 0:
+                r = self.c_pwrite(buf, count, offset)
+            free(buf)
+        elif got[0] == 0:
+            r = self.c_pwrite(NULL, count, offset, src)
+            psrc_release(&self.pipes, src)
+        else:
+            psrc_release(&self.pipes, src)
+        if got[0] == 0 and r == 0 and fua:
+            r = overlay_flush(&self.ov, &self.bm)
+        return r
 
     def zero(self, count, offset, bint may_trim=True, bint fast=False):
         self.range_op("zero", count, offset, may_trim, fast, False)

@@ -1,0 +1,305 @@
+# WRITE payloads moved from a socket into the overlay without passing through this process
+# (Engine.pwrite_from).  Included into cow/engine.pyx.
+#
+# The payload is first received whole, with splice, from the socket into pipes (the kernel hands
+# the socket's pages over, no copy), before any block is claimed or written: so a claim never
+# waits for the network, and a payload cut short (the client went away) writes nothing.  Then
+# each piece of the write takes its data from the pipes in order: a run of whole blocks, or a
+# piece of an allocated block, is spliced from the pipes into the overlay; a piece of a block
+# that must be read, modified and written (not allocated, partly written) is read out of the
+# pipes into the block's buffer.  A payload the pipes cannot hold (a pipe takes about 1 MiB,
+# and a process only so many pipe pages) is received into memory instead.
+#
+# The pipes come from a pool kept by the engine (making one and sizing it costs 4 system calls),
+# emptied when the engine closes.  Anything unusual while receiving (splice refused, no pipe to
+# be had, a pipe that takes nothing) sends the rest of the payload the ordinary way, into memory
+# with recv, whose errors are then the socket's own.
+
+cdef enum:
+    PIPE_BYTES = 1024 * 1024        # asked for with F_SETPIPE_SZ (the usual pipe-max-size)
+    MAX_PAYLOAD_PIPES = 64          # pipes for one payload; more: received into memory
+    DRAIN_BYTES = 256 * 1024        # the scratch buffer of drain()
+    KEEP_PIPES = 4                  # idle pipes the pool keeps (2 descriptors each)
+
+
+cdef struct pipes_t:                # the engine's pool of idle pipes
+    pthread_mutex_t lock
+    int *rfd
+    int *wfd
+    int n
+    int cap
+
+
+cdef struct psrc_t:                 # a payload: first bytes in memory, the rest in pipes
+    const uint8_t *mem              # received with the request's header (the receive buffer)
+    uint64_t mem_left
+    int rfd[MAX_PAYLOAD_PIPES]
+    int wfd[MAX_PAYLOAD_PIPES]
+    uint64_t fill[MAX_PAYLOAD_PIPES]    # bytes in each pipe not yet taken
+    int n                           # pipes in use
+    int cur                         # the pipe data is taken from now
+
+
+cdef void pipes_init(pipes_t *pool) noexcept nogil:
+    memset(pool, 0, sizeof(pipes_t))
+    pthread_mutex_init(&pool.lock, NULL)
+
+
+cdef void pipes_drain(pipes_t *pool) noexcept nogil:
+    """Close the idle pipes (the engine is closing)."""
+    cdef int i
+    pthread_mutex_lock(&pool.lock)
+    for i in range(pool.n):
+        close(pool.rfd[i])
+        close(pool.wfd[i])
+    free(pool.rfd)
+    free(pool.wfd)
+    pool.rfd = pool.wfd = NULL
+    pool.n = pool.cap = 0
+    pthread_mutex_unlock(&pool.lock)
+
+
+cdef void pipes_destroy(pipes_t *pool) noexcept nogil:
+    pipes_drain(pool)
+    pthread_mutex_destroy(&pool.lock)
+
+
+cdef int pipe_get(pipes_t *pool, int *rfd, int *wfd) noexcept nogil:
+    """An empty pipe from the pool, or a new one (as large as the system allows, up to
+    PIPE_BYTES).  0 or -errno."""
+    cdef int fds[2]
+    pthread_mutex_lock(&pool.lock)
+    if pool.n:
+        pool.n -= 1
+        rfd[0] = pool.rfd[pool.n]
+        wfd[0] = pool.wfd[pool.n]
+        pthread_mutex_unlock(&pool.lock)
+        return 0
+    pthread_mutex_unlock(&pool.lock)
+    if pipe2(fds, O_CLOEXEC) != 0:
+        return -errno
+    fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_BYTES)   # else the default size: less per pipe
+    rfd[0] = fds[0]
+    wfd[0] = fds[1]
+    return 0
+
+
+cdef void pipe_put(pipes_t *pool, int rfd, int wfd, bint empty) noexcept nogil:
+    """Give a pipe back: kept if it is empty and the pool has room, else closed."""
+    cdef void *p
+    cdef int cap
+    if empty:
+        pthread_mutex_lock(&pool.lock)
+        if pool.n < KEEP_PIPES:
+            if pool.n == pool.cap:
+                cap = pool.cap * 2 if pool.cap else 8
+                p = realloc(pool.rfd, cap * sizeof(int))
+                if p != NULL:
+                    pool.rfd = <int *>p
+                    p = realloc(pool.wfd, cap * sizeof(int))
+                    if p != NULL:
+                        pool.wfd = <int *>p
+                        pool.cap = cap
+            if pool.n < pool.cap:
+                pool.rfd[pool.n] = rfd
+                pool.wfd[pool.n] = wfd
+                pool.n += 1
+                pthread_mutex_unlock(&pool.lock)
+                return
+        pthread_mutex_unlock(&pool.lock)
+    close(rfd)
+    close(wfd)
+
+
+cdef void psrc_release(pipes_t *pool, psrc_t *src) noexcept nogil:
+    """Give the payload's pipes back (those with data left are closed)."""
+    cdef int i
+    for i in range(src.n):
+        pipe_put(pool, src.rfd[i], src.wfd[i], src.fill[i] == 0)
+    src.n = 0
+
+
+cdef int wait_readable(int sock) noexcept nogil:
+    """Wait until the socket has data (or its end, or an error).  0 or -errno."""
+    cdef pollfd p
+    p.fd = sock
+    p.events = POLLIN
+    while poll(&p, 1, -1) < 0:
+        if errno != EINTR:
+            return -errno
+    return 0
+
+
+cdef bint readable_now(int sock) noexcept nogil:
+    cdef pollfd p
+    p.fd = sock
+    p.events = POLLIN
+    p.revents = 0
+    return poll(&p, 1, 0) > 0
+
+
+cdef int psrc_receive(pipes_t *pool, psrc_t *src, int sock, uint64_t count) noexcept nogil:
+    """Receive count bytes from sock into pipes.  0: all in; 1: go on with psrc_to_memory
+    (the pipes cannot hold them, or splice does not work here: what the pipes hold stays);
+    -EPIPE: the stream ended first; -errno (poll failed)."""
+    cdef ssize_t r
+    cdef int rc, tries = 0
+    while count:
+        if src.cur == src.n:
+            if src.n == MAX_PAYLOAD_PIPES:
+                return 1
+            rc = pipe_get(pool, &src.rfd[src.n], &src.wfd[src.n])
+            if rc < 0:
+                return 1
+            src.fill[src.n] = 0
+            src.n += 1
+        r = splice(sock, NULL, src.wfd[src.cur], NULL, count, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        if r > 0:
+            src.fill[src.cur] += r
+            count -= r
+            continue
+        if r == 0:
+            return -EPIPE
+        if errno == EINTR:
+            continue
+        if errno != EAGAIN:
+            return 1                # recv will say what is wrong, if anything
+        # Either the socket has nothing yet, or this pipe is full: then go on with the next.
+        if readable_now(sock):
+            if src.fill[src.cur] == 0:
+                tries += 1
+                if tries > 2:
+                    return 1        # an empty pipe that takes nothing: no splice here
+                continue
+            src.cur += 1
+        else:
+            rc = wait_readable(sock)
+            if rc < 0:
+                return rc
+    src.cur = 0
+    return 0
+
+
+cdef int psrc_read(psrc_t *src, uint8_t *buf, uint64_t n) noexcept nogil:
+    """Take the payload's next n bytes into buf.  0 or -errno."""
+    cdef uint64_t k
+    cdef ssize_t r
+    k = min(n, src.mem_left)
+    if k:
+        memcpy(buf, src.mem, k)
+        src.mem += k
+        src.mem_left -= k
+        buf += k
+        n -= k
+    while n:
+        if src.cur >= src.n:
+            return -EIO
+        if src.fill[src.cur] == 0:
+            src.cur += 1
+            continue
+        r = read(src.rfd[src.cur], buf, min(n, src.fill[src.cur]))
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if r == 0:
+            return -EIO
+        src.fill[src.cur] -= r
+        buf += r
+        n -= r
+    return 0
+
+
+cdef int psrc_write(psrc_t *src, int fd, uint64_t n, uint64_t offset) noexcept nogil:
+    """Write the payload's next n bytes at offset of fd: the bytes in memory with pwrite, the
+    rest spliced out of the pipes.  0 or -errno."""
+    cdef uint64_t k
+    cdef int r
+    cdef ssize_t s
+    cdef off_t off
+    k = min(n, src.mem_left)
+    if k:
+        r = full_pwrite(fd, src.mem, k, offset)
+        if r < 0:
+            return r
+        src.mem += k
+        src.mem_left -= k
+        offset += k
+        n -= k
+    off = <off_t>offset
+    while n:
+        if src.cur >= src.n:
+            return -EIO
+        if src.fill[src.cur] == 0:
+            src.cur += 1
+            continue
+        s = splice(src.rfd[src.cur], NULL, fd, &off, min(n, src.fill[src.cur]), SPLICE_F_MOVE)
+        if s < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if s == 0:
+            return -EIO
+        src.fill[src.cur] -= s
+        n -= s
+    return 0
+
+
+cdef int psrc_to_memory(psrc_t *src, int sock, uint8_t *buf, uint64_t count) noexcept nogil:
+    """The pipes could not hold the payload: take what they and the memory hold into buf (count
+    bytes in all), then receive the rest from sock.  0, -EPIPE (the stream ended) or -errno."""
+    cdef uint64_t have = src.mem_left, k
+    cdef ssize_t r
+    cdef int i
+    src.cur = 0
+    for i in range(src.n):
+        have += src.fill[i]
+    r = psrc_read(src, buf, have)
+    if r < 0:
+        return r
+    k = have
+    while k < count:
+        r = recv(sock, buf + k, count - k, 0)
+        if r > 0:
+            k += r
+        elif r == 0:
+            return -EPIPE
+        elif errno == EAGAIN:
+            r = wait_readable(sock)
+            if r < 0:
+                return r
+        elif errno != EINTR:
+            return -errno
+    return 0
+
+
+cdef int drain(int sock, uint64_t count) noexcept nogil:
+    """Receive count bytes from sock and drop them (a payload that will not be written).  0,
+    -EPIPE (the stream ended first) or -errno."""
+    cdef uint8_t *scratch = <uint8_t *>malloc(DRAIN_BYTES)
+    cdef ssize_t r
+    cdef int rc = 0
+    if scratch == NULL:
+        return -ENOMEM
+    while count and rc == 0:
+        r = recv(sock, scratch, min(count, <uint64_t>DRAIN_BYTES), 0)
+        if r > 0:
+            count -= r
+        elif r == 0:
+            rc = -EPIPE
+        elif errno == EAGAIN:
+            rc = wait_readable(sock)
+        elif errno != EINTR:
+            rc = -errno
+    free(scratch)
+    return rc
+
+
+cdef int drain_rest(psrc_t *src, int sock, uint64_t count) noexcept nogil:
+    """Drop the rest of a payload of count bytes whose start is in memory and pipes.  0,
+    -EPIPE or -errno."""
+    cdef uint64_t have = src.mem_left
+    cdef int i
+    for i in range(src.n):
+        have += src.fill[i]
+    return drain(sock, count - have)
