@@ -28,8 +28,14 @@ out of order, each written whole under the connection's send lock.
 
 Data path.  Requests are received with ``recv_into`` into a reusable buffer
 (several small requests per system call when the client pipelines); small WRITE
-payloads are handed to the engine as views of that buffer, large ones are
-received straight into one of a few reusable payload buffers of the connection.
+payloads are handed to the engine as views of that buffer.  WRITE payloads from
+ZERO_COPY_WRITE (64 KiB) never enter this process: the reader hands the socket to
+the engine (Engine.pwrite_from), which receives the payload whole into pipes with
+splice and splices it on into the overlay, and the next few requests are read
+without reading ahead, so that the next large payload is still in the socket.
+Under TLS, over an NBD backing for partial blocks not copied up, and over the
+maximum size, large payloads are received straight into one of a few reusable
+payload buffers of the connection and written by a worker.
 READs from ZERO_COPY_READ (64 KiB) are not read at all: the engine says where their
 bytes are (Engine.read_plan: pieces of the overlay, of a file backing, or zeroes) and the reply
 leaves with sendfile from those files, header first, whole, under the send lock
@@ -121,6 +127,10 @@ READ_POOL_BUDGET = 64 * 1024 * 1024  # idle read reply buffers the server keeps 
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at wmem_max)
 ZERO_COPY_READ = 64 * 1024  # READs from this size are sent from the files (sendfile), and with
                             # structured replies their holes as OFFSET_HOLE chunks
+ZERO_COPY_WRITE = 64 * 1024  # WRITE payloads from this size go from the socket to the overlay
+                             # with splice (Engine.pwrite_from): sequential 1 MiB writes 1.7x
+                             # the copying path and half its CPU, random 64 KiB rw 1.1x
+EXACT_READS = 16  # requests read without reading ahead after such a WRITE
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to transmission (qemu-nbd's default)
 SHUTDOWN_GRACE = 20.0  # seconds for in-flight requests at SIGTERM before sends are cut off
 SHUTDOWN_HANDSHAKE_WAIT = 5.0  # seconds a client still haggling at SIGTERM may go on (its
@@ -175,6 +185,9 @@ class _Receiver:
         self.mv = memoryview(self.buf)
         self.start = 0
         self.end = 0
+        # While > 0, read() asks for exactly what it needs, so that a large WRITE's payload
+        # stays in the socket for the engine to splice (see _Connection._splice_write).
+        self.exact = 0
 
     def read(self, n: int) -> memoryview | None:
         """n bytes (n <= capacity), or None if the stream ends first."""
@@ -187,8 +200,9 @@ class _Receiver:
             self.mv[:have] = self.mv[start:self.end]
             self.start, self.end = 0, have
         recv_into, mv = self.sock.recv_into, self.mv
+        ahead = 0 if self.exact else RECV_CHUNK
         while self.end - self.start < n:
-            got = recv_into(mv[self.end:self.end + max(RECV_CHUNK, n - (self.end - self.start))])
+            got = recv_into(mv[self.end:self.end + max(ahead, n - (self.end - self.start))])
             if not got:
                 return None
             self.end += got
@@ -214,6 +228,15 @@ class _Receiver:
                 return False
             have += got
         return True
+
+    def take(self, n: int) -> memoryview:
+        """Up to n bytes already buffered (maybe none), consumed; valid until the next call."""
+        start = self.start
+        have = min(self.end - start, n)
+        self.start = start + have
+        if self.start == self.end:
+            self.start = self.end = 0
+        return self.mv[start:start + have]
 
     def skip(self, n: int) -> bool:
         """Consume and drop n bytes using bounded memory; False if the stream ends first."""
@@ -437,7 +460,9 @@ class _Connection:
         """Give back the view chosen at GO, once nothing of ours runs in its engine any more
         (the last client of a view flushes and closes it)."""
         handle, self.proto.handle = self.proto.handle, None
-        self.engine = None
+        engine, self.engine = self.engine, None
+        if engine is not None and self.zero_copy:
+            engine.drop_idle_pipes()  # a server with no clients holds no pipes
         if handle is None:
             return
         try:
@@ -576,7 +601,7 @@ class _Connection:
         # and written from two threads at once.  It also keeps the copying path for READs
         # (its records are encrypted in user space).
         inline_only = proto.tls_active
-        self.zero_copy = not proto.tls_active
+        zero_copy = self.zero_copy = not proto.tls_active
         decode, check, handle = proto.decode_request, proto.check_request, self._handle
         max_payload = proto.max_payload
         try:
@@ -605,6 +630,17 @@ class _Connection:
                     break
                 flags, cmd, cookie, offset, count = decode(header)
                 payload = owned = None
+                if cmd == NBD_CMD_WRITE and count >= ZERO_COPY_WRITE and zero_copy and \
+                        count <= max_payload and not (
+                            slow_backing and engine.needs_backing(count, offset, True)):
+                    # The next requests are read without reading ahead, so that more large
+                    # payloads reach the engine still in the socket.
+                    rx.exact = EXACT_READS
+                    if not self._splice_write(flags, cookie, offset, count, batch):
+                        break
+                    continue
+                if rx.exact:
+                    rx.exact -= 1
                 if cmd == NBD_CMD_WRITE:
                     if count > max_payload:
                         # Refused without allocating its length: drop the payload in pieces.
@@ -681,6 +717,46 @@ class _Connection:
         finally:
             proto.disconnect()
         batch.flush()
+
+    def _splice_write(self, flags, cookie, offset, count, batch) -> bool:
+        """A large WRITE whose payload goes from the socket into the overlay with splice
+        (Engine.pwrite_from), served here on the reader: the payload is read only by the engine.
+        False: the stream ended inside the payload (nothing was written)."""
+        rx = self.rx
+        error = self.proto.check_request(NBD_CMD_WRITE, flags, offset, count)
+        if error:
+            batch.flush()
+            if not rx.skip(count):
+                log.info("connection %d: truncated WRITE payload", self.id)
+                return False
+            batch.add(self._error_reply(cookie, NBD_CMD_WRITE, flags, offset, count, error,
+                                        "the server is shutting down"
+                                        if error == P.NBD_ESHUTDOWN else "invalid request"))
+            return True
+        batch.flush()  # the reply of what was served meanwhile: the payload may take a while
+        try:
+            self.engine.pwrite_from(self.sock.fileno(), count, offset, rx.take(count),
+                                    bool(flags & NBD_CMD_FLAG_FUA))
+        except EOFError as e:
+            log.info("connection %d: truncated WRITE payload: nothing written (%s)", self.id, e)
+            return False
+        except OSError as e:
+            batch.add(self._error_reply(cookie, NBD_CMD_WRITE, flags, offset, count,
+                                        nbd_error_from_errno(e.errno), e.strerror or str(e)))
+            return True
+        except ValueError as e:
+            batch.add(self._error_reply(cookie, NBD_CMD_WRITE, flags, offset, count,
+                                        P.NBD_EINVAL, str(e)))
+            return True
+        except Exception:  # our bug: where the payload stands is unknown, so the stream ends
+            log.error("connection %d: internal error in a spliced WRITE:\n%s", self.id,
+                      traceback.format_exc())
+            return False
+        if self.verbose:
+            log.info("connection %d: WRITE offset=%d count=%d flags=0x%x -> OK (spliced)",
+                     self.id, offset, count, flags)
+        batch.add(self.proto.ok_reply(cookie))
+        return True
 
     def begin_shutdown(self, handshake_until: float) -> None:
         """The server is shutting down (called from the main thread).

@@ -3,12 +3,20 @@ sparse structured replies (NBD_REPLY_TYPE_OFFSET_HOLE, one data chunk under NBD_
 with real clients (libnbd with structured replies on and off, nbdcopy, qemu-img) and data
 compared byte for byte: over holes, trimmed blocks, blocks zeroed and kept allocated, a
 persistent overlay (its data lives after a header and bitmap), TLS (the copying path), and reads
-racing trims and writes of the same blocks.  Nothing here is timed."""
+racing trims and writes of the same blocks.
+
+Large WRITE payloads spliced from the socket into the overlay: data identical to a model after
+writes over every kind of block (whole, partial, not allocated, trimmed, allocated), with block
+sizes below and above the write size, with and without structured replies, cow-on-read, over
+TCP and a persistent overlay (FUA, then kill -9); a payload cut short writes nothing; refused
+writes (read-only, out of range, the overlay's cap) still consume their payload, so the next
+request is understood.  Nothing here is timed."""
 
 import os
 import random
 import struct
 import subprocess
+import sys
 import threading
 
 import nbd
@@ -348,3 +356,137 @@ def test_reads_racing_trims_and_writes(disk, tmp_path, structured):
         whole = h.pread(nblocks * BS, 0)
         assert whole == b"".join(h.pread(32768, off) for off in range(0, nblocks * BS, 32768))
         h.shutdown()
+
+
+# ---- large WRITEs: payloads spliced from the socket into the overlay ----------------------------
+
+def model_writes(h, want, seed, sizes=(65536, 100000, 128 * 1024, MiB, 3 * MiB + 5, 8 * MiB),
+                 rounds=40, flags=0):
+    """Writes of large sizes at random (often unaligned) offsets through h, mirrored in want,
+    with trims among them so that some land on trimmed blocks."""
+    rng = random.Random(seed)
+    for i in range(rounds):
+        n = rng.choice(sizes)
+        off = rng.randrange(0, SIZE - n + 1)
+        if rng.random() < 0.5:
+            off -= off % BS                     # aligned: whole blocks, maybe a partial tail
+        if i % 7 == 6:
+            at = min(off, SIZE - 2 * MiB)
+            h.trim(2 * MiB, at)
+            want[at:at + 2 * MiB] = bytes(2 * MiB)
+            continue
+        data = rng.randbytes(n)
+        h.pwrite(data, off, flags)
+        want[off:off + n] = data
+
+
+def spliced(proc):
+    return proc.log_path.read_text().count("(spliced)")
+
+
+@pytest.mark.parametrize("block_size,cor", [("64K", "false"), ("4K", "true"), ("4M", "false")])
+@pytest.mark.parametrize("structured", [True, False])
+def test_large_writes_are_identical(disk, tmp_path, block_size, cor, structured):
+    with start_server(disk, "-v", "--cow-block-size", block_size, "--cow-on-read", cor,
+                      tmp_path=tmp_path) as (uri, proc):
+        h = connect(uri, structured)
+        want = bytearray(disk.read_bytes())
+        model_writes(h, want, hash((block_size, structured)) & 0xffff)
+        assert spliced(proc) > 0
+        for offset, count in READS:
+            assert h.pread(count, offset) == want[offset:offset + count], (offset, count)
+        h.shutdown()
+        out = tmp_path / "copy.img"
+        sh("nbdcopy", uri, out)
+        assert out.read_bytes() == want
+
+
+def test_large_writes_over_tcp_with_fua_survive_kill(disk, tmp_path):
+    """Over TCP (splice from a TCP socket), into a persistent overlay: qemu-img and nbdcopy
+    write whole images, libnbd writes with FUA; after kill -9 the overlay holds every byte of
+    the writes made with FUA and every byte flushed."""
+    ov = tmp_path / "vm.cow"
+    src = tmp_path / "src.img"
+    src.write_bytes(random.Random(5).randbytes(SIZE))
+    sh(sys.executable, "-P", "-m", "cow.server", disk, "--overlay", ov, "-p", "0",
+       "--run", f'qemu-img convert -n -f raw -O raw {src} "$uri" && '
+                f'nbdcopy {src} "$uri" && nbdinfo --size "$uri"')
+    want = bytearray(src.read_bytes())
+    with start_server(disk, "--overlay", ov, tmp_path=tmp_path, check_exit=False) as (uri, proc):
+        h = connect(uri)
+        assert h.pread(SIZE, 0) == want
+        model_writes(h, want, 11, rounds=20, flags=nbd.CMD_FLAG_FUA)
+        proc.kill()
+        proc.wait()
+    with start_server(disk, "--overlay", ov, "-r", tmp_path=tmp_path) as (uri, _):
+        h = connect(uri)
+        assert h.pread(SIZE, 0) == want
+        h.shutdown()
+
+
+@pytest.mark.parametrize("buffered", [0, 4096, 300000])
+@pytest.mark.parametrize("offset", [0, 3 * BS + 1234])
+def test_a_payload_cut_short_writes_nothing(disk, tmp_path, buffered, offset):
+    """The client sends a 2 MiB WRITE, part of its payload (some of it with the header, in the
+    server's receive buffer), and hangs up: nothing of it is written, the server goes on."""
+    backing = disk.read_bytes()
+    count = 2 * MiB
+    with start_server(disk, "-v", tmp_path=tmp_path) as (uri, proc):
+        for sent in (buffered, count // 2, count - 1):
+            with RawClient(proc.sock_path) as c:
+                c.negotiate(structured=False)
+                head = P.pack_request(P.NBD_CMD_WRITE, offset, count, cookie=9)
+                c.send(head + b"\xee" * buffered)
+                c.send(b"\xee" * (sent - buffered))
+            h = connect(uri)
+            assert h.pread(count + BS, offset) == backing[offset:offset + count + BS]
+            h.shutdown()
+        assert "truncated WRITE payload" in proc.log_path.read_text()
+
+
+def test_refused_large_writes_keep_the_stream_in_step(disk, tmp_path):
+    """A large WRITE refused (read-only, past the end (ENOSPC, as the spec says), past
+    --overlay-max-size) still has its
+    payload consumed: the error comes back and the next requests are understood."""
+    backing = disk.read_bytes()
+    payload = b"\x5a" * (2 * MiB)
+
+    def check(c, cases):
+        for i, (offset, count, error) in enumerate(cases):
+            c.request(P.NBD_CMD_WRITE, offset, count, cookie=100 + i, payload=payload[:count])
+            c.request(P.NBD_CMD_READ, 0, BS, cookie=200 + i)
+            assert c.reply()[:2] == (100 + i, error), (offset, count)
+            cookie, err, data = c.reply(BS)
+            assert (cookie, err) == (200 + i, 0)
+            return data
+
+    with start_server(disk, "-r", tmp_path=tmp_path) as (uri, proc):
+        with RawClient(proc.sock_path) as c:
+            c.negotiate(structured=False)
+            assert check(c, [(0, MiB, P.NBD_EPERM)]) == backing[:BS]
+    with start_server(disk, "--overlay-max-size", "1M", tmp_path=tmp_path) as (uri, proc):
+        with RawClient(proc.sock_path) as c:
+            c.negotiate(structured=False)
+            assert check(c, [(SIZE - BS, MiB, P.NBD_ENOSPC)]) == backing[:BS]
+            assert check(c, [(BS, 2 * MiB, P.NBD_ENOSPC)]) == backing[:BS]
+            assert check(c, [(0, 512 * 1024, 0)]) == payload[:BS]
+        h = connect(uri)
+        assert h.pread(2 * MiB + BS, 0) == payload[:512 * 1024] + backing[512 * 1024:2 * MiB + BS]
+        h.shutdown()
+
+
+def test_tls_writes_keep_the_copying_path(disk, tmp_path):
+    from support_tls import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    with start_server(disk, "-v", "--tls=require", "--tls-certificates", pki.server,
+                      tmp_path=tmp_path) as (uri, proc):
+        h = nbd.NBD()
+        h.set_tls(nbd.TLS_REQUIRE)
+        h.set_tls_certificates(str(pki.client))
+        h.connect_unix(str(proc.sock_path))
+        want = bytearray(disk.read_bytes())
+        model_writes(h, want, 3, rounds=10)
+        assert h.pread(SIZE, 0) == want
+        h.shutdown()
+        assert spliced(proc) == 0
