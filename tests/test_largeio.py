@@ -490,3 +490,33 @@ def test_tls_writes_keep_the_copying_path(disk, tmp_path):
         assert h.pread(SIZE, 0) == want
         h.shutdown()
         assert spliced(proc) == 0
+
+
+def test_views_write_and_read_large_without_copies(disk, tmp_path):
+    """Many views: large writes spliced into each view's own overlay, large reads sent from
+    its files; each view sees its own data only, also after the server restarts."""
+    views = tmp_path / "views"
+    backing = disk.read_bytes()
+    wants = {}
+    with start_server(disk, "-v", "--overlay-dir", views, tmp_path=tmp_path) as (uri, proc):
+        for i, name in enumerate(["a", "b", "c"]):
+            h = connect(f"nbd+unix:///{name}?socket={proc.sock_path}")
+            want = bytearray(backing)
+            model_writes(h, want, 20 + i, rounds=12)
+            h.flush()
+            wants[name] = want
+            h.shutdown()
+        for name, want in wants.items():
+            for structured in (True, False):
+                h = connect(f"nbd+unix:///{name}?socket={proc.sock_path}", structured)
+                for offset, count in READS:
+                    assert h.pread(count, offset) == want[offset:offset + count], (name, offset)
+                h.shutdown()
+        assert spliced(proc) > 0
+        log = proc.log_path.read_text()
+        assert "sent from the files" in log
+    with start_server(disk, "--overlay-dir", views, tmp_path=tmp_path) as (uri, proc):
+        for name, want in wants.items():
+            h = connect(f"nbd+unix:///{name}?socket={proc.sock_path}")
+            assert h.pread(SIZE, 0) == want
+            h.shutdown()
