@@ -139,7 +139,7 @@ def test_backing_read_errors_at_random_leave_a_consistent_overlay(error_backing,
     """Half of the backing reads fail: each operation either succeeds with the right data or
     fails with EIO; after a failed write each block of its range holds either the old or the
     new data, never a mix; at the end the whole disk matches the model."""
-    uri, trigger, backing = error_backing(rate="50%", size=2 * MiB)
+    uri, trigger, backing = error_backing(rate="50%", size=8 * MiB)
     size = len(backing)
     rng = random.Random(1234 + cow_on_read)
     failures = successes = 0
