@@ -506,27 +506,13 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
     Returns (exports, size, block size, slow backing, backing's description, start-up note)."""
     from cow import overlayfile
     from cow.backing import Backing
-    from cow.views import ViewExports, ViewSet
+    from cow.views import ViewExports, ViewSet, directory_problem
 
     directory = args.overlay_dir
     if directory is not None:
-        if args.readonly:
-            if not os.path.isdir(directory):
-                raise _StartupError(f"--overlay-dir {directory}: no such directory (with -r no "
-                                    f"view is made)")
-        else:
-            try:
-                os.mkdir(directory, 0o700)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise _StartupError(f"--overlay-dir {directory}: cannot create it: "
-                                    f"{e.strerror}") from None
-            if not os.path.isdir(directory):
-                raise _StartupError(f"--overlay-dir {directory}: not a directory")
-            if not os.access(directory, os.W_OK | os.X_OK):
-                raise _StartupError(f"--overlay-dir {directory}: not writable (views are made "
-                                    f"there)")
+        why = directory_problem(directory, create=not args.readonly)
+        if why:
+            raise _StartupError(f"--overlay-dir {directory}: {why}")
     try:
         shared = Backing(backing, connections=kwargs.pop("nbd_connections", 4))
     except OSError as e:

@@ -82,7 +82,8 @@ try:
     from cow import overlayfile  # noqa: E402
     from cow.backing import Backing  # noqa: E402
     from cow.engine import Engine, parse_block_size  # noqa: E402
-    from cow.views import BAD_NAME, LIMIT, NO_SUCH_VIEW, UNAVAILABLE, ViewError, ViewSet  # noqa: E402
+    from cow.views import BAD_NAME, LIMIT, NO_SUCH_VIEW, UNAVAILABLE, ViewError, ViewSet, \
+        directory_problem  # noqa: E402
 except ImportError as exc:
     # An editable install rebuilds on import; a failed build's log is in the exception's notes.
     notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
@@ -223,15 +224,9 @@ def _open_views(backing, kwargs):
     checked once on a throw-away engine."""
     global _backing, _backing_lock_fd, _views_options
     folder, max_views = _views_arguments(_params)
-    try:
-        os.mkdir(folder, 0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigError(f"overlay-dir={_params['overlay-dir']}: cannot create it: "
-                          f"{exc.strerror}") from None
-    if not os.path.isdir(folder):
-        raise ConfigError(f"overlay-dir={_params['overlay-dir']}: not a directory")
+    why = directory_problem(folder, create=True)
+    if why:
+        raise ConfigError(f"overlay-dir={_params['overlay-dir']}: {why}")
     _backing = Backing(backing)
     _backing_lock_fd = overlayfile.hold_backing(_backing)
     probe = {k: v for k, v in kwargs.items() if k != "backing_changed"}

@@ -84,6 +84,24 @@ def name_problem(name: object) -> str | None:
     return None
 
 
+def directory_problem(directory: str, *, create: bool) -> str | None:
+    """Make the views' folder (mode 0700) if create and it is missing; why it cannot hold
+    views, or None if it can.  Without create (a read-only server) it must exist."""
+    if not create:
+        return None if os.path.isdir(directory) else "no such directory (with -r no view is made)"
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        return f"cannot create it: {e.strerror}"
+    if not os.path.isdir(directory):
+        return "not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "not writable (views are made there)"
+    return None
+
+
 def _human(n: int) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
