@@ -20,6 +20,7 @@ cdef enum:
     MAX_PAYLOAD_PIPES = 64          # pipes for one payload; more: received into memory
     DRAIN_BYTES = 256 * 1024        # the scratch buffer of drain()
     KEEP_PIPES = 4                  # idle pipes the pool keeps (2 descriptors each)
+    SECTOR_BYTES = 512              # psrc_write never leaves one half written
 
 
 cdef struct pipes_t:                # the engine's pool of idle pipes
@@ -212,36 +213,58 @@ cdef int psrc_read(psrc_t *src, uint8_t *buf, uint64_t n) noexcept nogil:
 
 cdef int psrc_write(psrc_t *src, int fd, uint64_t n, uint64_t offset) noexcept nogil:
     """Write the payload's next n bytes at offset of fd: the bytes in memory with pwrite, the
-    rest spliced out of the pipes.  0 or -errno."""
-    cdef uint64_t k
+    rest spliced out of the pipes.  0 or -errno.
+
+    Every system call but the last ends on a sector (SECTOR_BYTES) boundary of the file: a
+    process killed between two of them leaves each sector whole, old or new, as a disk does
+    (the kernel stops a write killed midway between pages, never inside one).  So where the
+    memory or a pipe ends inside a sector, that sector is taken out into memory, from both
+    sides, and written with one pwrite."""
+    cdef uint8_t sector[SECTOR_BYTES]
+    cdef uint64_t avail, k
     cdef int r
     cdef ssize_t s
     cdef off_t off
-    k = min(n, src.mem_left)
-    if k:
-        r = full_pwrite(fd, src.mem, k, offset)
-        if r < 0:
-            return r
-        src.mem += k
-        src.mem_left -= k
+    while n:
+        if src.mem_left:
+            avail = src.mem_left
+        else:
+            while src.cur < src.n and src.fill[src.cur] == 0:
+                src.cur += 1
+            if src.cur >= src.n:
+                return -EIO
+            avail = src.fill[src.cur]
+        if avail >= n:
+            k = n
+        else:                               # up to the last sector boundary in this source
+            k = (offset + avail) & ~(<uint64_t>SECTOR_BYTES - 1)
+            k = k - offset if k > offset else 0
+        if k == 0:                          # this source ends inside the sector at offset
+            k = min(n, SECTOR_BYTES - (offset & (SECTOR_BYTES - 1)))
+            r = psrc_read(src, sector, k)
+            if r == 0:
+                r = full_pwrite(fd, sector, k, offset)
+            if r < 0:
+                return r
+        elif src.mem_left:
+            r = full_pwrite(fd, src.mem, k, offset)
+            if r < 0:
+                return r
+            src.mem += k
+            src.mem_left -= k
+        else:
+            off = <off_t>offset
+            s = splice(src.rfd[src.cur], NULL, fd, &off, k, SPLICE_F_MOVE)
+            if s < 0:
+                if errno == EINTR:
+                    continue
+                return -errno
+            if s == 0:
+                return -EIO
+            src.fill[src.cur] -= s
+            k = s
         offset += k
         n -= k
-    off = <off_t>offset
-    while n:
-        if src.cur >= src.n:
-            return -EIO
-        if src.fill[src.cur] == 0:
-            src.cur += 1
-            continue
-        s = splice(src.rfd[src.cur], NULL, fd, &off, min(n, src.fill[src.cur]), SPLICE_F_MOVE)
-        if s < 0:
-            if errno == EINTR:
-                continue
-            return -errno
-        if s == 0:
-            return -EIO
-        src.fill[src.cur] -= s
-        n -= s
     return 0
 
 
