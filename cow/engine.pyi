@@ -22,6 +22,14 @@ CACHE_MODE_COW: int       # blk_cache: copy the block up into the overlay
 MIN_BLOCK_SIZE: int       # 4096
 DEFAULT_BLOCK_SIZE: int   # 65536
 
+# Why Engine.serve returned
+SERVE_FRONT_END: int      # the request at rx[start:] is the caller's to serve (header whole)
+SERVE_STOP: int           # Transmission.stop() was called
+SERVE_EOF: int            # the stream ended (or failed) between requests
+SERVE_TRUNCATED: int      # the stream ended inside a WRITE payload: nothing of it written
+SERVE_BROKEN: int         # a reply could not be sent (info: its errno)
+SERVE_FAILED: int         # a request failed (info: cookie, command, flags, offset, count, OSError)
+
 def parse_block_size(value: str | int) -> int:
     """Parse a block size such as 65536, "64K", "4M"; ValueError says what is allowed."""
 
@@ -51,6 +59,22 @@ class ReadPlan:
     def release(self) -> None: ...
     def __enter__(self) -> ReadPlan: ...
     def __exit__(self, *exc: object) -> None: ...
+
+class Transmission:
+    """A connection in transmission as Engine.serve needs it, and the lock every reply on the
+    connection is sent under (``with tx:``)."""
+    def configure(self, sock: int, *, structured: bool, fua: bool, readonly: bool, size: int,
+                  max_payload: int, slow_backing: bool, large_request: int,
+                  zero_copy_read: int, zero_copy_write: int, recv_ahead: int,
+                  exact_reads: int) -> None: ...
+    def stop(self) -> None:
+        """The server is shutting down: serve() returns SERVE_STOP instead of waiting."""
+    @property
+    def waiting(self) -> bool:
+        """serve() is waiting for the next request."""
+    def __enter__(self) -> Transmission: ...
+    def __exit__(self, *exc: object) -> None: ...
+
 
 class Engine:
     """A copy-on-write view of a read-only backing.
@@ -125,6 +149,12 @@ class Engine:
         sock (a WRITE's payload), moved with splice where it can be.  The payload is always
         consumed; EOFError if the stream ended or failed inside it (nothing written), else
         pwrite()'s errors, raised once the payload is received and dropped."""
+    def serve(self, tx: Transmission, rx: bytearray, start: int, end: int
+              ) -> tuple[int, int, int, object]:
+        """Read, serve and answer the requests of a connection without the GIL, for as long
+        as they are valid READ, WRITE or FLUSH that wait for no slow backing; rx[start:end]
+        holds bytes read ahead, before and after.  (start, end, status, info): see the
+        SERVE_ constants."""
     def drop_idle_pipes(self) -> None:
         """Close the idle pipes pwrite_from keeps for the next payloads."""
     def zero(self, count: int, offset: int, may_trim: bool = True, fast: bool = False) -> None:

@@ -36,7 +36,7 @@ from libc.errno cimport errno, EIO, ENOSPC, ENOMEM, EINVAL, EOPNOTSUPP, EISDIR, 
     EPIPE, EROFS
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX, INT64_MAX
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, UINT64_MAX, INT64_MAX
 from posix.mman cimport mmap, munmap, PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED
 from posix.types cimport off_t
 from posix.unistd cimport usleep
@@ -788,6 +788,47 @@ cdef class Engine(BlockCore):
         with nogil:
             pipes_drain(&self.pipes)
 
+    def serve(self, Transmission tx not None, rx, size_t start, size_t end):
+        """Serve the requests of a connection in transmission, reading them from tx's socket,
+        for as long as they are READ, WRITE or FLUSH that are valid and wait for no slow
+        backing (see serve.pxi): one call with the GIL released.  rx is the front end's receive
+        buffer, holding bytes already read in rx[start:end]; so does it on return.
+
+        Returns (start, end, status, info), status one of SERVE_FRONT_END (the request at
+        rx[start:] is the caller's to serve: its header is whole there), SERVE_STOP (tx.stop()
+        was called), SERVE_EOF, SERVE_TRUNCATED (inside a WRITE payload; nothing written of
+        it), SERVE_BROKEN (info: the errno of the send that failed) or SERVE_FAILED (info: a
+        request that failed, consumed, its reply not sent: (cookie, command, flags, offset,
+        count, OSError)).  Every reply of what was served has been sent."""
+        cdef Py_buffer view
+        cdef failure_t fail
+        cdef size_t s = start, e = end
+        cdef int status
+        memset(&fail, 0, sizeof(fail))
+        PyObject_GetBuffer(rx, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if e > <size_t>view.len or s > e or tx.arena == NULL:
+                raise ValueError("cow: serve: bad receive buffer bounds, or tx not configured")
+            try:
+                self.enter()
+            except ValueError:                  # closed: the front end says so
+                return start, end, ST_FRONT_END, None
+            try:
+                with nogil:
+                    status = serve_loop(self, tx, <uint8_t *>view.buf, view.len, &s, &e, &fail)
+            finally:
+                self.leave()
+        finally:
+            PyBuffer_Release(&view)
+        info = None
+        if status == ST_FAILED:
+            info = (fail.cookie, fail.cmd, fail.flags, fail.offset, fail.count,
+                    OSError(fail.err, f"cow: {fail.op.decode()} offset={fail.offset} "
+                                      f"count={fail.count}: {os.strerror(fail.err)}"))
+        elif status == ST_BROKEN:
+            info = fail.err
+        return s, e, status, info
+
     cdef int c_pwrite_from(self, psrc_t *src, int sock, uint64_t count, uint64_t offset,
                            bint fua, int *got) noexcept nogil:
         """pwrite_from's work, the GIL released: receive (*got: 0, or how receiving failed,
@@ -1097,3 +1138,6 @@ def _parse_cow_on_read(value):
             return COR_PATH, os.fsencode(value)
     raise ValueError(f"invalid cow-on-read {value!r}: expected false, true, or an absolute path "
                      f"(copy-on-read is on while that path exists)")
+
+
+include "serve.pxi"

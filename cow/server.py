@@ -86,6 +86,14 @@ import time
 import traceback
 
 from cow import protocol as P
+from cow.engine import (
+    SERVE_BROKEN,
+    SERVE_EOF,
+    SERVE_FAILED,
+    SERVE_TRUNCATED,
+    ReadQueue,
+    Transmission,
+)
 from cow.protocol import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
@@ -398,7 +406,8 @@ class _Connection:
         self.id = conn_id
         self.rx = _Receiver(sock)
         self.proto = P.ServerConnection(server.exports, tls=server.tls.mode)
-        self.send_lock = threading.Lock()
+        # The lock every reply is sent under, and what Engine.serve needs of the connection.
+        self.tx = self.send_lock = Transmission()
         self.verbose = server.verbose
         self.broken = False
         self.workers: _Workers | None = None
@@ -604,8 +613,46 @@ class _Connection:
         zero_copy = self.zero_copy = not proto.tls_active
         decode, check, handle = proto.decode_request, proto.check_request, self._handle
         max_payload = proto.max_payload
+        # The common requests are served by the engine without the GIL (Engine.serve), until
+        # one comes that is ours: then the code below serves that one, and the engine goes on.
+        # Not under TLS, and not when every request is logged.
+        serve = None if inline_only or self.verbose else engine.serve
+        tx, rx_buf = self.tx, rx.buf
+        if serve is not None:
+            tx.configure(self.sock.fileno(), structured=proto.structured_replies,
+                         fua=bool(proto.transmission_flags & P.NBD_FLAG_SEND_FUA),
+                         readonly=proto.readonly, size=proto.size, max_payload=max_payload,
+                         slow_backing=slow_backing, large_request=LARGE_REQUEST,
+                         zero_copy_read=ZERO_COPY_READ, zero_copy_write=ZERO_COPY_WRITE,
+                         recv_ahead=RECV_CHUNK, exact_reads=EXACT_READS)
         try:
             while not self.broken:
+                if serve is not None:
+                    batch.flush()
+                    rx.start, rx.end, status, info = serve(tx, rx_buf, rx.start, rx.end)
+                    if status == SERVE_FAILED:
+                        cookie, cmd, flags, offset, count, e = info
+                        batch.add(self._error_reply(cookie, cmd, flags, offset, count,
+                                                    nbd_error_from_errno(e.errno), e.strerror))
+                        continue
+                    if status == SERVE_EOF:
+                        if self.stopping:
+                            log.info("connection %d: closing: the server is shutting down",
+                                     self.id)
+                        else:
+                            log.info("connection %d: client closed the connection without "
+                                     "NBD_CMD_DISC", self.id)
+                        break
+                    if status == SERVE_TRUNCATED:
+                        log.info("connection %d: truncated WRITE payload: nothing written",
+                                 self.id)
+                        break
+                    if status == SERVE_BROKEN:
+                        log.info("connection %d: closing: %s", self.id, os.strerror(info))
+                        self.broken = True
+                        _shutdown_socket(self.sock, socket.SHUT_RDWR)
+                        break
+                    # SERVE_FRONT_END (a whole header is buffered), or SERVE_STOP: on below
                 if rx.end - rx.start < REQUEST_SIZE:
                     batch.flush()
                     # The reader may now block for the next request.  At shutdown, once
@@ -775,7 +822,8 @@ class _Connection:
         self.proto.begin_shutdown()
         self.stop_deadline = handshake_until
         self.stopping = True
-        if self.waiting and not self.in_workers:
+        self.tx.stop()
+        if (self.waiting or self.tx.waiting) and not self.in_workers:
             _shutdown_socket(self.sock, socket.SHUT_RD)
 
     def _worker_done(self) -> None:
@@ -783,7 +831,7 @@ class _Connection:
         with self._in_workers_lock:
             self.in_workers -= 1
             idle = not self.in_workers
-        if idle and self.stopping and self.waiting:
+        if idle and self.stopping and (self.waiting or self.tx.waiting):
             _shutdown_socket(self.sock, socket.SHUT_RD)
 
     def handshake_overdue(self, now: float) -> bool:
@@ -797,7 +845,6 @@ class _Connection:
         False: the engine cannot start this one so (cow-on-read...): a worker serves it."""
         reads = self.reads
         if reads is None:
-            from cow.engine import ReadQueue
             reads = self.reads = ReadQueue()
             self.replier = threading.Thread(target=self._reply_reads, daemon=True,
                                             name=f"cow-conn{self.id}-replier")
