@@ -117,6 +117,7 @@ log = logging.getLogger("cow.server")
 # Over a slow backing, what may read it (the engine says whether it will) goes to workers.
 _READS_BACKING = frozenset((NBD_CMD_READ, NBD_CMD_CACHE, NBD_CMD_BLOCK_STATUS))
 _WRITES_PARTIAL = frozenset((NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_CMD_TRIM))
+_SERVED_BY_ENGINE = frozenset((NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_FLUSH))  # (Engine.serve)
 
 MAX_QUEUED_PER_CONNECTION = 64  # requests handed to workers and not yet answered (and the
                                 # most workers a connection starts over an NBD backing)
@@ -627,7 +628,11 @@ class _Connection:
                          recv_ahead=RECV_CHUNK, exact_reads=EXACT_READS)
         try:
             while not self.broken:
-                if serve is not None:
+                # A run of requests that are ours (BLOCK_STATUS, TRIM...) already buffered is
+                # served here, its replies batched, without a call into the engine between.
+                if serve is not None and not (
+                        rx.end - rx.start >= REQUEST_SIZE and rx_buf[rx.start + 6] == 0 and
+                        rx_buf[rx.start + 7] not in _SERVED_BY_ENGINE):
                     batch.flush()
                     rx.start, rx.end, status, info = serve(tx, rx_buf, rx.start, rx.end)
                     if status == SERVE_FAILED:
