@@ -641,12 +641,7 @@ class _Connection:
                                                     nbd_error_from_errno(e.errno), e.strerror))
                         continue
                     if status == SERVE_EOF:
-                        if self.stopping:
-                            log.info("connection %d: closing: the server is shutting down",
-                                     self.id)
-                        else:
-                            log.info("connection %d: client closed the connection without "
-                                     "NBD_CMD_DISC", self.id)
+                        self._log_end_of_stream()
                         break
                     if status == SERVE_TRUNCATED:
                         log.info("connection %d: truncated WRITE payload: nothing written",
@@ -673,12 +668,7 @@ class _Connection:
                 else:
                     header = rx.read(REQUEST_SIZE)
                 if header is None:
-                    if self.stopping:
-                        log.info("connection %d: closing: the server is shutting down",
-                                 self.id)
-                    else:
-                        log.info("connection %d: client closed the connection without "
-                                 "NBD_CMD_DISC", self.id)
+                    self._log_end_of_stream()
                     break
                 flags, cmd, cookie, offset, count = decode(header)
                 payload = owned = None
@@ -769,6 +759,13 @@ class _Connection:
         finally:
             proto.disconnect()
         batch.flush()
+
+    def _log_end_of_stream(self) -> None:
+        if self.stopping:
+            log.info("connection %d: closing: the server is shutting down", self.id)
+        else:
+            log.info("connection %d: client closed the connection without NBD_CMD_DISC",
+                     self.id)
 
     def _splice_write(self, flags, cookie, offset, count, batch) -> bool:
         """A large WRITE whose payload goes from the socket into the overlay with splice
