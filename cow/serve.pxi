@@ -133,6 +133,9 @@ cdef class Transmission:
         self.zero_copy_write = u64(zero_copy_write, "zero_copy_write")
         self.recv_ahead = u64(recv_ahead, "recv_ahead")
         self.exact_reads = exact_reads
+        if self.large_request > REPLY_ARENA - DATA_CHUNK_BYTES:
+            raise ValueError(f"cow: large_request {large_request}: READs served in memory must "
+                             f"fit the {REPLY_ARENA} bytes held back for replies")
         if self.arena == NULL:
             self.arena = <uint8_t *>malloc(REPLY_ARENA)
             if self.arena == NULL:

@@ -262,3 +262,12 @@ def test_replies_wait_for_the_send_lock(session, backing):
     assert s.simple_reply(512) == (0, 5, backing[1][:512])
     s.end_stream()
     t.join(10)
+
+
+def test_reads_served_in_memory_must_fit_the_replies_held_back(session):
+    s = session()
+    with pytest.raises(ValueError, match="large_request"):
+        s.tx.configure(s.server.fileno(), structured=False, fua=True, readonly=False,
+                       size=SIZE, max_payload=32 << 20, slow_backing=False,
+                       large_request=1 << 20, zero_copy_read=64 * KiB,
+                       zero_copy_write=64 * KiB, recv_ahead=64 * KiB, exact_reads=16)
