@@ -20,6 +20,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbd
+
 CERTTOOL = "certtool"
 
 
@@ -108,3 +110,12 @@ def make_psk_file(path: Path, username: str = "alice", key: bytes | None = None)
     Path(path).write_text(f"{username}:{key.hex()}\n")
     os.chmod(path, 0o600)
     return key
+
+
+def tls_handle(pki_dir: Path | None = None, tls: int = nbd.TLS_REQUIRE) -> nbd.NBD:
+    """A libnbd handle set for TLS, with the client certificates in pki_dir (if given)."""
+    h = nbd.NBD()
+    h.set_tls(tls)
+    if pki_dir is not None:
+        h.set_tls_certificates(str(pki_dir))
+    return h

@@ -250,14 +250,12 @@ def test_persistent_overlay_reads_from_its_data_area(disk, tmp_path):
 
 
 def test_tls_keeps_the_copying_path(disk, tmp_path):
-    from support_tls import make_pki
+    from support_tls import make_pki, tls_handle
 
     pki = make_pki(tmp_path / "pki")
     with start_server(disk, "--tls=require", "--tls-certificates", pki.server,
                       tmp_path=tmp_path) as (uri, proc):
-        h = nbd.NBD()
-        h.set_tls(nbd.TLS_REQUIRE)
-        h.set_tls_certificates(str(pki.client))
+        h = tls_handle(pki.client)
         h.connect_unix(str(proc.sock_path))
         want = bytearray(disk.read_bytes())
         changed_disk(h, want)
@@ -477,14 +475,12 @@ def test_refused_large_writes_keep_the_stream_in_step(disk, tmp_path):
 
 
 def test_tls_writes_keep_the_copying_path(disk, tmp_path):
-    from support_tls import make_pki
+    from support_tls import make_pki, tls_handle
 
     pki = make_pki(tmp_path / "pki")
     with start_server(disk, "-v", "--tls=require", "--tls-certificates", pki.server,
                       tmp_path=tmp_path) as (uri, proc):
-        h = nbd.NBD()
-        h.set_tls(nbd.TLS_REQUIRE)
-        h.set_tls_certificates(str(pki.client))
+        h = tls_handle(pki.client)
         h.connect_unix(str(proc.sock_path))
         want = bytearray(disk.read_bytes())
         model_writes(h, want, 3, rounds=10)

@@ -27,7 +27,7 @@ from support_reliability import (
     REP_ERR_INVALID, REP_ERR_POLICY, REP_ERR_TLS_REQD, RawClient, run_server,
     run_tcp_server,
 )
-from support_tls import make_pki, make_psk_file
+from support_tls import make_pki, make_psk_file, tls_handle
 
 COW_SRC = Path(__file__).resolve().parent.parent / "cow"
 SIZE = 2 * 1024 * 1024
@@ -42,14 +42,6 @@ def pki(tmp_path_factory):
 def disk(backing_factory):
     path = backing_factory(SIZE)
     return path, path.read_bytes()
-
-
-def tls_handle(pki_dir=None, tls=nbd.TLS_REQUIRE):
-    h = nbd.NBD()
-    h.set_tls(tls)
-    if pki_dir is not None:
-        h.set_tls_certificates(str(pki_dir))
-    return h
 
 
 def _connect_fails(h, sock):
