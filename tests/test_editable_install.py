@@ -99,3 +99,20 @@ def test_dev_setup_again_changes_nothing():
     assert r.returncode == 0, r.stderr
     assert r.stdout == "" and r.stderr == "", r.stderr
     assert (ROOT / "build" / "cow" / "environment.json").stat().st_mtime_ns == before
+
+
+def test_dev_serve_takes_paths_from_the_callers_folder(tmp_path):
+    """`cd ~/vm && path/to/dev serve disk.img --overlay rel.cow`: both paths are the caller's."""
+    (tmp_path / "disk.img").write_bytes(b"\x5a" * 65536)
+    r = subprocess.run([str(ROOT / "dev"), "serve", "disk.img", "--overlay", "rel.cow",
+                        "--run", 'nbdinfo --size "$uri"'],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "65536"
+    assert (tmp_path / "rel.cow").is_file()
+    assert not (ROOT / "rel.cow").exists()
+
+
+def test_dev_help_exits_0():
+    r = subprocess.run([str(ROOT / "dev"), "--help"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0 and r.stdout.startswith("usage: ./dev serve"), r.stderr
