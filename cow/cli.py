@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import logging
 import os
 import selectors
@@ -18,6 +19,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -338,11 +340,39 @@ def _systemd_listeners() -> list[socket.socket] | None:
     return socks
 
 
+def _stale_socket(path: str) -> bool:
+    """Is path a Unix socket that nobody listens on (left by a server that was killed)?"""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return False
+
+
 def _listen_unix(path: str, mode: int | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # the socket file is 0600: only this user may connect
     try:
-        sock.bind(path)
+        try:
+            sock.bind(path)
+        except OSError as e:
+            # As qemu-nbd does: a socket left by a killed server is replaced; a live one, or
+            # anything that is not a socket, is not.
+            if e.errno != errno.EADDRINUSE or not _stale_socket(path):
+                raise
+            os.unlink(path)
+            sock.bind(path)
         if mode is not None:
             os.chmod(path, mode)
     except OSError as e:

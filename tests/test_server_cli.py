@@ -165,3 +165,34 @@ def test_console_script_and_module_share_one_command_line():
                         "print(cow.server.main(['--no-such-option']))"], cwd="/",
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr, r.stderr
+
+
+def test_a_stale_socket_is_replaced_a_live_one_refused(backing_factory, tmp_path):
+    """After kill -9 the socket file stays: a restart on it works (as qemu-nbd); a socket some
+    server still listens on, or a file that is not a socket, is left alone."""
+    import socket as socketlib
+    disk = backing_factory(SIZE)
+    sock = tmp_path / "s.sock"
+    stale = socketlib.socket(socketlib.AF_UNIX)
+    stale.bind(str(sock))
+    stale.close()                       # the file stays, nobody listens: as after kill -9
+    r = run([disk, "-U", sock, "--run", 'nbdinfo --size "$uri"'])
+    assert r.returncode == 0 and r.stdout.strip() == str(SIZE), r.stderr
+
+    sock.unlink(missing_ok=True)       # (the server removed its own at exit)
+    live = socketlib.socket(socketlib.AF_UNIX)
+    live.bind(str(sock))
+    live.listen()
+    try:
+        inode = sock.stat().st_ino
+        r = run([disk, "-U", sock, "--run", "true"])
+        assert r.returncode == 1 and "cannot listen" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+        assert sock.stat().st_ino == inode      # still the live server's socket
+    finally:
+        live.close()
+
+    plain = tmp_path / "plain"
+    plain.write_text("mine")
+    r = run([disk, "-U", plain, "--run", "true"])
+    assert r.returncode == 1 and "cannot listen" in r.stderr and plain.read_text() == "mine"
