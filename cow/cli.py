@@ -26,6 +26,7 @@ import tempfile
 import threading
 from urllib.parse import quote
 
+from cow import __version__
 from cow import protocol as P
 from cow.server import (
     DEFAULT_HANDSHAKE_TIMEOUT,
@@ -42,6 +43,8 @@ DEFAULT_PORT = 10809
 DEFAULT_IPADDR = "127.0.0.1"
 SAMPLE_DISK_SIZE = 64 * 1024 * 1024
 LISTEN_BACKLOG = socket.SOMAXCONN  # the kernel caps it (net.core.somaxconn)
+# A BACKING given as one of these URLs gets a hint naming the nbdkit plugin that serves it.
+_URL_PLUGINS = {"http": "curl", "https": "curl", "ftp": "curl", "ftps": "curl"}
 _VIEW_NAME_MAX = 128  # cow.views.MAX_NAME (cow.views imports the engine: --help must not)
 
 
@@ -280,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="captive mode: run CMD under /bin/sh with $uri, $unixsocket, $port and "
                           "$exportname set, then stop and exit with its status, e.g. "
                           "--run 'nbdinfo \"$uri\"'")
+    run.add_argument("-f", "--foreground", action="store_true",
+                     help="accepted for nbdkit's and qemu-nbd's users: the server always stays "
+                          "in the foreground (run it under systemd or with & to detach)")
+    run.add_argument("-V", "--version", action="version", version=f"cow.server {__version__}",
+                     help="print the version and exit")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="log connections and every request to stderr, e.g. "
                           "'READ offset=0 count=4096 flags=0x0 -> OK'")
@@ -615,6 +623,8 @@ def _main(args, cleanup: list) -> int:
         raise _StartupError(str(e)) from None
 
     _check_views_options(args)
+    if args.unix is not None and args.port is not None:
+        raise _StartupError("-U and -p both say where to listen: give one of them (as nbdkit)")
 
     # -- the engine over the backing
     backing = args.backing
@@ -650,6 +660,12 @@ def _main(args, cleanup: list) -> int:
         sample_note = (f"no BACKING given: serving a built-in {SAMPLE_DISK_SIZE >> 20} MiB sample "
                        "disk (data and holes)")
     elif isinstance(backing, str) and not is_nbd_uri(backing):
+        scheme = backing.split("://", 1)[0].lower() if "://" in backing else None
+        if scheme in _URL_PLUGINS:
+            raise _StartupError(f"{backing!r} is a URL, and cow.server reads NBD URIs and "
+                                f"files itself: put nbdkit in front of it, e.g. python -m "
+                                f"cow.server -U SOCK -- nbdkit {_URL_PLUGINS[scheme]} "
+                                f"{shlex.quote(backing)}")
         try:
             with open(backing, "rb"):
                 pass

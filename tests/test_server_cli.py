@@ -196,3 +196,23 @@ def test_a_stale_socket_is_replaced_a_live_one_refused(backing_factory, tmp_path
     plain.write_text("mine")
     r = run([disk, "-U", plain, "--run", "true"])
     assert r.returncode == 1 and "cannot listen" in r.stderr and plain.read_text() == "mine"
+
+
+def test_conventions_of_nbdkit_and_qemu_nbd(backing_factory, tmp_path):
+    """-V/--version, -f accepted (always in the foreground), -U with -p refused, a URL backing
+    gets the nbdkit plugin to put in front of it."""
+    from cow import __version__
+    for flag in ("-V", "--version"):
+        r = run([None, flag])
+        assert r.returncode == 0 and r.stdout.strip() == f"cow.server {__version__}", r.stderr
+    disk = backing_factory(SIZE)
+    r = run([disk, "-f", "--run", 'nbdinfo --size "$uri"'])
+    assert r.returncode == 0 and r.stdout.strip() == str(SIZE), r.stderr
+    r = run([disk, "-U", tmp_path / "s.sock", "-p", "10809"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "-U and -p" in lines[0], r.stderr
+    assert not (tmp_path / "s.sock").exists()
+    r = run(["https://example.com/disk.img", "-U", tmp_path / "s.sock"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "-- nbdkit curl https://example.com/disk.img" in lines[0]
