@@ -667,10 +667,19 @@ def _main(args, cleanup: list) -> int:
                                 f"cow.server -U SOCK -- nbdkit {_URL_PLUGINS[scheme]} "
                                 f"{shlex.quote(backing)}")
         try:
-            with open(backing, "rb"):
-                pass
+            # O_NONBLOCK: a FIFO (or a terminal) would otherwise hang the start-up here.
+            fd = os.open(backing, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                mode = os.fstat(fd).st_mode
+            finally:
+                os.close(fd)
         except OSError as e:
             raise _StartupError(f"cannot open backing {backing!r}: {e.strerror}") from None
+        if stat.S_ISDIR(mode):
+            raise _StartupError(f"cannot open backing {backing!r}: Is a directory")
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise _StartupError(f"cannot serve backing {backing!r}: not a regular file or block "
+                                f"device (for a stream, copy it to a file first)")
     kwargs = _engine_kwargs(args)
     what = repr(backing) if isinstance(backing, str) else shlex.join(backing)
     if args.overlay_dir is not None or args.temporary_views is not None:

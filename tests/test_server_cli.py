@@ -216,3 +216,13 @@ def test_conventions_of_nbdkit_and_qemu_nbd(backing_factory, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert "-- nbdkit curl https://example.com/disk.img" in lines[0]
+
+
+def test_a_fifo_as_backing_is_refused_at_once(tmp_path):
+    import os
+    fifo = tmp_path / "disk.fifo"
+    os.mkfifo(fifo)
+    r = run([fifo, "-U", tmp_path / "s.sock"], timeout=30)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "not a regular file or block device" in lines[0]
