@@ -167,6 +167,20 @@ def test_console_script_and_module_share_one_command_line():
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr, r.stderr
 
 
+def test_console_scripts_for_the_tools_and_the_shim():
+    """cow-overlay (python -m cow.overlay) and cow-nbdkit (python -m cow.nbdkit) beside
+    cow-server, from any folder."""
+    from pathlib import Path
+
+    bin_dir = Path(PYTHON).parent
+    r = subprocess.run([str(bin_dir / "cow-overlay"), "--help"], cwd="/", capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "commit" in r.stdout and "export" in r.stdout, r.stderr
+    r = subprocess.run([str(bin_dir / "cow-nbdkit"), "--print-plugin-path"], cwd="/",
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip().endswith("nbdkit_plugin.py"), r.stderr
+
+
 def test_a_stale_socket_is_replaced_a_live_one_refused(backing_factory, tmp_path):
     """After kill -9 the socket file stays: a restart on it works (as qemu-nbd); a socket some
     server still listens on, or a file that is not a socket, is left alone."""
