@@ -115,6 +115,11 @@ def info(path: str) -> dict:
         os.close(fd)
     status, phrase = _backing_status(h)
     fid = h.file_id
+    # Would python -m cow.server --overlay FILE, given no BACKING, serve the one recorded?
+    if h.backing_kind == F.KIND_COMMAND:
+        not_by_itself = "a recorded command runs only when it is given after --"
+    else:
+        not_by_itself = F.untrusted(st)
     return {
         "file": os.path.abspath(path),
         "format_version": h.version,
@@ -122,7 +127,9 @@ def info(path: str) -> dict:
                     "mtime_ns": h.backing_mtime_ns or None,
                     "device": f"{os.major(fid[0])}:{os.minor(fid[0])}" if fid else None,
                     "inode": fid[1] if fid and h.backing_kind == F.KIND_FILE else None,
-                    "status": status, "status_text": phrase},
+                    "status": status, "status_text": phrase,
+                    "used_when_not_named": not_by_itself is None,
+                    "why_not_used_when_not_named": not_by_itself},
         "disk_size": h.disk_size,
         "block_size": h.block_size,
         "blocks": h.nr_blocks,
@@ -157,6 +164,12 @@ def _print_info(d: dict) -> None:
         ("on disk", f"{_human(d['bytes_on_disk'])} used (file size {d['file_size']} bytes)"),
         ("created", created),
     ]
+    if not b["used_when_not_named"]:
+        file = F.shown(shlex.quote(d["file"]))
+        how = f"--overlay {file} -- {F.shown(b['name'])}" if b["kind"] == "command" \
+            else f"BACKING --overlay {file}"
+        rows.append(("serve with", f"python -m cow.server {how} ({b['why_not_used_when_not_named']}"
+                                   f": a server given no BACKING refuses this file)"))
     if d["commit_interrupted"]:
         rows.append(("state", f"a commit was interrupted: finish it with "
                               f"{F.commit_command(d['file'])}"))

@@ -553,15 +553,52 @@ def open_locked(path: str, *, exclusive: bool) -> tuple[int, Header]:
         raise
 
 
-def recorded_backing(path: str):
-    """The backing an existing overlay records, to open it by: a path or URI, or for a command
-    its argv (a list).  Reads the header without the lock (the engine takes it after)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+@dataclasses.dataclass
+class Recorded:
+    """What an overlay records about its backing, for a server that is given no BACKING."""
+
+    kind: int
+    backing: str                # the path, URI or command line, as recorded
+    untrusted: str | None       # why this file may not choose a backing, or None
+
+    @property
+    def command(self) -> bool:
+        return self.kind == KIND_COMMAND
+
+
+def untrusted(st: os.stat_result) -> str | None:
+    """Why a file with this stat may have been written by someone other than this process's
+    user (then what it records must not choose a backing to serve), or None."""
+    me = os.geteuid()
+    if st.st_uid != me:
+        return f"it belongs to {_user(st.st_uid)}, not to this process's user {_user(me)}"
+    if st.st_mode & 0o022:
+        return f"others may write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _user(uid: int) -> str:
+    import pwd
     try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def recorded_backing(path: str) -> Recorded:
+    """What an existing overlay records about its backing, and whether the file may choose it
+    (Recorded.untrusted; the caller refuses a recorded command in any case).  Reads the header
+    without the lock (the engine takes it after).  OverlayError for a file that is not an
+    overlay; OSError (FileNotFoundError...) from the open."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OverlayError(f"{path}: not a regular file")
         h = read_header(fd, path)
     finally:
         os.close(fd)
-    return shlex.split(h.backing) if h.backing_kind == KIND_COMMAND else h.backing
+    return Recorded(h.backing_kind, h.backing, untrusted(st))
 
 
 def open_for_engine(path: str, backing, *, block_size: int | None, readonly: bool,

@@ -259,3 +259,123 @@ def test_a_version_1_overlay_served_read_write_records_its_backing(tmp_path):
     h = read_header(ov)
     st = os.stat(disk)
     assert (h.version, h.file_id, h.backing) == (2, (st.st_dev, st.st_ino), str(disk))
+
+
+# -- item 5: a recorded backing is not the operator's word ----------------------------------------
+
+def test_a_recorded_command_runs_only_when_the_operator_gives_it(tmp_path):
+    marker = tmp_path / "marker"
+    argv = ["sh", "-c", f"touch {marker}; exec nbdkit memory 1M"]
+    command = shlex.join(argv)
+    # Even a file this user owns and nobody else may write.
+    evil = craft(tmp_path / "evil.cow", backing=command, kind=F.KIND_COMMAND, disk_size=1 * MiB)
+    sock = tmp_path / "s.sock"
+    r = subprocess.run(server_command(None, "--overlay", evil, "-U", sock, *CAPTIVE),
+                       capture_output=True, text=True, timeout=60)
+    assert not marker.exists()
+    one_line(r, command, f"python -m cow.server --overlay {evil} [OPTIONS] -- {command}")
+    assert not sock.exists()
+    r = subprocess.run(["nbdkit", "-f", "-U", str(sock), *CAPTIVE, "python", plugin_path(),
+                        f"overlay={evil}"], capture_output=True, text=True, timeout=60)
+    assert not marker.exists()
+    line = one_line(r, command, "runs no command", "python -m cow.server")
+    assert line.startswith("nbdkit: error:")
+    r = subprocess.run([PYTHON, "-P", "-m", "cow.nbdkit", "-U", "-", f"overlay={evil}", "--run",
+                        "true"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "runs no command" in r.stderr
+    r = tool("info", evil)
+    assert r.returncode == 0 and command in r.stdout and f"-- {command}" in r.stdout
+    d = json.loads(tool("info", evil, "--json").stdout)["backing"]
+    assert d["name"] == command and d["used_when_not_named"] is False
+    assert not marker.exists()
+    # Restated after --, it is the operator's command: it runs.
+    with start_server(None, "--overlay", evil, "--", *argv, tmp_path=tmp_path) as (uri, _):
+        assert served(uri, 4) == bytes(4)
+    assert marker.exists()
+
+
+def test_a_command_hidden_in_a_header_stays_on_one_line(tmp_path):
+    evil = craft(tmp_path / "evil.cow", backing="nbdkit memory 1M\n\x1b[2Jpython -m cow.server: "
+                 "serving", kind=F.KIND_COMMAND, disk_size=1 * MiB)
+    r = subprocess.run(server_command(None, "--overlay", evil, "-U", tmp_path / "s.sock",
+                                      *CAPTIVE),
+                       capture_output=True, text=True, timeout=60)
+    line = one_line(r, "\\n\\x1b[2J")
+    assert "\x1b" not in r.stderr
+
+
+def test_a_recorded_file_is_served_only_from_an_overlay_nobody_else_could_write(tmp_path):
+    secret = tmp_path / "shadow"
+    secret.write_bytes(b"root:$6$secret-hash:19000:0:99999:7:::\n".ljust(64 * KiB, b"\0"))
+    evil = craft(tmp_path / "evil.cow", backing=secret, disk_size=64 * KiB, forge=secret)
+    sock = tmp_path / "s.sock"
+    for owner, mode, words in ((NOBODY, 0o600, ("uid 65534",)), (0, 0o666, ("mode 0666",)),
+                               (0, 0o620, ("mode 0620",))):
+        os.chown(evil, owner, -1)
+        os.chmod(evil, mode)
+        r = subprocess.run(server_command(None, "--overlay", evil, "-U", sock, *CAPTIVE),
+                           capture_output=True, text=True, timeout=60)
+        one_line(r, *words, str(secret), "python -m cow.server BACKING --overlay")
+        assert not sock.exists()
+        r = subprocess.run(["nbdkit", "-f", "-U", str(sock), *CAPTIVE, "python", plugin_path(),
+                            f"overlay={evil}"], capture_output=True, text=True, timeout=60)
+        one_line(r, *words, "file= or uri=")
+        assert not sock.exists()
+        d = json.loads(tool("info", evil, "--json").stdout)["backing"]
+        assert d["used_when_not_named"] is False
+    # Named by the operator, the same file is the operator's choice; and a file this user owns
+    # that nobody else may write chooses its backing, as before.
+    os.chown(evil, 0, -1)
+    os.chmod(evil, 0o644)
+    with start_server(None, "--overlay", evil, "-r", tmp_path=tmp_path) as (uri, _):
+        assert served(uri, 10) == secret.read_bytes()[:10]
+
+
+def test_a_recorded_uri_follows_the_same_rule(tmp_path, nbdkit):
+    uri = nbdkit("memory", "1M")
+    evil = craft(tmp_path / "evil.cow", backing=uri, kind=F.KIND_NBD, disk_size=1 * MiB,
+                 mode=0o666)
+    r = subprocess.run(server_command(None, "--overlay", evil, "-U", tmp_path / "s.sock",
+                                      *CAPTIVE),
+                       capture_output=True, text=True, timeout=60)
+    one_line(r, "mode 0666", "python -m cow.server BACKING --overlay")
+    os.chmod(evil, 0o600)
+    with start_server(None, "--overlay", evil, "-r", tmp_path=tmp_path) as (u, _):
+        assert served(u, 4) == bytes(4)
+
+
+def view_uri(proc, name):
+    return f"nbd+unix:///{name}?socket={proc.sock_path}"
+
+
+def _pattern(offset, count):
+    """What nbdkit's pattern plugin serves: each 8-byte word holds its offset, big-endian."""
+    return b"".join((o).to_bytes(8, "big") for o in range(offset, offset + count, 8))
+
+
+def test_views_never_use_a_recorded_backing(tmp_path, backing_factory):
+    marker = tmp_path / "marker"
+    command = shlex.join(["sh", "-c", f"touch {marker}; exec nbdkit memory 1M"])
+    views = tmp_path / "views"
+    views.mkdir(mode=0o700)
+    # Planted as the views server accepts a view file: this user's, mode 0600, one link.
+    craft(views / "planted.cow", backing=command, kind=F.KIND_COMMAND, disk_size=1 * MiB,
+          blocks={0: b"planted"})
+    # Over a golden command backing, the planted view is served over the golden image.
+    with start_server(None, "--overlay-dir", views, "--", "nbdkit", "pattern", "1M",
+                      tmp_path=tmp_path) as (_, proc):
+        assert served(view_uri(proc, "planted"), 7) == b"planted"
+        assert served(view_uri(proc, "planted"), 4 * KiB, 4 * KiB) == _pattern(4 * KiB, 4 * KiB)
+        assert served(view_uri(proc, "other"), 64, 64 * KiB) == _pattern(64 * KiB, 64)
+    assert not marker.exists()
+    # Over a golden file, it does not fit (made over a command): refused; the others serve.
+    os.unlink(views / "other.cow")
+    golden = backing_factory(1 * MiB, name="golden.img")
+    with start_server(golden, "--overlay-dir", views, tmp_path=tmp_path) as (_, proc):
+        h = nbd.NBD()
+        with pytest.raises(nbd.Error):
+            h.connect_uri(view_uri(proc, "planted"))
+        assert served(view_uri(proc, "other"), 64) == golden.read_bytes()[:64]
+        assert "planted" in proc.log_path.read_text()
+    assert not marker.exists()
+    assert stat.S_IMODE(os.stat(views / "planted.cow").st_mode) == 0o600

@@ -88,7 +88,8 @@ def test_info_text_and_json(backing_factory, tmp_path):
                             "mtime_ns": st.st_mtime_ns,
                             "device": f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
                             "inode": st.st_ino, "status": "unchanged",
-                            "status_text": "unchanged since recorded"}
+                            "status_text": "unchanged since recorded",
+                            "used_when_not_named": True, "why_not_used_when_not_named": None}
     assert (d["disk_size"], d["block_size"], d["blocks"]) == (4 * MiB + 1000, 65536, 65)
     # blocks 1, 2, 5, 7, 13 and the last written; 9, 10, 11 trimmed
     assert (d["allocated_blocks"], d["trimmed_blocks"]) == (6, 3)
