@@ -72,7 +72,8 @@ examples:
   python -m cow.server disk.img -U /tmp/s --overlay vm.cow
         keep the changes in vm.cow: they survive the server (see python -m cow.overlay)
   python -m cow.server --overlay vm.cow -U /tmp/s
-        serve vm.cow again, over the backing it records
+        serve vm.cow again, over the file or URI it records (a recorded command is
+        run only when given again: --overlay vm.cow -- nbdkit curl ...)
   python -m cow.server golden.img -U /tmp/s --overlay-dir /var/lib/cow/views
         a writable view per export name, each kept in its own file:
         nbd+unix:///ci-42?socket=/tmp/s is /var/lib/cow/views/ci-42.cow
@@ -250,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep the overlay in FILE instead of a temporary file: created (mode "
                           "0600) if missing, reopened with its changes if it exists, locked "
                           "while served. e.g. --overlay vm.cow. BACKING may then be omitted: "
-                          "FILE records it. See python -m cow.overlay --help for its tools")
+                          "FILE records it, and the file or URI it records is served if FILE "
+                          "is this user's and nobody else may write it; a recorded command "
+                          "runs only when given again after --. See python -m cow.overlay "
+                          "--help for its tools")
     cow.add_argument("--overlay-backing-changed", choices=("refuse", "accept"), default="refuse",
                      help="when the file backing's size or modification time differs from what "
                           "--overlay FILE recorded: refuse (default), or accept it and record "
@@ -610,6 +614,34 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
             shared.description, note)
 
 
+def _recorded_backing(overlay: str) -> str:
+    """--overlay FILE with no BACKING: the file or URI FILE records.  An overlay file is data
+    that someone else may have written, so it chooses a backing only when this server's user
+    owns it and nobody else may write it, and it never chooses a command: a recorded command
+    runs only when the operator gives it again after --."""
+    from cow import overlayfile
+    try:
+        rec = overlayfile.recorded_backing(overlay)
+    except overlayfile.OverlayError as e:
+        raise _StartupError(str(e)) from None
+    except FileNotFoundError:
+        raise _StartupError(f"--overlay {overlay} does not exist yet: give the BACKING "
+                            f"to make it over") from None
+    except OSError as e:
+        raise _StartupError(f"--overlay {overlay}: {e.strerror}") from None
+    quoted = overlayfile.shown(shlex.quote(overlay))
+    shown = overlayfile.shown(rec.backing)
+    if rec.command:
+        raise _StartupError(f"--overlay {quoted} records a command as its backing ({shown}), "
+                            f"which runs only when you give it: python -m cow.server --overlay "
+                            f"{quoted} [OPTIONS] -- {shown}")
+    if rec.untrusted:
+        raise _StartupError(f"--overlay {quoted}: {rec.untrusted}, so the backing it records "
+                            f"({shown}) is used only when you name it: python -m cow.server "
+                            f"BACKING --overlay {quoted}")
+    return rec.backing
+
+
 def _main(args, cleanup: list) -> int:
     try:
         from cow.backing import is_nbd_uri
@@ -638,16 +670,7 @@ def _main(args, cleanup: list) -> int:
                                 "curl https://example.com/disk.img)")
         backing = args.command
     elif backing is None and args.overlay is not None:
-        from cow import overlayfile
-        try:
-            backing = overlayfile.recorded_backing(args.overlay)
-        except overlayfile.OverlayError as e:
-            raise _StartupError(str(e)) from None
-        except FileNotFoundError:
-            raise _StartupError(f"--overlay {args.overlay} does not exist yet: give the BACKING "
-                                f"to make it over") from None
-        except OSError as e:
-            raise _StartupError(f"--overlay {args.overlay}: {e.strerror}") from None
+        backing = _recorded_backing(args.overlay)
     if backing is None and args.overlay_dir is not None:
         raise _StartupError("--overlay-dir needs the BACKING every view is a view of (the "
                             "golden image), e.g. python -m cow.server golden.img --overlay-dir "

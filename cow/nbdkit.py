@@ -124,7 +124,8 @@ def _backing_kind(params):
         recorded = overlayfile.recorded_backing(overlay)
     except (OSError, ValueError):
         return "file"           # the plugin reports what is wrong with it
-    return "file" if isinstance(recorded, str) and "://" not in recorded else "uri"
+    return "file" if recorded.kind in (overlayfile.KIND_FILE, overlayfile.KIND_BLOCK_DEVICE) \
+        else "uri"
 
 
 def main(argv=None):

@@ -8,7 +8,8 @@
 defaults and meanings of nbdkit's cow filter (nbdkit-cow-filter(1)).  One engine, created at start-up,
 serves every connection, so all clients share one overlay; the backing is opened read-only.
 overlay=FILE keeps the overlay in FILE, as python -m cow.server --overlay FILE does (file= and uri=
-may then be left out: FILE records its backing); FILE is locked, and flushed at FLUSH, FUA and exit.
+may then be left out: FILE records its backing, which is used if FILE is this user's and nobody
+else may write it, and is never a command); FILE is locked, and flushed at FLUSH, FUA and exit.
 overlay-dir=DIR serves a view per export name, kept in DIR/NAME.cow, as python -m cow.server
 --overlay-dir DIR does (cow/views.py): the backing is opened once and shared, a view is opened by
 its first connection and flushed and closed after its last one, the connection's handle is its
@@ -162,13 +163,7 @@ def _engine_arguments(params):
         raise ConfigError("give the backing as exactly one of file=PATH or uri=nbd://... (or "
                           "overlay=FILE alone, which records its backing)")
     if "file" not in params and "uri" not in params:
-        try:
-            backing = overlayfile.recorded_backing(overlay)
-        except FileNotFoundError:
-            raise ConfigError(f"overlay={params['overlay']}: no such overlay yet; give file= or "
-                              f"uri= to make it over") from None
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"overlay={params['overlay']}: {exc}") from None
+        backing = _recorded_backing(params["overlay"], overlay)
     elif "file" in params:
         if not params["file"]:
             raise ConfigError("file=: the backing path is empty")
@@ -204,6 +199,29 @@ def _engine_arguments(params):
     elif "overlay-backing-changed" in params:
         raise ConfigError("overlay-backing-changed= goes with overlay=FILE or overlay-dir=DIR")
     return backing, kwargs
+
+
+def _recorded_backing(given, overlay):
+    """overlay=FILE alone: the file or URI FILE records, if FILE may choose it (owned by this
+    process's user, writable by nobody else: see overlayfile.recorded_backing).  A recorded
+    command is never run: the plugin takes no command backing."""
+    try:
+        rec = overlayfile.recorded_backing(overlay)
+    except FileNotFoundError:
+        raise ConfigError(f"overlay={given}: no such overlay yet; give file= or uri= to make it "
+                          f"over") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"overlay={given}: {exc}") from None
+    shown = overlayfile.shown(rec.backing)
+    if rec.command:
+        raise ConfigError(f"overlay={overlayfile.shown(given)} records a command as its backing "
+                          f"({shown}), and this plugin runs no command: serve it with python -m "
+                          f"cow.server --overlay {overlayfile.shown(overlay)} -- {shown}")
+    if rec.untrusted:
+        raise ConfigError(f"overlay={overlayfile.shown(given)}: {rec.untrusted}, so the backing "
+                          f"it records ({shown}) is used only when you name it with file= or "
+                          f"uri=")
+    return rec.backing
 
 
 def _views_arguments(params):

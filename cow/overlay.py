@@ -2,7 +2,9 @@
 
     info FILE [--json]        what FILE holds, and whether its backing is still the one it recorded
     export FILE OUT.qcow2     a qcow2 holding just the changes, over the original backing
-    commit FILE --yes         write the changes into the (file) backing, then empty FILE
+    commit FILE --into BACKING --yes
+                              write the changes into BACKING, which must be the file FILE was
+                              made over, then empty FILE
     reset FILE --yes          discard every change
     fork FILE NEW             a second overlay with the same changes (reflink or sparse copy)
 
@@ -10,6 +12,11 @@ Each works on an overlay that no server holds (the overlay's lock says so at onc
 format of cow/overlayfile.py: it reads the header and bitmap itself, so info works without the
 backing.  export leaves qcow2 to qemu: qemu-img makes the image, and qemu-nbd (started by
 libnbd, on socket activation) writes the changed blocks into it.
+
+commit writes only into the file the operator names with --into: an overlay file may have been
+planted or changed by someone else, and what its header records about the backing (path, size,
+modification time, device, inode) can be copied from any file by anyone who can stat it, so the
+header is only a check against naming the wrong file, never the choice of which file to write.
 """
 
 from __future__ import annotations
@@ -54,10 +61,10 @@ def _backing_status(h: F.Header) -> tuple[str, str]:
     if h.backing_kind not in (F.KIND_FILE, F.KIND_BLOCK_DEVICE):
         return "unchecked", f"{h.kind_name} backing: not checked"
     try:
-        kind, size, mtime_ns = F.file_identity(h.backing)
+        ident = F.file_identity(h.backing)
     except OSError as e:
         return "missing", f"cannot be opened: {e.strerror}"
-    change = F.identity_change(h, kind, size, mtime_ns)
+    change = F.identity_change(h, ident.kind, ident.size, ident.mtime_ns, ident.file_id)
     if change:
         return "changed", f"changed since recorded: {change}"
     return "unchanged", "unchanged since recorded"
@@ -66,16 +73,16 @@ def _backing_status(h: F.Header) -> tuple[str, str]:
 def _check_backing(path: str, h: F.Header, backing_changed: str) -> None:
     status, phrase = _backing_status(h)
     if status == "missing":
-        raise ToolError(f"{path}: the backing {h.backing} {phrase}")
+        raise ToolError(f"{path}: the backing {F.shown(h.backing)} {phrase}")
     if status == "changed" and backing_changed != "accept":
-        raise ToolError(f"{path}: the backing {h.backing} {phrase}; if you know the overlay "
-                        f"still fits it, add --backing-changed=accept")
+        raise ToolError(f"{path}: the backing {F.shown(h.backing)} {phrase}; if you know the "
+                        f"overlay still fits it, add --backing-changed=accept")
 
 
 def _refuse_interrupted_commit(path: str, h: F.Header) -> None:
     if h.committing:
         raise ToolError(f"{path}: a commit into the backing was interrupted; finish it with: "
-                        f"{PROG} commit {shlex.quote(path)} --yes")
+                        f"{F.commit_command(path)}")
 
 
 def _runs(fd: int, h: F.Header):
@@ -107,12 +114,22 @@ def info(path: str) -> dict:
     finally:
         os.close(fd)
     status, phrase = _backing_status(h)
+    fid = h.file_id
+    # Would python -m cow.server --overlay FILE, given no BACKING, serve the one recorded?
+    if h.backing_kind == F.KIND_COMMAND:
+        not_by_itself = "a recorded command runs only when it is given after --"
+    else:
+        not_by_itself = F.untrusted(st)
     return {
         "file": os.path.abspath(path),
         "format_version": h.version,
         "backing": {"kind": h.kind_name, "name": h.backing, "size": h.backing_size,
-                    "mtime_ns": h.backing_mtime_ns or None, "status": status,
-                    "status_text": phrase},
+                    "mtime_ns": h.backing_mtime_ns or None,
+                    "device": f"{os.major(fid[0])}:{os.minor(fid[0])}" if fid else None,
+                    "inode": fid[1] if fid and h.backing_kind == F.KIND_FILE else None,
+                    "status": status, "status_text": phrase,
+                    "used_when_not_named": not_by_itself is None,
+                    "why_not_used_when_not_named": not_by_itself},
         "disk_size": h.disk_size,
         "block_size": h.block_size,
         "blocks": h.nr_blocks,
@@ -130,8 +147,12 @@ def info(path: str) -> dict:
 def _print_info(d: dict) -> None:
     b = d["backing"]
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["created_ns"] / 1e9))
+    where = ""
+    if b["device"]:
+        where = f", device {b['device']}" + (f", inode {b['inode']}" if b["inode"] else "")
     rows = [
-        ("backing", f"{b['name']} ({b['kind']}, {b['size']} bytes; {b['status_text']})"),
+        ("backing", f"{F.shown(b['name'])} ({b['kind']}{where}, {b['size']} bytes; "
+                    f"{b['status_text']})"),
         ("disk size", f"{d['disk_size']} bytes ({_human(d['disk_size'])})"),
         ("block size", f"{d['block_size']} bytes"),
         ("blocks", f"{d['blocks']}: {d['allocated_blocks']} allocated, {d['trimmed_blocks']} "
@@ -143,8 +164,15 @@ def _print_info(d: dict) -> None:
         ("on disk", f"{_human(d['bytes_on_disk'])} used (file size {d['file_size']} bytes)"),
         ("created", created),
     ]
+    if not b["used_when_not_named"]:
+        file = F.shown(shlex.quote(d["file"]))
+        how = f"--overlay {file} -- {F.shown(b['name'])}" if b["kind"] == "command" \
+            else f"BACKING --overlay {file}"
+        rows.append(("serve with", f"python -m cow.server {how} ({b['why_not_used_when_not_named']}"
+                                   f": a server given no BACKING refuses this file)"))
     if d["commit_interrupted"]:
-        rows.append(("state", f"a commit was interrupted: run {PROG} commit FILE --yes again"))
+        rows.append(("state", f"a commit was interrupted: finish it with "
+                              f"{F.commit_command(d['file'])}"))
     print(f"{d['file']}: cow overlay, format version {d['format_version']}")
     for k, v in rows:
         print(f"  {k + ':':12} {v}")
@@ -276,28 +304,98 @@ def _empty(fd: int, h: F.Header, **header_changes) -> None:
     os.fsync(fd)
 
 
-def commit(path: str, backing_changed: str = "refuse") -> dict:
+def _open_target(path: str, into: str) -> int:
+    """The file --into names, opened for writing: never through a symbolic link, never anything
+    but a regular file or a block device (nothing else is even opened)."""
+    try:
+        st = os.lstat(into)
+    except OSError as e:
+        raise ToolError(f"{path}: --into {into}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise ToolError(f"{path}: --into {into} is a symbolic link (to {os.readlink(into)}); "
+                        f"name the file itself")
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise ToolError(f"{path}: --into {into} is not a regular file or block device")
+    try:
+        # O_NOFOLLOW: a link put in its place since the lstat is refused too (ELOOP).
+        return os.open(into, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ToolError(f"{path}: --into {into} is a symbolic link; name the file "
+                            f"itself") from None
+        raise ToolError(f"{path}: cannot open --into {into} for writing: {e.strerror}") from None
+
+
+def _check_target(path: str, h: F.Header, into: str, bfd: int,
+                  backing_changed: str) -> F.FileIdentity:
+    """Refuse unless the open --into is the file the overlay was made over.
+
+    Always: a file or block device as the overlay recorded, of the overlay's disk size.  Which
+    file: the device and inode the header records; a version-1 header records none, so there
+    --into must be the file that the path it records names.  Unchanged since: its modification
+    time, except after an interrupted commit, which itself wrote into the file and so moved its
+    time to an instant nothing recorded can predict (a commit never changes the device, inode or
+    size: it writes in place, within the size).  --backing-changed=accept passes a file that
+    is not the one recorded or was modified since, never a link, another kind or size."""
+    try:
+        ident = F.fd_identity(bfd)
+    except OSError:
+        raise ToolError(f"{path}: --into {into} is not a regular file or block device") from None
+    if ident.kind != h.backing_kind:
+        raise ToolError(f"{path}: the overlay was made over a {h.kind_name}; --into {into} is a "
+                        f"{F.KIND_NAMES[ident.kind]}")
+    if ident.size != h.disk_size:
+        raise ToolError(f"{path}: --into {into} is {ident.size} bytes; the overlay is for a disk "
+                        f"of {h.disk_size} bytes")
+    accept = backing_changed == "accept"
+    recorded = F.shown(h.backing)
+    if h.file_id is not None:
+        if ident.file_id != h.file_id and not accept:
+            raise ToolError(f"{path}: --into {into} is not the file the overlay was made over "
+                            f"({F.describe_file_id(ident.kind, ident.file_id)}; it recorded "
+                            f"{recorded}, {F.describe_file_id(h.backing_kind, h.file_id)}). If "
+                            f"it is that file, moved to another file system, add "
+                            f"--backing-changed=accept")
+    elif not accept:
+        try:
+            named = F.stat_file_id(os.stat(h.backing))
+        except OSError:
+            named = None
+        if named != ident.file_id:
+            raise ToolError(f"{path}: --into {into} is not {recorded}, the file the overlay "
+                            f"records (a version-1 overlay records no device and inode: --into "
+                            f"must name that file)")
+    if not h.committing:
+        change = F.identity_change(h, ident.kind, ident.size, ident.mtime_ns)
+        if change and not accept:
+            raise ToolError(f"{path}: --into {into} changed since the overlay recorded it "
+                            f"({change}); if you know the overlay still fits it, add "
+                            f"--backing-changed=accept")
+    return ident
+
+
+def commit(path: str, into: str, backing_changed: str = "refuse") -> dict:
+    """Write the overlay's changes into into (the operator's name for the backing), then empty
+    the overlay.  Refused, with nothing written, unless into is the file the overlay was made
+    over (_check_target)."""
     fd, h = F.open_locked(path, exclusive=True)
     try:
         if h.backing_kind not in (F.KIND_FILE, F.KIND_BLOCK_DEVICE):
             raise ToolError(f"{path}: commit writes into a file or block device backing; this "
-                            f"overlay's backing is {h.kind_name} {h.backing} (use export instead)")
-        if not h.committing:            # an interrupted commit changed the backing itself
-            _check_backing(path, h, backing_changed)
+                            f"overlay's backing is {h.kind_name} {F.shown(h.backing)} (use "
+                            f"export instead)")
         runs = _runs(fd, h)
+        bfd = _open_target(path, into)
         try:
-            bfd = os.open(h.backing, os.O_RDWR | os.O_CLOEXEC)
-        except OSError as e:
-            raise ToolError(f"{path}: cannot open the backing {h.backing} for writing: "
-                            f"{e.strerror}") from None
-        try:
-            F.lock_backing_for_commit(bfd, h.backing)
-            size = os.lseek(bfd, 0, os.SEEK_END)
-            if size != h.disk_size:
-                raise ToolError(f"{path}: the backing {h.backing} is {size} bytes, the overlay "
-                                f"is for {h.disk_size}")
-            is_file = stat.S_ISREG(os.fstat(bfd).st_mode)
-            h.flags |= F.FLAG_COMMITTING    # from here until the end, a crash says so
+            _check_target(path, h, into, bfd, backing_changed)
+            F.lock_backing_for_commit(bfd, into)
+            ident = _check_target(path, h, into, bfd, backing_changed)   # now held
+            is_file = ident.kind == F.KIND_FILE
+            # From here until the end, a crash says so, and the header names the file being
+            # written as the operator did.
+            h.flags |= F.FLAG_COMMITTING
+            h.backing = os.path.abspath(into)
+            h.backing_dev, h.backing_ino = ident.file_id
             F.write_header(fd, h)
             written = zeroed = 0
             for first, end, state in runs:
@@ -314,8 +412,8 @@ def commit(path: str, backing_changed: str = "refuse") -> dict:
             st = os.fstat(bfd)
         finally:
             os.close(bfd)
-        _empty(fd, h, flags=h.flags & ~F.FLAG_COMMITTING, backing_size=st.st_size if is_file
-               else size, backing_mtime_ns=st.st_mtime_ns if is_file else 0)
+        _empty(fd, h, flags=h.flags & ~F.FLAG_COMMITTING, backing_size=ident.size,
+               backing_mtime_ns=st.st_mtime_ns if is_file else 0)
     finally:
         os.close(fd)
     return {"backing": h.backing, "written_bytes": written, "trimmed_bytes": zeroed}
@@ -332,9 +430,10 @@ def reset(path: str) -> dict:
         # Empty, the overlay fits any backing of its size: record the backing as it is now.
         if h.backing_kind in (F.KIND_FILE, F.KIND_BLOCK_DEVICE):
             try:
-                kind, size, mtime_ns = F.file_identity(h.backing)
-                if size == h.disk_size:
-                    changes = {"backing_size": size, "backing_mtime_ns": mtime_ns}
+                ident = F.file_identity(h.backing)
+                if ident.size == h.disk_size and ident.kind == h.backing_kind:
+                    changes = {"backing_size": ident.size, "backing_mtime_ns": ident.mtime_ns,
+                               "backing_dev": ident.file_id[0], "backing_ino": ident.file_id[1]}
             except OSError:
                 pass
         _empty(fd, h, **changes)
@@ -408,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"  {PROG} export vm.cow changes.qcow2\n"
                        f"  {PROG} fork vm.cow experiment.cow\n"
                        f"  {PROG} reset experiment.cow --yes\n"
-                       f"  {PROG} commit vm.cow --yes\n")
+                       f"  {PROG} commit vm.cow --into disk.img --yes\n")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True,
                            parser_class=_Parser)
 
@@ -432,16 +531,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backing-changed", choices=("refuse", "accept"), default="refuse",
                    help="when the file backing changed since the overlay recorded it")
     s = add("commit", "write the changes into the backing, then empty FILE",
-            "commit vm.cow --yes",
-            "Write every changed block into the backing file or block device (opened for "
-            "writing here only), then empty the overlay.  This changes the backing for good: "
-            "every other overlay made over it no longer fits it.  Refused while anything (a "
-            "cow server, a qemu) has the backing open.  An interrupted commit is finished by "
-            "running it again.")
+            "commit vm.cow --into disk.img --yes",
+            "Write every changed block into BACKING, a file or block device (opened for "
+            "writing here only), then empty the overlay.  You name BACKING: the overlay's "
+            "header does not choose what is written (anyone who can stat a file can copy its "
+            "size, time, device and inode into a header); it only checks that BACKING is the "
+            "file the overlay was made over: its device and inode, size, and (unless a commit "
+            "was interrupted) modification time, and never a symbolic link.  This changes the "
+            "backing for good: every other overlay made over it no longer fits it.  Refused "
+            "while anything (a cow server, a qemu) has the backing open.  An interrupted "
+            "commit is finished by running it again.")
     s.add_argument("file", metavar="FILE")
+    s.add_argument("--into", metavar="BACKING",
+                   help="the backing to write into: the file the overlay was made over, e.g. "
+                        "--into disk.img")
     s.add_argument("--yes", action="store_true", help="really write into the backing")
     s.add_argument("--backing-changed", choices=("refuse", "accept"), default="refuse",
-                   help="when the file backing changed since the overlay recorded it")
+                   help="when BACKING is not the file the overlay recorded (another device or "
+                        "inode, say after a move to another file system) or was modified "
+                        "since: refuse (default), or accept and commit into it")
     s = add("reset", "discard every change", "reset vm.cow --yes",
             "Empty the overlay: every block reads the backing again, and the space is given "
             "back.  The overlay then records the backing as it is now.")
@@ -471,10 +579,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{d['out']}: {_human(d['data_bytes'])} of data and {_human(d['zero_bytes'])} "
                   f"of zeroes over {d['backing']} (raw)")
         elif args.command == "commit":
+            if args.into is None:
+                raise ToolError(f"{args.file}: commit writes into the backing for good, into "
+                                f"the file you name: {F.commit_command(args.file)}")
             if not args.yes:
-                raise ToolError(f"{args.file}: commit writes into the backing for good; add "
+                raise ToolError(f"{args.file}: commit writes into {args.into} for good; add "
                                 f"--yes to do it")
-            d = commit(args.file, args.backing_changed)
+            d = commit(args.file, args.into, args.backing_changed)
             print(f"{d['backing']}: {_human(d['written_bytes'])} written, "
                   f"{_human(d['trimmed_bytes'])} trimmed; {args.file} is now empty")
         elif args.command == "reset":

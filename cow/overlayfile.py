@@ -17,7 +17,7 @@ and the tools (cow/overlay.py) both go through it.  All integers are little-endi
 A header slot (offsets within the slot):
 
     0   8   magic b"COW-OVL\\n"
-    8   4   format version (1)
+    8   4   format version (2; version 1 is read too)
     12  4   flags: 1 = a commit into the backing was started and has not finished
     16  8   sequence number of this slot
     24  8   disk size in bytes
@@ -30,8 +30,19 @@ A header slot (offsets within the slot):
     72  8   backing modification time (st_mtime_ns; a file only, else 0)
     80  8   creation time of the overlay (ns since the epoch)
     88  4   length of the backing string
-    92  ..  the backing: absolute path, URI or command line (UTF-8, at most 1952 bytes)
+    92  8   backing device: a file's st_dev, a block device's own number (st_rdev); else 0
+    100 8   backing inode: a file's st_ino; else 0 (0 and 0: not recorded)
+    108 ..  the backing: absolute path, URI or command line (UTF-8, at most 1936 bytes)
     2044 4  CRC-32 of bytes 0 to 2043 of the slot
+
+Version 1 had no device and inode: its backing string starts at 92 (at most 1952 bytes).  This
+cow writes version 2 whenever it writes a header, so a version-1 file it has served read-write
+becomes version 2.  A reader checks the version before anything else and refuses a newer one, so
+a cow that reads only version 1 refuses a version-2 file instead of taking its device number for
+the start of the backing's name.  What a header records about the backing (size, modification
+time, device, inode) can be copied by anyone who can stat that file: it tells a reader whether
+the backing it is given is still the one the overlay was made over, never which file to write
+(python -m cow.overlay commit writes only into the file its --into names).
 
 The bitmap reaches the file only at a flush (see overlay.pxi for why that is crash-safe), so a
 reader of a file that a server holds would see a stale bitmap: every opener takes an OFD lock on
@@ -53,9 +64,10 @@ import struct
 import tempfile
 import time
 import zlib
+from typing import NamedTuple
 
 MAGIC = b"COW-OVL\n"
-VERSION = 1
+VERSION = 2
 HEADER_SIZE = 4096
 SLOT_SIZE = 2048
 PAGE = 4096
@@ -70,10 +82,11 @@ KIND_COMMAND = 4
 KIND_NAMES = {KIND_FILE: "file", KIND_BLOCK_DEVICE: "block device", KIND_NBD: "NBD",
               KIND_COMMAND: "command"}
 
-_SLOT = struct.Struct("<8sIIQQIIQQQQQQI")  # up to the backing string (92 bytes)
-_BACKING_AT = _SLOT.size
+_SLOT = struct.Struct("<8sIIQQIIQQQQQQI")  # the fields of both versions (92 bytes)
+_FILE_ID = struct.Struct("<QQ")             # version 2: the backing's device and inode
+_BACKING_AT = {1: _SLOT.size, 2: _SLOT.size + _FILE_ID.size}
 _CRC_AT = SLOT_SIZE - 4
-MAX_BACKING_LEN = _CRC_AT - _BACKING_AT
+MAX_BACKING_LEN = _CRC_AT - _BACKING_AT[VERSION]
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 1 << 30
 
@@ -103,6 +116,8 @@ class Header:
     flags: int = 0
     seq: int = 1
     created_ns: int = 0
+    backing_dev: int = 0    # st_dev of a file, st_rdev of a block device (0: not recorded)
+    backing_ino: int = 0    # st_ino of a file (0: not recorded, or a block device)
     version: int = VERSION
     slot: int = -1  # where it was read from (-1: not read)
 
@@ -131,17 +146,31 @@ class Header:
     def committing(self) -> bool:
         return bool(self.flags & FLAG_COMMITTING)
 
+    @property
+    def file_id(self) -> tuple[int, int] | None:
+        """(device, inode) of a file backing, (device number, 0) of a block device, as recorded;
+        None if the header records none (version 1, or another kind)."""
+        if self.backing_kind == KIND_FILE and self.backing_ino:
+            return self.backing_dev, self.backing_ino
+        if self.backing_kind == KIND_BLOCK_DEVICE and self.backing_dev:
+            return self.backing_dev, 0
+        return None
+
     def pack(self) -> bytes:
+        """The slot's bytes, in the layout of self.version (version 1 only to make old files)."""
         raw = os.fsencode(self.backing)
-        if len(raw) > MAX_BACKING_LEN:
+        at = _BACKING_AT[self.version]
+        if len(raw) > _CRC_AT - at:
             raise OverlayError(f"the backing's name is {len(raw)} bytes; an overlay records at "
-                               f"most {MAX_BACKING_LEN}")
+                               f"most {_CRC_AT - at}")
         slot = bytearray(SLOT_SIZE)
         _SLOT.pack_into(slot, 0, MAGIC, self.version, self.flags, self.seq, self.disk_size,
                         self.block_size, self.backing_kind, self.bitmap_offset, self.bitmap_len,
                         self.data_offset, self.backing_size, self.backing_mtime_ns,
                         self.created_ns, len(raw))
-        slot[_BACKING_AT:_BACKING_AT + len(raw)] = raw
+        if self.version >= 2:
+            _FILE_ID.pack_into(slot, _SLOT.size, self.backing_dev, self.backing_ino)
+        slot[at:at + len(raw)] = raw
         struct.pack_into("<I", slot, _CRC_AT, zlib.crc32(slot[:_CRC_AT]))
         return bytes(slot)
 
@@ -159,6 +188,8 @@ def _unpack_slot(path: str, raw: bytes, index: int) -> Header | None:
         return None
     (_, version, flags, seq, disk_size, block_size, kind, bitmap_offset, bitmap_len, data_offset,
      backing_size, mtime_ns, created_ns, blen) = _SLOT.unpack_from(raw, 0)
+    dev, ino = _FILE_ID.unpack_from(raw, _SLOT.size) if version >= 2 else (0, 0)
+    at = _BACKING_AT.get(version, _SLOT.size)
     bad = None
     if version < 1:
         bad = f"version {version}"
@@ -170,14 +201,14 @@ def _unpack_slot(path: str, raw: bytes, index: int) -> Header | None:
         bad = f"disk size {disk_size}"
     elif kind not in KIND_NAMES:
         bad = f"backing kind {kind}"
-    elif blen > MAX_BACKING_LEN:
+    elif blen > _CRC_AT - at:
         bad = f"backing name length {blen}"
     if bad:
         raise OverlayError(f"{path}: corrupt overlay header ({bad})")
     h = Header(disk_size=disk_size, block_size=block_size, backing_kind=kind,
-               backing=os.fsdecode(raw[_BACKING_AT:_BACKING_AT + blen]), backing_size=backing_size,
+               backing=os.fsdecode(raw[at:at + blen]), backing_size=backing_size,
                backing_mtime_ns=mtime_ns, flags=flags, seq=seq, created_ns=created_ns,
-               version=version, slot=index)
+               backing_dev=dev, backing_ino=ino, version=version, slot=index)
     if (bitmap_offset, bitmap_len, data_offset) != (h.bitmap_offset, h.bitmap_len, h.data_offset):
         raise OverlayError(f"{path}: corrupt overlay header (layout {bitmap_offset}/{bitmap_len}/"
                            f"{data_offset} does not fit a disk of {disk_size} bytes in blocks of "
@@ -209,8 +240,9 @@ def read_header(fd: int, path: str) -> Header:
 
 
 def write_header(fd: int, h: Header) -> None:
-    """Make h the current header: written (seq + 1) into the slot that is not current, then
-    synced.  A crash during the write leaves the old header current."""
+    """Make h the current header: written (seq + 1), in this cow's format version, into the slot
+    that is not current, then synced.  A crash during the write leaves the old header current."""
+    h.version = VERSION
     h.seq += 1
     h.slot = 1 - h.slot if h.slot in (0, 1) else 0
     os.pwrite(fd, h.pack(), h.slot * SLOT_SIZE)
@@ -343,31 +375,87 @@ def backing_identity(backing) -> tuple[int, str, int, int]:
     return KIND_FILE, name, backing.size, st.st_mtime_ns
 
 
-def file_identity(path: str) -> tuple[int, int, int]:
-    """(kind, size, mtime_ns) of a file or block device by path (for the tools); OSError."""
-    st = os.stat(path)
+def stat_file_id(st: os.stat_result) -> tuple[int, int]:
+    """(device, inode) as a header records them for a backing with this stat: a file's st_dev
+    and st_ino, a block device's own number (st_rdev: the node in /dev may be made anew at each
+    boot, the device keeps its number) and 0; (0, 0) for anything else."""
     if stat.S_ISBLK(st.st_mode):
-        with open(path, "rb") as f:
-            return KIND_BLOCK_DEVICE, f.seek(0, os.SEEK_END), 0
+        return st.st_rdev, 0
+    if stat.S_ISREG(st.st_mode):
+        return st.st_dev, st.st_ino
+    return 0, 0
+
+
+def backing_file_id(backing) -> tuple[int, int]:
+    """stat_file_id of an open cow.backing.Backing; (0, 0) for an NBD or command backing."""
+    st = backing.fstat()
+    return (0, 0) if st is None else stat_file_id(st)
+
+
+class FileIdentity(NamedTuple):
+    kind: int
+    size: int
+    mtime_ns: int       # 0 for a block device
+    file_id: tuple[int, int]
+
+
+def fd_identity(fd: int) -> FileIdentity:
+    """The identity of an open file or block device; OSError (EINVAL) for anything else."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return FileIdentity(KIND_BLOCK_DEVICE, os.lseek(fd, 0, os.SEEK_END), 0, stat_file_id(st))
     if not stat.S_ISREG(st.st_mode):
         raise OSError(errno.EINVAL, "not a regular file or block device")
-    return KIND_FILE, st.st_size, st.st_mtime_ns
+    return FileIdentity(KIND_FILE, st.st_size, st.st_mtime_ns, stat_file_id(st))
+
+
+def file_identity(path: str) -> FileIdentity:
+    """The identity of a file or block device by path (for the tools); OSError."""
+    st = os.stat(path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise OSError(errno.EINVAL, "not a regular file or block device")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        return fd_identity(fd)
+    finally:
+        os.close(fd)
 
 
 def _ns_time(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9)) + f".{ns % 10**9:09d}"
 
 
-def identity_change(h: Header, kind: int, size: int, mtime_ns: int) -> str | None:
-    """What changed in a file backing since the header recorded it, or None."""
+def describe_file_id(kind: int, fid: tuple[int, int]) -> str:
+    dev, ino = fid
+    if kind == KIND_BLOCK_DEVICE:
+        return f"device {os.major(dev)}:{os.minor(dev)}"
+    return f"device {os.major(dev)}:{os.minor(dev)}, inode {ino}"
+
+
+def identity_change(h: Header, kind: int, size: int, mtime_ns: int,
+                    fid: tuple[int, int] | None = None) -> str | None:
+    """What changed in a file backing since the header recorded it, or None.  fid: the
+    (device, inode) of the file at hand, to compare with the header's (when it records them)."""
     if h.backing_kind not in (KIND_FILE, KIND_BLOCK_DEVICE):
         return None
     if size != h.backing_size:
         return f"its size is {size} bytes, was {h.backing_size}"
+    if fid is not None and h.file_id is not None and kind == h.backing_kind \
+            and fid != h.file_id:
+        return f"it is another file ({describe_file_id(kind, fid)}; the overlay recorded " \
+               f"{describe_file_id(kind, h.file_id)})"
     if h.backing_kind == KIND_FILE and kind == KIND_FILE and mtime_ns != h.backing_mtime_ns:
         return f"it was modified at {_ns_time(mtime_ns)}, after the overlay recorded " \
                f"{_ns_time(h.backing_mtime_ns)}"
     return None
+
+
+def shown(text: str) -> str:
+    """text for a one-line message: what a crafted header could hold that is not printable
+    (a newline, a terminal escape, bytes that are not UTF-8) is shown as an escape."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape",
+                                                      "backslashreplace").decode("ascii")
+                   for c in text)
 
 
 # -- opening -------------------------------------------------------------------------------------
@@ -442,8 +530,10 @@ def create(path: str, h: Header) -> int:
 
 def new_header(backing, block_size: int) -> Header:
     kind, name, size, mtime_ns = backing_identity(backing)
+    dev, ino = backing_file_id(backing)
     return Header(disk_size=size, block_size=block_size, backing_kind=kind, backing=name,
-                  backing_size=size, backing_mtime_ns=mtime_ns, created_ns=time.time_ns())
+                  backing_size=size, backing_mtime_ns=mtime_ns, backing_dev=dev,
+                  backing_ino=ino, created_ns=time.time_ns())
 
 
 def open_locked(path: str, *, exclusive: bool) -> tuple[int, Header]:
@@ -463,15 +553,52 @@ def open_locked(path: str, *, exclusive: bool) -> tuple[int, Header]:
         raise
 
 
-def recorded_backing(path: str):
-    """The backing an existing overlay records, to open it by: a path or URI, or for a command
-    its argv (a list).  Reads the header without the lock (the engine takes it after)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+@dataclasses.dataclass
+class Recorded:
+    """What an overlay records about its backing, for a server that is given no BACKING."""
+
+    kind: int
+    backing: str                # the path, URI or command line, as recorded
+    untrusted: str | None       # why this file may not choose a backing, or None
+
+    @property
+    def command(self) -> bool:
+        return self.kind == KIND_COMMAND
+
+
+def untrusted(st: os.stat_result) -> str | None:
+    """Why a file with this stat may have been written by someone other than this process's
+    user (then what it records must not choose a backing to serve), or None."""
+    me = os.geteuid()
+    if st.st_uid != me:
+        return f"it belongs to {_user(st.st_uid)}, not to this process's user {_user(me)}"
+    if st.st_mode & 0o022:
+        return f"others may write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _user(uid: int) -> str:
+    import pwd
     try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def recorded_backing(path: str) -> Recorded:
+    """What an existing overlay records about its backing, and whether the file may choose it
+    (Recorded.untrusted; the caller refuses a recorded command in any case).  Reads the header
+    without the lock (the engine takes it after).  OverlayError for a file that is not an
+    overlay; OSError (FileNotFoundError...) from the open."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OverlayError(f"{path}: not a regular file")
         h = read_header(fd, path)
     finally:
         os.close(fd)
-    return shlex.split(h.backing) if h.backing_kind == KIND_COMMAND else h.backing
+    return Recorded(h.backing_kind, h.backing, untrusted(st))
 
 
 def open_for_engine(path: str, backing, *, block_size: int | None, readonly: bool,
@@ -535,7 +662,7 @@ def _check_against(path, h: Header, backing, block_size, readonly, backing_chang
     record once the engine accepts the file (None: nothing to record)."""
     if h.committing:
         raise OverlayError(f"{path}: a commit into the backing was interrupted; finish it with: "
-                           f"python -m cow.overlay commit {shlex.quote(path)} --yes")
+                           f"{commit_command(path)}")
     if block_size is not None and block_size != h.block_size:
         raise OverlayError(f"{path}: the overlay's block size is {h.block_size}, not {block_size} "
                            f"(omit --cow-block-size to use the overlay's)")
@@ -553,12 +680,22 @@ def _check_against(path, h: Header, backing, block_size, readonly, backing_chang
         raise OverlayError(f"{path}: {what} ({change}); its changes may no longer fit it. If "
                            f"you know they still do, accept it with "
                            f"--overlay-backing-changed=accept")
-    if readonly or (not change and (kind, name, mtime_ns) == (h.backing_kind, h.backing,
-                                                               h.backing_mtime_ns)):
+    dev, ino = backing_file_id(backing)
+    if readonly or (not change and h.version == VERSION and (kind, name, mtime_ns, dev, ino)
+                    == (h.backing_kind, h.backing, h.backing_mtime_ns, h.backing_dev,
+                        h.backing_ino)):
         return None
+    # Record the backing as served (a version-1 file gains its device and inode).
     new = dataclasses.replace(h, backing_kind=kind, backing=name, backing_size=size,
-                              backing_mtime_ns=mtime_ns)
+                              backing_mtime_ns=mtime_ns, backing_dev=dev, backing_ino=ino)
     return new
+
+
+def commit_command(path: str) -> str:
+    """The command that commits the overlay at path, as every hint names it: the backing is a
+    placeholder the operator fills in, never the name the header records (a header is no
+    authority on which file to write)."""
+    return f"python -m cow.overlay commit {shown(shlex.quote(path))} --into BACKING --yes"
 
 
 # -- the bitmap, for the tools -------------------------------------------------------------------

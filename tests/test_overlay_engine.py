@@ -104,7 +104,8 @@ def test_reopen_serves_every_change_again(backing_factory, tmp_path, bs):
     eng.close()
 
     h = header(ov)
-    assert (h.version, h.block_size, h.disk_size, h.backing_kind) == (1, bs, size, F.KIND_FILE)
+    assert (h.version, h.block_size, h.disk_size, h.backing_kind) == (2, bs, size, F.KIND_FILE)
+    assert (h.backing_dev, h.backing_ino) == (os.stat(disk).st_dev, os.stat(disk).st_ino)
     assert h.backing == str(disk) and h.backing_size == size
     assert h.backing_mtime_ns == os.stat(disk).st_mtime_ns
     assert h.bitmap_offset == 4096 and h.data_offset % bs == 0
@@ -329,8 +330,8 @@ def _rewrite_slot(ov, slot, **changes):
 
 def test_refuses_a_newer_format_version(made):
     disk, ov = made
-    _rewrite_slot(ov, header(ov).slot, version=2)
-    refused(disk, ov, "version 2", "newer")
+    _rewrite_slot(ov, header(ov).slot, version=3)
+    refused(disk, ov, "version 3", "newer")
 
 
 def test_refuses_a_corrupt_or_truncated_header(made, tmp_path):

@@ -83,15 +83,20 @@ def test_info_text_and_json(backing_factory, tmp_path):
     ov = tmp_path / "vm.cow"
     changes(disk, ov, tmp_path, "64K")
     d = info(ov)
+    st = os.stat(disk)
     assert d["backing"] == {"kind": "file", "name": str(disk), "size": 4 * MiB + 1000,
-                            "mtime_ns": os.stat(disk).st_mtime_ns, "status": "unchanged",
-                            "status_text": "unchanged since recorded"}
+                            "mtime_ns": st.st_mtime_ns,
+                            "device": f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}",
+                            "inode": st.st_ino, "status": "unchanged",
+                            "status_text": "unchanged since recorded",
+                            "used_when_not_named": True, "why_not_used_when_not_named": None}
     assert (d["disk_size"], d["block_size"], d["blocks"]) == (4 * MiB + 1000, 65536, 65)
     # blocks 1, 2, 5, 7, 13 and the last written; 9, 10, 11 trimmed
     assert (d["allocated_blocks"], d["trimmed_blocks"]) == (6, 3)
     assert d["bytes_on_disk"] == os.stat(ov).st_blocks * 512 and not d["commit_interrupted"]
     text = ok("info", ov)
-    assert f"{ov}: cow overlay, format version 1" in text
+    assert f"{ov}: cow overlay, format version 2" in text
+    assert f"device {os.major(st.st_dev)}:{os.minor(st.st_dev)}, inode {st.st_ino}" in text
     assert "6 allocated, 3 trimmed, 56 unchanged" in text and str(disk) in text
 
 
@@ -111,7 +116,8 @@ def test_tools_refuse_an_overlay_a_server_holds(backing_factory, tmp_path):
     disk = backing_factory(1 * MiB)
     ov = tmp_path / "vm.cow"
     with start_server(disk, "--overlay", ov, tmp_path=tmp_path) as (_, proc):
-        for args in (("info", ov), ("export", ov, tmp_path / "o.qcow2"), ("commit", ov, "--yes"),
+        for args in (("info", ov), ("export", ov, tmp_path / "o.qcow2"),
+                     ("commit", ov, "--into", disk, "--yes"),
                      ("reset", ov, "--yes"), ("fork", ov, tmp_path / "f.cow")):
             fails(*args, words=(str(ov), f"in use by pid {proc.pid}"))
     assert not (tmp_path / "o.qcow2").exists() and not (tmp_path / "f.cow").exists()
@@ -200,8 +206,10 @@ def test_commit_writes_the_view_into_the_backing(tmp_path):
     served = changes(disk, ov, tmp_path, "4K")
     before = sha256_file(disk)
     fails("commit", ov, words=("--yes",))
+    fails("commit", ov, "--yes", words=("--into BACKING --yes",))
+    fails("commit", ov, "--into", disk, words=("--yes",))
     assert sha256_file(disk) == before
-    out = ok("commit", ov, "--yes")
+    out = ok("commit", ov, "--into", disk, "--yes")
     assert "now empty" in out
     assert disk.read_bytes() == served
     d = info(ov)
@@ -217,7 +225,7 @@ def test_commit_refuses_a_backing_in_use_or_not_a_file(tmp_path, nbdkit):
     changes(disk, ov, tmp_path, "4K")
     before = sha256_file(disk)
     with start_server(disk, tmp_path=tmp_path) as (_, proc):    # another view of the backing
-        fails("commit", ov, "--yes", words=(str(disk), f"in use by pid {proc.pid}"))
+        fails("commit", ov, "--into", disk, "--yes", words=(str(disk), f"in use by pid {proc.pid}"))
     assert sha256_file(disk) == before and info(ov)["allocated_blocks"] > 0
 
     uri = nbdkit("memory", "1M")
@@ -227,7 +235,7 @@ def test_commit_refuses_a_backing_in_use_or_not_a_file(tmp_path, nbdkit):
         h.connect_uri(u)
         h.pwrite(b"x", 0)
         h.shutdown()
-    fails("commit", nov, "--yes", words=("NBD", "use export instead"))
+    fails("commit", nov, "--into", disk, "--yes", words=("NBD", "use export instead"))
 
 
 def _set_flags(ov, flags):
@@ -253,9 +261,10 @@ def test_an_interrupted_commit_is_finished_by_running_it_again(tmp_path):
     r = subprocess.run([PYTHON, "-P", "-m", "cow.server", str(disk), "--overlay", str(ov), "-U",
                         str(tmp_path / "s.sock")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "interrupted" in r.stderr and "cow.overlay commit" in r.stderr
+    assert "--into BACKING --yes" in r.stderr
     fails("reset", ov, "--yes", words=("interrupted",))
     fails("export", ov, tmp_path / "o.qcow2", words=("interrupted",))
-    ok("commit", ov, "--yes")                        # no "backing changed" refusal here
+    ok("commit", ov, "--into", disk, "--yes")        # no "backing changed" refusal here
     assert disk.read_bytes() == served and not info(ov)["commit_interrupted"]
 
 

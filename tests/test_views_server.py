@@ -293,7 +293,8 @@ def test_the_overlay_tools_on_the_files(disk, folder, tmp_path):
         tool_ok("fork", folder / "t1.cow", folder / "t2.cow")
         # The golden image is held while the server runs: committing one view into it would
         # change every other view.
-        tool_fails("commit", folder / "t1.cow", "--yes", words=(f"in use by pid {proc.pid}",))
+        tool_fails("commit", folder / "t1.cow", "--into", disk, "--yes",
+                   words=(f"in use by pid {proc.pid}",))
         tool_ok("reset", folder / "t1.cow", "--yes")
         h1, h2 = connect(proc, "t1"), connect(proc, "t2")
         assert h1.pread(4, 0) == disk.read_bytes()[:4] and h2.pread(4, 0) == b"TTTT"
