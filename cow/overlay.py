@@ -48,6 +48,48 @@ class ToolError(Exception):
     """A failure to report as one line (the message names the file)."""
 
 
+class _Progress:
+    """How far a long job is, on stderr as qemu-img convert -p shows it: ``(12.34/100%)``,
+    rewritten in place on a terminal, or a line per whole percent elsewhere.  Shown on a
+    terminal, or anywhere when asked (-p); never on stdout, which carries the result."""
+
+    def __init__(self, total: int, asked: bool):
+        self.total = max(total, 1)
+        self.done = 0
+        self.tty = sys.stderr.isatty()
+        self.show = asked or self.tty
+        self.last = -1
+        self.last_time = 0.0
+
+    def __enter__(self):
+        self._print(0)
+        return self
+
+    def add(self, n: int) -> None:
+        self.done = min(self.done + n, self.total)
+        self._print(self.done * 10000 // self.total)
+
+    def _print(self, hundredths: int) -> None:
+        if not self.show or hundredths == self.last:
+            return
+        now = time.monotonic()
+        if self.tty:
+            if hundredths < 10000 and now - self.last_time < 0.1:
+                return
+            sys.stderr.write(f"\r    ({hundredths / 100:.2f}/100%)")
+        elif hundredths // 100 == self.last // 100:
+            return
+        else:
+            sys.stderr.write(f"    ({hundredths // 100}.00/100%)\n")
+        sys.stderr.flush()
+        self.last, self.last_time = hundredths, now
+
+    def __exit__(self, *exc):
+        if self.show and self.tty:
+            sys.stderr.write("\n")     # the line is the progress's own; what follows is not
+            sys.stderr.flush()
+
+
 def _human(n: int) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB"):
         if n < 1024 or unit == "PiB":
@@ -95,6 +137,10 @@ def _blocks_bytes(h: F.Header, first: int, end: int) -> tuple[int, int]:
     """(offset, count) in the disk of blocks [first, end), clipped to the disk's end."""
     off = first * h.block_size
     return off, min(end * h.block_size, h.disk_size) - off
+
+
+def _runs_bytes(h: F.Header, runs) -> int:
+    return sum(_blocks_bytes(h, first, end)[1] for first, end, _ in runs)
 
 
 def _chunks(h: F.Header, first: int, end: int):
@@ -180,7 +226,7 @@ def _print_info(d: dict) -> None:
 
 # -- export --------------------------------------------------------------------------------------
 
-def export(path: str, out: str, backing_changed: str = "refuse") -> dict:
+def export(path: str, out: str, backing_changed: str = "refuse", progress: bool = False) -> dict:
     """Make OUT a qcow2 image over the original backing (raw) holding just the changed blocks:
     allocated blocks as data (all-zero ones as zero clusters), trimmed blocks as zero clusters."""
     import subprocess
@@ -202,7 +248,8 @@ def export(path: str, out: str, backing_changed: str = "refuse") -> dict:
             raise ToolError(f"{out}: qemu-img create failed: {r.stderr.strip()}")
         stats = {"data_bytes": 0, "zero_bytes": 0}
         try:
-            _fill_qcow2(fd, h, runs, out, stats, nbd)
+            with _Progress(_runs_bytes(h, runs), progress) as shown:
+                _fill_qcow2(fd, h, runs, out, stats, nbd, shown)
         except BaseException:
             os.unlink(out)
             raise
@@ -211,7 +258,7 @@ def export(path: str, out: str, backing_changed: str = "refuse") -> dict:
     return {"out": os.path.abspath(out), "backing": h.backing, **stats}
 
 
-def _fill_qcow2(fd, h, runs, out, stats, nbd):
+def _fill_qcow2(fd, h, runs, out, stats, nbd, progress):
     # The image is opened without its backing: every write below covers whole clusters (a
     # cluster is the block size, or divides it), so qemu never needs the backing's bytes, and
     # the export works even while an NBD backing is offline.
@@ -230,10 +277,11 @@ def _fill_qcow2(fd, h, runs, out, stats, nbd):
                 if state == F.TRIMMED:
                     h_nbd.zero(count, off)      # may trim: zero clusters over the backing
                     stats["zero_bytes"] += count
-                    continue
-                data = os.pread(fd, count, h.data_offset + off)
-                data += bytes(count - len(data))    # past the file's end: zeroes
-                _write_blocks(h_nbd, h.block_size, off, data, stats)
+                else:
+                    data = os.pread(fd, count, h.data_offset + off)
+                    data += bytes(count - len(data))    # past the file's end: zeroes
+                    _write_blocks(h_nbd, h.block_size, off, data, stats)
+                progress.add(count)
         h_nbd.flush()
         h_nbd.shutdown()
     except nbd.Error as e:
@@ -270,7 +318,8 @@ def _punch(fd: int, offset: int, count: int) -> bool:
     return libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, count) == 0
 
 
-def _copy_range(src: int, dst: int, count: int, src_off: int, dst_off: int) -> None:
+def _copy_range(src: int, dst: int, count: int, src_off: int, dst_off: int,
+                progress: _Progress | None = None) -> None:
     """copy_file_range (a reflink or a server-side copy where the file system has one), else
     read and write."""
     while count > 0:
@@ -289,6 +338,8 @@ def _copy_range(src: int, dst: int, count: int, src_off: int, dst_off: int) -> N
         count -= n
         src_off += n
         dst_off += n
+        if progress is not None:
+            progress.add(n)
 
 
 def _empty(fd: int, h: F.Header, **header_changes) -> None:
@@ -374,7 +425,8 @@ def _check_target(path: str, h: F.Header, into: str, bfd: int,
     return ident
 
 
-def commit(path: str, into: str, backing_changed: str = "refuse") -> dict:
+def commit(path: str, into: str, backing_changed: str = "refuse",
+           progress: bool = False) -> dict:
     """Write the overlay's changes into into (the operator's name for the backing), then empty
     the overlay.  Refused, with nothing written, unless into is the file the overlay was made
     over (_check_target)."""
@@ -398,16 +450,18 @@ def commit(path: str, into: str, backing_changed: str = "refuse") -> dict:
             h.backing_dev, h.backing_ino = ident.file_id
             F.write_header(fd, h)
             written = zeroed = 0
-            for first, end, state in runs:
-                off, count = _blocks_bytes(h, first, end)
-                if state == F.TRIMMED:
-                    if not (is_file and _punch(bfd, off, count)):
-                        for o, c in _chunks(h, first, end):
-                            os.pwrite(bfd, bytes(c), o)
-                    zeroed += count
-                else:
-                    _copy_range(fd, bfd, count, h.data_offset + off, off)
-                    written += count
+            with _Progress(_runs_bytes(h, runs), progress) as shown:
+                for first, end, state in runs:
+                    off, count = _blocks_bytes(h, first, end)
+                    if state == F.TRIMMED:
+                        if not (is_file and _punch(bfd, off, count)):
+                            for o, c in _chunks(h, first, end):
+                                os.pwrite(bfd, bytes(c), o)
+                        zeroed += count
+                        shown.add(count)
+                    else:
+                        _copy_range(fd, bfd, count, h.data_offset + off, off, shown)
+                        written += count
             os.fsync(bfd)
             st = os.fstat(bfd)
         finally:
@@ -528,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
             "as the served view.  The overlay is left as it is.")
     s.add_argument("file", metavar="FILE")
     s.add_argument("out", metavar="OUT.qcow2")
+    s.add_argument("-p", "--progress", action="store_true",
+                   help="show progress on stderr even when it is not a terminal (on a "
+                        "terminal it is shown anyway)")
     s.add_argument("--backing-changed", choices=("refuse", "accept"), default="refuse",
                    help="when the file backing changed since the overlay recorded it")
     s = add("commit", "write the changes into the backing, then empty FILE",
@@ -546,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the backing to write into: the file the overlay was made over, e.g. "
                         "--into disk.img")
     s.add_argument("--yes", action="store_true", help="really write into the backing")
+    s.add_argument("-p", "--progress", action="store_true",
+                   help="show progress on stderr even when it is not a terminal (on a "
+                        "terminal it is shown anyway)")
     s.add_argument("--backing-changed", choices=("refuse", "accept"), default="refuse",
                    help="when BACKING is not the file the overlay recorded (another device or "
                         "inode, say after a move to another file system) or was modified "
@@ -564,6 +624,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _after_interrupt(args) -> str:
+    """What an interrupted command left, and what to run next."""
+    if args.command == "export":
+        if os.path.lexists(args.out):   # (an existing OUT is refused before any work)
+            return f"; remove the incomplete {args.out} and run the export again"
+        return f"; {args.out} was not made (run the export again)"
+    if args.command != "commit":
+        return ""
+    try:
+        fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            committing = F.read_header(fd, args.file).committing
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return ""
+    if committing:
+        return (f"; {args.into} is partly written and {args.file} says so: run the same "
+                f"command again to finish the commit")
+    return "; nothing was committed"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"{PROG} {args.command}"
@@ -575,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _print_info(d)
         elif args.command == "export":
-            d = export(args.file, args.out, args.backing_changed)
+            d = export(args.file, args.out, args.backing_changed, args.progress)
             print(f"{d['out']}: {_human(d['data_bytes'])} of data and {_human(d['zero_bytes'])} "
                   f"of zeroes over {d['backing']} (raw)")
         elif args.command == "commit":
@@ -585,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.yes:
                 raise ToolError(f"{args.file}: commit writes into {args.into} for good; add "
                                 f"--yes to do it")
-            d = commit(args.file, args.into, args.backing_changed)
+            d = commit(args.file, args.into, args.backing_changed, args.progress)
             print(f"{d['backing']}: {_human(d['written_bytes'])} written, "
                   f"{_human(d['trimmed_bytes'])} trimmed; {args.file} is now empty")
         elif args.command == "reset":
@@ -602,6 +684,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ToolError, F.OverlayError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted{_after_interrupt(args)}", file=sys.stderr)
+        return 130
     except BrokenPipeError:            # info | head: the reader has seen enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -300,3 +300,59 @@ def test_fork_makes_two_views_that_diverge(backing_factory, tmp_path):
     assert a[:14] == b"only in vm.cow" and b[:22] == b"only in experiment.cow"
     assert a[22:] == b[22:] == served[22:]
     fails("fork", ov, new, words=("already exists",))
+
+
+# -- long work: progress, and Ctrl-C --------------------------------------------------------
+
+def _big_overlay(tmp_path, size=2 * 1024 * MiB):
+    """A sparse backing and an overlay with every block allocated (as zeroes, punched): a
+    commit or export with much to do, made in a moment."""
+    from cow.engine import Engine
+    disk = tmp_path / "big.img"
+    with open(disk, "wb") as f:
+        f.truncate(size)
+    ov = tmp_path / "big.cow"
+    with Engine(str(disk), overlay=str(ov), block_size="1M") as e:
+        e.zero(size, 0, may_trim=False)
+        e.flush()
+    return disk, ov
+
+
+@pytest.mark.parametrize("command", ["commit", "export"])
+def test_ctrl_c_is_one_line_and_says_what_to_run_next(tmp_path, command):
+    """SIGINT to the process group (what Ctrl-C sends) in the middle of the work, once -p has
+    shown progress: exit 130, one line, no traceback; then the same command finishes."""
+    import signal
+    disk, ov = _big_overlay(tmp_path)
+    out = tmp_path / "changes.qcow2"
+    args = ["commit", ov, "--into", disk, "--yes"] if command == "commit" else ["export", ov, out]
+    proc = subprocess.Popen([PYTHON, "-P", "-m", "cow.overlay", *map(str, args), "-p"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    first = proc.stderr.readline()      # "    (0.00/100%)"
+    second = proc.stderr.readline()     # "    (1.00/100%)": the work is under way
+    assert first.strip() == "(0.00/100%)" and second.strip() == "(1.00/100%)", (first, second)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, rest = proc.communicate(timeout=60)
+    lines = [line for line in rest.splitlines() if not line.strip().startswith("(")]
+    assert proc.returncode == 130, rest
+    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in rest, rest
+    if command == "commit":
+        assert info(ov)["commit_interrupted"]
+        assert "run the same command again to finish the commit" in lines[0]
+    else:
+        assert "run the export again" in lines[0] and not out.exists()
+    r = tool(*args)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == ""               # not a terminal, no -p: no progress
+    if command == "commit":
+        assert not info(ov)["commit_interrupted"] and info(ov)["allocated_blocks"] == 0
+
+
+def test_progress_counts_to_100_percent(tmp_path):
+    disk, ov = _big_overlay(tmp_path, 64 * MiB)
+    r = tool("commit", ov, "--into", disk, "--yes", "-p")
+    assert r.returncode == 0, r.stderr
+    shown = [line.strip() for line in r.stderr.splitlines()]
+    assert shown[0] == "(0.00/100%)" and shown[-1] == "(100.00/100%)", shown
+    assert len(shown) == len(set(shown)) <= 101 and "now empty" in r.stdout
