@@ -151,6 +151,24 @@ def test_a_file_planted_at_a_views_name_is_refused_and_left_alone(disk, folder, 
     assert not (folder / "good.cow").is_symlink()
 
 
+@pytest.mark.parametrize("kind", ["symlink-to-empty-file", "hard-link-to-an-overlay", "fifo"])
+def test_the_shim_refuses_a_planted_file_too(disk, folder, tmp_path, kind):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = plant(kind, folder, outside, disk)
+    before = snapshot(target)
+    with shim(tmp_path, "a", f"file={disk}", f"overlay-dir={folder}") as server:
+        for _ in range(2):
+            with pytest.raises(nbd.Error):
+                connect_uri(f"nbd+unix:///evil?socket={server.sock}")
+        h = connect_uri(f"nbd+unix:///good?socket={server.sock}")
+        h.pwrite(b"g" * 512, 0)
+        h.shutdown()
+        lines = [line for line in server.stderr_text().splitlines() if "evil.cow" in line]
+        assert len(lines) == 1 and PLANTED[kind] in lines[0], lines
+    assert snapshot(target) == before
+
+
 # -- item 2: a FIFO never holds a handshake, nor a --max-connections slot ----------------------
 
 @pytest.mark.parametrize("readonly", [False, True], ids=["rw", "ro"])
