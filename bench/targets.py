@@ -260,7 +260,8 @@ class CowServer(Target):
                 cow_block_size=None, cow_on_read=None, overlay_dir=None, **opts):
         cmd = [ctx.python, "-P", "-m", "cow.server", "-U", sock]
         if overlay_dir:
-            cmd += ["--overlay-dir", str(overlay_dir)]      # the caller makes and removes it
+            # The caller makes and removes it; up to 1000 views are measured: no cap.
+            cmd += ["--overlay-dir", str(overlay_dir), "--max-exports", "0"]
         if lock_mode:
             cmd += ["--lock-mode", lock_mode]
         if cow_block_size:

@@ -46,6 +46,7 @@ LISTEN_BACKLOG = socket.SOMAXCONN  # the kernel caps it (net.core.somaxconn)
 # A BACKING given as one of these URLs gets a hint naming the nbdkit plugin that serves it.
 _URL_PLUGINS = {"http": "curl", "https": "curl", "ftp": "curl", "ftps": "curl"}
 _VIEW_NAME_MAX = 128  # cow.views.MAX_NAME (cow.views imports the engine: --help must not)
+_DEFAULT_MAX_EXPORTS = 128  # cow.views.DEFAULT_MAX_VIEWS (the same; tests check they agree)
 
 
 EXAMPLES = """\
@@ -230,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                           f"flight; {LARGE_WORKERS} over a file)")
     cow = p.add_argument_group("copy-on-write (the names of nbdkit's cow filter)")
     cow.add_argument("--cow-block-size", metavar="SIZE",
-                     help="overlay block size, a power of two from 4K, e.g. --cow-block-size 4K "
-                          "(default 64K, or the block size of an existing --overlay FILE)")
+                     help="overlay block size, a power of two from 4K to 4M, e.g. "
+                          "--cow-block-size 4K (default 64K, or the block size of an existing "
+                          "--overlay FILE). A partial write to a block not yet copied copies the "
+                          "whole block, so an overlay file with larger blocks is refused too")
     cow.add_argument("--cow-on-read", type=_cow_on_read, default=False, metavar="BOOL|PATH",
                      help="copy blocks into the overlay when they are read: true, false, or an "
                           "absolute path, on while that path exists (default false)")
@@ -269,16 +272,29 @@ def build_parser() -> argparse.ArgumentParser:
                             "last one leaves, e.g. --overlay-dir /var/lib/cow/views. DIR is "
                             "created (0700) if missing. A name is 1 to "
                             f"{_VIEW_NAME_MAX} of A-Z a-z 0-9 . _ - and starts with a letter or "
-                            "digit; others are refused")
+                            "digit; others are refused. Only a regular file owned by this user, "
+                            "with one link, is served as a view: a symbolic link, FIFO, device, "
+                            "folder, another user's or a hard-linked file at a view's name is "
+                            "refused (NBD_REP_ERR_UNKNOWN) and logged")
     views.add_argument("--temporary-views", choices=("keep", "discard"), metavar="MODE",
                        help="every export name is its own view with a temporary overlay: keep "
                             "(its changes last until the server exits, as nbdkit's cow filter "
                             "since 1.44) or discard (they go when its last client leaves), e.g. "
                             "--temporary-views keep")
-    views.add_argument("--max-exports", type=_nonnegative_int, default=0, metavar="N",
-                       help="with --overlay-dir or --temporary-views: at most N views exist; a "
-                            "new name beyond that is refused (NBD_REP_ERR_POLICY), e.g. "
-                            "--max-exports 500 (default 0: no cap)")
+    views.add_argument("--max-exports", type=_nonnegative_int, default=None, metavar="N",
+                       help="with --overlay-dir or --temporary-views: at most N views exist "
+                            "(files in DIR, or temporary views), e.g. --max-exports 500; a new "
+                            "name beyond that is refused (NBD_REP_ERR_POLICY), existing views "
+                            f"are still served. Default {_DEFAULT_MAX_EXPORTS}: an open or kept "
+                            "temporary view holds 2 descriptors and its bitmap (disk size / "
+                            "block size / 4 bytes), and any view may grow to the disk's size "
+                            "on disk, so a client making new names must stop somewhere. "
+                            "--max-exports 0: no cap")
+    views.add_argument("--list-views", action="store_true",
+                       help="NBD_OPT_LIST (nbdinfo --list) lists every view, with its clients "
+                            "and changes. By default it lists none but the default view of -e: "
+                            "a view's name is all a client needs to read and write it, so one "
+                            "client must not learn the others' names")
     run = p.add_argument_group("running")
     run.add_argument("-P", "--pidfile", metavar="FILE",
                      help="write the server's PID to FILE once it is listening (removed on "
@@ -421,10 +437,15 @@ def _check_views_options(args) -> None:
     views = args.overlay_dir is not None or args.temporary_views is not None
     what = "--overlay-dir" if args.overlay_dir is not None else "--temporary-views"
     if not views:
-        if args.max_exports:
+        if args.max_exports is not None:
             raise _StartupError("--max-exports caps the views of --overlay-dir or "
                                 "--temporary-views; this server has one export")
+        if args.list_views:
+            raise _StartupError("--list-views lists the views of --overlay-dir or "
+                                "--temporary-views; this server has one export")
         return
+    if args.max_exports is None:
+        args.max_exports = _DEFAULT_MAX_EXPORTS
     if args.overlay is not None:
         raise _StartupError(f"--overlay FILE serves one view; {what} a view per export name: "
                             "give one of them")
@@ -548,7 +569,7 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
     Returns (exports, size, block size, slow backing, backing's description, start-up note)."""
     from cow import overlayfile
     from cow.backing import Backing
-    from cow.views import ViewExports, ViewSet, directory_problem
+    from cow.views import SETTLE_TIMEOUT, ViewExports, ViewSet, directory_problem
 
     directory = args.overlay_dir
     if directory is not None:
@@ -576,9 +597,12 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
         engine_kwargs.pop("tmpdir", None)
         engine_kwargs["backing_changed"] = args.overlay_backing_changed
     try:
+        # A client waits for a view another is opening or closing no longer than for its
+        # handshake.
         views = ViewSet(shared, directory=directory, temporary=args.temporary_views,
                         readonly=args.readonly, max_views=args.max_exports,
-                        default=args.exportname or None, engine_kwargs=engine_kwargs)
+                        default=args.exportname or None, engine_kwargs=engine_kwargs,
+                        settle_timeout=args.handshake_timeout or SETTLE_TIMEOUT)
         # Every option checked once now (block size, cow-on-read...), not at each client:
         # one temporary engine over the backing, closed at once.
         probe_kwargs = {k: v for k, v in engine_kwargs.items() if k != "backing_changed"}
@@ -605,13 +629,15 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
         note = f", a view per export name in {directory} ({n} exist"
     else:
         note = f", a temporary view per export name ({args.temporary_views} when idle"
-    note += f", at most {args.max_exports})" if args.max_exports else ")"
+    note += f", at most {args.max_exports})" if args.max_exports else ", no cap)"
+    if args.list_views:
+        note += ", listed"
     if args.exportname:
         note += f", default view {args.exportname}"
     if args.readonly:
         note += ", read-only"
-    return (ViewExports(views, template), shared.size, block_size, shared.is_nbd,
-            shared.description, note)
+    return (ViewExports(views, template, list_all=args.list_views), shared.size, block_size,
+            shared.is_nbd, shared.description, note)
 
 
 def _recorded_backing(overlay: str) -> str:

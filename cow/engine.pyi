@@ -5,6 +5,7 @@ from collections.abc import Buffer, Sequence
 from typing import Literal
 
 from cow.backing import Backing
+from cow.overlayfile import OverlayFile
 
 BLOCK_NOT_ALLOCATED: int  # 0: data comes from the backing
 BLOCK_ALLOCATED: int      # 1: data is in the overlay
@@ -85,8 +86,9 @@ class Engine:
     overlay: None for a temporary overlay (unlinked, gone with the engine), or the path of a
     persistent one (cow/overlayfile.py): created if missing, else reopened and checked against
     the backing and block_size (cow.overlayfile.OverlayError, a ValueError, with one line if it
-    does not fit; OverlayBusy if another engine holds it).  Its bitmap is saved at flush(), at
-    a FUA write and at close().
+    does not fit; OverlayBusy if another engine holds it); or an OverlayFile already opened,
+    locked and checked for this backing (overlayfile.open_in_dir, as cow.views opens a view),
+    which the engine then owns.  Its bitmap is saved at flush(), at a FUA write and at close().
     Every method that does I/O releases the GIL for the whole call, backing reads included.
     Errors from I/O raise OSError (errno set, message naming the operation); bad arguments
     raise ValueError before any I/O.
@@ -103,7 +105,7 @@ class Engine:
         tmpdir: str | None = None,  # default $TMPDIR, else /var/tmp
         overlay_max_size: int | None = None,  # bytes; writes needing more fail with ENOSPC
         nbd_connections: int = 4,  # most libnbd handles, for a backing that has multi-conn
-        overlay: str | os.PathLike[str] | None = None,
+        overlay: str | os.PathLike[str] | OverlayFile | None = None,
         readonly: bool = False,  # writes fail with EROFS; a persistent overlay is opened shared
         backing_changed: Literal["refuse", "accept"] = "refuse",  # a file backing modified since
     ) -> None: ...

@@ -94,9 +94,10 @@ CACHE_MODE_COW = C_CACHE_MODE_COW
 
 MIN_BLOCK_SIZE = 4096
 DEFAULT_BLOCK_SIZE = 65536
-# Larger blocks make every copy-up cost more than it saves; nbdkit accepts up to 4 GiB but 1 GiB is
-# already absurd for a COW granule.
-MAX_BLOCK_SIZE = 1 << 30
+# A partial write to a block not yet in the overlay copies the whole block: larger blocks make every
+# copy-up cost more than it saves (overlayfile.MAX_BLOCK_SIZE says why 4 MiB; an overlay file with
+# larger blocks is refused by the same limit).
+MAX_BLOCK_SIZE = overlayfile.MAX_BLOCK_SIZE
 # nbdkit's API takes sizes as int64_t; beyond this the block count would overflow.
 MAX_DISK_SIZE = INT64_MAX
 
@@ -126,14 +127,14 @@ def parse_size(value):
 
 
 def parse_block_size(value):
-    """Parse and check a COW block size: a power of two from 4K to 1G."""
+    """Parse and check a COW block size: a power of two from 4K to 4M."""
     try:
         n = parse_size(value)
     except ValueError:
         n = -1
     if n < MIN_BLOCK_SIZE or n > MAX_BLOCK_SIZE or n & (n - 1):
         raise ValueError(f"invalid cow block size {value!r}: it must be a power of two from 4K "
-                         f"(4096) to 1G, such as 4K, 64K (the default) or 4M")
+                         f"(4096) to 4M, such as 4K, 64K (the default) or 1M")
     return n
 
 
@@ -441,9 +442,20 @@ cdef class Engine(BlockCore):
             self.blksize = requested or DEFAULT_BLOCK_SIZE
             self.ov.fd = _open_temporary_overlay(tmpdir)
         else:
-            self.ovfile = overlayfile.open_for_engine(
-                overlay, self.b, block_size=requested, readonly=readonly,
-                backing_changed=backing_changed)
+            if isinstance(overlay, overlayfile.OverlayFile):
+                # Opened (and checked against this backing) by the caller, e.g. cow.views
+                # relative to its folder: the engine owns it from here.
+                if overlay.readonly != readonly or overlay.fd < 0:
+                    raise ValueError("cow: an open overlay must be open (and read-only as the "
+                                     "engine is)")
+                if requested is not None and requested != overlay.header.block_size:
+                    raise ValueError(f"cow: the overlay's block size is "
+                                     f"{overlay.header.block_size}, not {requested}")
+                self.ovfile = overlay
+            else:
+                self.ovfile = overlayfile.open_for_engine(
+                    overlay, self.b, block_size=requested, readonly=readonly,
+                    backing_changed=backing_changed)
             self.overlay = self.ovfile.path
             self.ov.fd = self.ovfile.fd
             self.ov.data_offset = self.ovfile.header.data_offset

@@ -2,7 +2,8 @@
 
     nbdkit python PATH-TO-THIS-FILE file=BACKING | uri=nbd://...
                  [cow-block-size=N] [cow-on-read=false|true|/PATH] [cow-on-cache=false|true]
-                 [overlay=FILE | overlay-dir=DIR [max-exports=N]] [overlay-backing-changed=...]
+                 [overlay=FILE | overlay-dir=DIR [max-exports=N] [list-views=false|true]]
+                 [overlay-backing-changed=...]
 
 `python -m cow.nbdkit --print-plugin-path` prints PATH-TO-THIS-FILE.  The parameters have the names,
 defaults and meanings of nbdkit's cow filter (nbdkit-cow-filter(1)).  One engine, created at start-up,
@@ -13,8 +14,10 @@ else may write it, and is never a command); FILE is locked, and flushed at FLUSH
 overlay-dir=DIR serves a view per export name, kept in DIR/NAME.cow, as python -m cow.server
 --overlay-dir DIR does (cow/views.py): the backing is opened once and shared, a view is opened by
 its first connection and flushed and closed after its last one, the connection's handle is its
-view's engine, and max-exports=N caps the views.  nbdkit opens the plugin for NBD_OPT_INFO as for
-NBD_OPT_GO, so a view this shim made is removed again when it closes with nothing written to it.
+view's engine, and max-exports=N caps the views (default 128, cow.views.DEFAULT_MAX_VIEWS; 0: no
+cap).  A listing shows no view unless list-views=true: a view's name is all a client needs to open
+it.  nbdkit opens the plugin for NBD_OPT_INFO as for NBD_OPT_GO, so a view this shim made is removed
+again when it closes with nothing written to it.
 
 nbdkit runs this file as `__main__` with neither its folder nor any virtual environment on sys.path,
 so it imports nothing relative: it adds the site-packages folder of the environment it belongs to
@@ -83,8 +86,8 @@ try:
     from cow import overlayfile  # noqa: E402
     from cow.backing import Backing  # noqa: E402
     from cow.engine import Engine, parse_block_size  # noqa: E402
-    from cow.views import BAD_NAME, LIMIT, NO_SUCH_VIEW, UNAVAILABLE, ViewError, ViewSet, \
-        directory_problem  # noqa: E402
+    from cow.views import BAD_NAME, DEFAULT_MAX_VIEWS, LIMIT, NO_SUCH_VIEW, UNAVAILABLE, \
+        ViewError, ViewSet, directory_problem  # noqa: E402
 except ImportError as exc:
     # An editable install rebuilds on import; a failed build's log is in the exception's notes.
     notes = "".join(f"\n{note}" for note in getattr(exc, "__notes__", ()))
@@ -99,7 +102,7 @@ class ConfigError(Exception):
 
 
 _PARAMETERS = ("file", "uri", "cow-block-size", "cow-on-read", "cow-on-cache", "overlay",
-               "overlay-backing-changed", "overlay-dir", "max-exports")
+               "overlay-backing-changed", "overlay-dir", "max-exports", "list-views")
 _TRUE = ("1", "true", "t", "yes", "y", "on")
 _FALSE = ("0", "false", "f", "no", "n", "off")
 
@@ -112,6 +115,7 @@ _backing = None
 _backing_lock_fd = None
 _views = None
 _views_options = None
+_list_all = False   # list-views=true: NBD_OPT_LIST lists every view (else none)
 _view_of = {}
 _views_lock = threading.Lock()
 
@@ -156,8 +160,10 @@ def _engine_arguments(params):
         if "file" not in params and "uri" not in params:
             raise ConfigError("overlay-dir=DIR needs the backing every view is a view of: "
                               "file=PATH or uri=nbd://...")
-    elif "max-exports" in params:
-        raise ConfigError("max-exports= goes with overlay-dir=DIR")
+    else:
+        for key in ("max-exports", "list-views"):
+            if key in params:
+                raise ConfigError(f"{key}= goes with overlay-dir=DIR")
     if "file" in params and "uri" in params or not ("file" in params or "uri" in params
                                                     or overlay is not None):
         raise ConfigError("give the backing as exactly one of file=PATH or uri=nbd://... (or "
@@ -225,23 +231,24 @@ def _recorded_backing(given, overlay):
 
 
 def _views_arguments(params):
-    """(folder, max views) for overlay-dir=DIR."""
+    """(folder, max views, list them all) for overlay-dir=DIR."""
     # Absolute: nbdkit may change directory to / when it forks into the background.
     folder = os.path.abspath(params["overlay-dir"])
     try:
-        max_views = int(params.get("max-exports", "0"))
+        max_views = int(params.get("max-exports", str(DEFAULT_MAX_VIEWS)))
     except ValueError:
         max_views = -1
     if max_views < 0:
         raise ConfigError(f"max-exports={params['max-exports']}: expected a number >= 0")
-    return folder, max_views
+    list_all = _parse_bool("list-views", params.get("list-views", "false"))
+    return folder, max_views, list_all
 
 
 def _open_views(backing, kwargs):
     """overlay-dir=DIR at start-up: the folder, the shared backing and its lock, the options
     checked once on a throw-away engine."""
-    global _backing, _backing_lock_fd, _views_options
-    folder, max_views = _views_arguments(_params)
+    global _backing, _backing_lock_fd, _views_options, _list_all
+    folder, max_views, _list_all = _views_arguments(_params)
     why = directory_problem(folder, create=True)
     if why:
         raise ConfigError(f"overlay-dir={_params['overlay-dir']}: {why}")
@@ -363,6 +370,8 @@ def close(h):
 def list_exports(readonly, is_tls):
     if _views_options is None:
         return [""]
+    if not _list_all:
+        return []
     return _view_set(readonly).listing()
 
 

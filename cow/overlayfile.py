@@ -21,7 +21,7 @@ A header slot (offsets within the slot):
     12  4   flags: 1 = a commit into the backing was started and has not finished
     16  8   sequence number of this slot
     24  8   disk size in bytes
-    32  4   block size in bytes (a power of two, 4 KiB to 1 GiB)
+    32  4   block size in bytes (a power of two, 4 KiB to 4 MiB)
     36  4   backing kind: 1 file, 2 block device, 3 NBD URI, 4 command (serving NBD)
     40  8   bitmap offset (4096)
     48  8   bitmap length in bytes, ceil(blocks / 4)
@@ -61,7 +61,6 @@ import re
 import shlex
 import stat
 import struct
-import tempfile
 import time
 import zlib
 from typing import NamedTuple
@@ -88,7 +87,12 @@ _BACKING_AT = {1: _SLOT.size, 2: _SLOT.size + _FILE_ID.size}
 _CRC_AT = SLOT_SIZE - 4
 MAX_BACKING_LEN = _CRC_AT - _BACKING_AT[VERSION]
 MIN_BLOCK_SIZE = 4096
-MAX_BLOCK_SIZE = 1 << 30
+# The largest block this cow reads or makes.  A partial write to a block not yet in the overlay
+# reads, patches and writes the whole block, in a buffer of its size: a file that claims 1 GiB
+# blocks made every small write allocate and copy 1 GiB.  4 MiB is twice qcow2's largest cluster
+# (2 MiB), and "a block size larger than a few megabytes is not usually a good idea" (nbdkit's
+# cow filter).  cow/engine.pyx's MAX_BLOCK_SIZE (--cow-block-size) is this one.
+MAX_BLOCK_SIZE = 4 << 20
 
 BACKING_CHANGED_CHOICES = ("refuse", "accept")
 
@@ -195,8 +199,12 @@ def _unpack_slot(path: str, raw: bytes, index: int) -> Header | None:
         bad = f"version {version}"
     elif flags & ~KNOWN_FLAGS:
         bad = f"unknown flags {flags:#x}"
-    elif block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
+    elif block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
         bad = f"block size {block_size}"
+    elif block_size > MAX_BLOCK_SIZE:
+        raise OverlayError(f"{path}: the overlay's block size is {block_size} bytes; this cow "
+                           f"serves blocks of at most {MAX_BLOCK_SIZE >> 20} MiB (a partial "
+                           f"write copies a whole block)")
     elif disk_size >= 1 << 63:
         bad = f"disk size {disk_size}"
     elif kind not in KIND_NAMES:
@@ -329,7 +337,7 @@ def hold_backing(backing) -> int | None:
     if st is None:
         return None
     try:
-        fd = os.open(backing.description, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(backing.description, os.O_RDONLY | OPEN_FLAGS)
     except OSError:
         return None         # renamed since the Backing opened it: nothing to hold by that name
     try:
@@ -459,10 +467,33 @@ def shown(text: str) -> str:
 
 
 # -- opening -------------------------------------------------------------------------------------
+#
+# Two callers, two rules.  An overlay the operator names (--overlay FILE, overlay=FILE) is opened
+# by its path, a symbolic link followed (the command line is trusted), but it must end at a
+# regular file, and it is opened O_NONBLOCK so that a FIFO is refused, not waited on; an empty
+# file there becomes a new overlay (mktemp's).  A view (cow.views) is a name a network client
+# chose in a folder whose contents nobody vouches for: open_in_dir opens it relative to the
+# folder's descriptor, follows no link, never blocks, and serves only a regular file owned by
+# this process's user with one link; it never adopts an empty file, and makes new ones atomically
+# under a temporary name (create_at).  What it refuses is an OverlayRefused, read nor written.
+
+OPEN_FLAGS = os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK  # no open may block (a FIFO, a device)
+MAX_ATTEMPTS = 3    # opens of a view whose name keeps appearing and vanishing, then a refusal
+
+
+class OverlayRefused(OverlayError):
+    """The file at a view's name is not one this server opens: ``why`` says what it is (a
+    symbolic link, a FIFO, another user's file...), without its path."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path}: {why}: not served")
+        self.why = why
+
 
 @dataclasses.dataclass
 class OverlayFile:
-    """An open, locked overlay: close() releases the lock."""
+    """An open, locked overlay: close() releases the lock.  dir_fd and name: where open_in_dir
+    found it (abandon() removes it there), else the path is used."""
 
     path: str
     fd: int
@@ -470,6 +501,8 @@ class OverlayFile:
     readonly: bool
     created: bool = False
     pending: Header | None = None   # a header to write once the engine has accepted the file
+    dir_fd: int | None = None
+    name: str | None = None
 
     def finish_open(self) -> None:
         """The engine accepted the file: record what changed about the backing (a new path, or
@@ -484,10 +517,17 @@ class OverlayFile:
             self.fd = -1
 
     def abandon(self) -> None:
-        """The engine refused the file: close it, and remove it if this open created it."""
+        """The engine refused the file: close it, and remove it if this open created it (and the
+        name still is this file).  Nothing to do if it is closed already."""
+        if self.fd < 0:
+            return
         if self.created:
+            name, dir_fd = (self.path, None) if self.dir_fd is None else (self.name, self.dir_fd)
             try:
-                os.unlink(self.path)
+                st = os.fstat(self.fd)
+                there = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino):
+                    os.unlink(name, dir_fd=dir_fd)
             except OSError:
                 pass
         self.close()
@@ -508,24 +548,48 @@ def _initialise(fd: int, h: Header) -> None:
     os.fsync(fd)
 
 
-def create(path: str, h: Header) -> int:
-    """Create the overlay at path, locked (exclusive), atomically: it is made under a temporary
-    name in the same folder and linked into place, so no half-made file is ever seen at path.
-    Returns its descriptor; FileExistsError if path appeared meanwhile."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".new", dir=folder)
+def create_at(dir_fd: int, name: str, h: Header) -> int:
+    """Create the overlay name in the folder dir_fd, locked (exclusive), mode 0600, atomically:
+    made under a temporary name beside it (O_EXCL, no link followed) and linked into place with
+    linkat, which fails with FileExistsError on anything already at name (a dangling symbolic
+    link included), so no half-made file is ever seen there and nothing else is written.
+    Returns its descriptor."""
+    for _ in range(100):
+        tmp = f".{name}.{os.urandom(6).hex()}.new"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | OPEN_FLAGS,
+                         0o600, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, "no free temporary name")
     try:
-        os.set_inheritable(fd, False)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         lock(fd, tmp, exclusive=True)
         _initialise(fd, h)
-        os.link(tmp, path)
+        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
     except BaseException:
         os.close(fd)
         raise
     finally:
-        os.unlink(tmp)
-    fsync_dir(path)
+        try:
+            os.unlink(tmp, dir_fd=dir_fd)
+        except OSError:
+            pass
+    os.fsync(dir_fd)
     return fd
+
+
+def create(path: str, h: Header) -> int:
+    """create_at for a path: the overlay at path, made atomically in its folder.  Returns its
+    descriptor; FileExistsError if something is at path (a dangling symbolic link included)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return create_at(dir_fd, os.path.basename(path), h)
+    finally:
+        os.close(dir_fd)
 
 
 def new_header(backing, block_size: int) -> Header:
@@ -601,10 +665,109 @@ def recorded_backing(path: str) -> Recorded:
     return Recorded(h.backing_kind, h.backing, untrusted(st))
 
 
+def _blocking(fd: int) -> None:
+    """A regular file opened O_NONBLOCK: clear the flag (it means nothing for one, but the
+    engine's splice and sendfile need not wonder)."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+
+
+def refusal(st: os.stat_result) -> str | None:
+    """Why a file found at a view's name (its lstat, or the fstat of its open) is not served, or
+    None: only a regular file owned by this process's user, with one link and not empty is."""
+    mode = st.st_mode
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if not stat.S_ISREG(mode):
+        return "not a regular file"
+    if st.st_uid != os.geteuid():
+        return f"owned by uid {st.st_uid}, not by this server's user (uid {os.geteuid()})"
+    if st.st_nlink != 1:
+        return f"a file with {st.st_nlink} links (a view's file has one name)"
+    if st.st_size == 0:
+        return "an empty file (views are made by the server, never adopted)"
+    return None
+
+
+def open_at(dir_fd: int, name: str, path: str, *, readonly: bool) -> int:
+    """Open the existing file name in the folder dir_fd (path: how messages name it) under the
+    rules for views: no link followed, no blocking, refusal() before and after the open (the same
+    file both times).  FileNotFoundError if nothing is there; OverlayRefused; OverlayError."""
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    why = refusal(st)
+    if why:
+        raise OverlayRefused(path, why)
+    try:
+        fd = os.open(name, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_NOFOLLOW | OPEN_FLAGS,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise OverlayRefused(path, "a symbolic link") from None
+        if e.errno == errno.EISDIR:
+            raise OverlayRefused(path, "a directory") from None
+        raise OverlayError(f"{path}: {e.strerror}") from None
+    try:
+        now = os.fstat(fd)
+        why = refusal(now)
+        if not why and (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            why = "replaced while it was opened"
+        if why:
+            raise OverlayRefused(path, why)
+        _blocking(fd)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_in_dir(dir_fd: int, name: str, backing, *, path: str, create: bool,
+                new_block_size: int | None, readonly: bool,
+                backing_changed: str = "refuse") -> OverlayFile:
+    """open_for_engine for a view: the overlay name in the folder dir_fd (path: how messages name
+    it), opened by open_at's rules (it keeps its own block size), or, if nothing is there and
+    create, made by create_at (in blocks of new_block_size, None: 64 KiB).
+
+    A name that keeps changing (a link planted and removed while the view is made) is tried
+    MAX_ATTEMPTS times, then refused.  Raises OverlayRefused, OverlayError (one line naming
+    path), OverlayBusy."""
+    if backing_changed not in BACKING_CHANGED_CHOICES:
+        raise ValueError(f"invalid backing_changed {backing_changed!r}: expected one of "
+                         f"{', '.join(BACKING_CHANGED_CHOICES)}")
+    for _ in range(MAX_ATTEMPTS):
+        try:
+            fd = open_at(dir_fd, name, path, readonly=readonly)
+        except FileNotFoundError:
+            if readonly or not create:
+                raise OverlayError(f"{path}: no such overlay") from None
+        else:
+            return _open_checked(fd, path, backing, None, readonly, backing_changed,
+                                 adopt_empty=False, where=(dir_fd, name))
+        h = new_header(backing, new_block_size or 65536)
+        try:
+            fd = create_at(dir_fd, name, h)
+        except FileExistsError:
+            continue            # something appeared at the name: open it, by the same rules
+        except OSError as e:
+            raise OverlayError(f"{path}: cannot create the overlay: {e.strerror}") from None
+        h.slot = 0
+        return OverlayFile(path, fd, h, readonly, created=True, dir_fd=dir_fd, name=name)
+    raise OverlayRefused(path, f"it kept changing while it was opened ({MAX_ATTEMPTS} tries)")
+
+
 def open_for_engine(path: str, backing, *, block_size: int | None, readonly: bool,
                     backing_changed: str = "refuse") -> OverlayFile:
     """Open (or create) the overlay at path for an engine over backing (an open Backing).
 
+    The path is the operator's (--overlay FILE): a symbolic link is followed, but it must end at
+    a regular file (a FIFO or a device is refused, never waited on); an empty file becomes a new
+    overlay; a dangling link is refused.
     block_size: None to take the file's (64 KiB for a new file); else it must match the file's.
     readonly: open for reading with a shared lock, never create nor write.
     backing_changed: "refuse" a file backing whose size or modification time differs from what
@@ -614,12 +777,15 @@ def open_for_engine(path: str, backing, *, block_size: int | None, readonly: boo
         raise ValueError(f"invalid backing_changed {backing_changed!r}: expected one of "
                          f"{', '.join(BACKING_CHANGED_CHOICES)}")
     path = os.fspath(path)
-    flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-    while True:
+    flags = (os.O_RDONLY if readonly else os.O_RDWR) | OPEN_FLAGS
+    for _ in range(MAX_ATTEMPTS):
         try:
             fd = os.open(path, flags)
             break
         except FileNotFoundError:
+            if os.path.islink(path):
+                raise OverlayError(f"{path}: a symbolic link to {os.readlink(path)}, which does "
+                                   f"not exist") from None
             if readonly:
                 raise OverlayError(f"{path}: no such overlay (a read-only open does not create "
                                    f"one)") from None
@@ -634,24 +800,37 @@ def open_for_engine(path: str, backing, *, block_size: int | None, readonly: boo
             raise OverlayError(f"{path}: cannot create the overlay: {e.strerror}") from None
         h.slot = 0
         return OverlayFile(path, fd, h, readonly, created=True)
+    else:
+        raise OverlayError(f"{path}: it kept appearing and vanishing while it was opened")
+    return _open_checked(fd, path, backing, block_size, readonly, backing_changed,
+                         adopt_empty=not readonly, where=None)
+
+
+def _open_checked(fd, path, backing, block_size, readonly, backing_changed, *, adopt_empty,
+                  where) -> OverlayFile:
+    """An overlay just opened (fd, owned from here): a regular file, not the backing; locked,
+    its header read and checked against backing (or, if adopt_empty and it is empty, made a new
+    overlay)."""
+    dir_fd, name = where if where is not None else (None, None)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OverlayError(f"{path}: not a regular file")
+        _blocking(fd)
         bst = backing.fstat()
         if bst is not None and (bst.st_dev, bst.st_ino) == (st.st_dev, st.st_ino):
             raise OverlayError(f"{path}: this is the backing itself; the overlay must be "
                                f"another file")
         lock(fd, path, exclusive=not readonly)
-        if not readonly and os.fstat(fd).st_size == 0:
-            # An empty file (mktemp's, touch's) becomes a new overlay.
+        if adopt_empty and os.fstat(fd).st_size == 0:
+            # An empty file (mktemp's, touch's) the operator named becomes a new overlay.
             h = new_header(backing, block_size or 65536)
             _initialise(fd, h)
             h.slot = 0
             return OverlayFile(path, fd, h, readonly, created=False)
         h = read_header(fd, path)
         pending = _check_against(path, h, backing, block_size, readonly, backing_changed)
-        return OverlayFile(path, fd, h, readonly, pending=pending)
+        return OverlayFile(path, fd, h, readonly, pending=pending, dir_fd=dir_fd, name=name)
     except BaseException:
         os.close(fd)
         raise

@@ -19,11 +19,22 @@ view refuses is a ViewError whose ``kind`` says why (a bad name, no such view, t
 view cannot be opened now): cow/server.py turns it into the NBD reply a client understands, the
 nbdkit shim into an errno.
 
+Files: the folder's contents are not trusted (another local user, or a copied-in file, may have
+planted anything there).  The folder is opened once, and every view file is opened relative to
+that descriptor, following no link and never blocking (cow.overlayfile.open_in_dir): only a
+regular file owned by this process's user, with one link, is served; anything else at a view's
+name (a link, a FIFO, a device, a folder, another user's file, a hard-linked or empty file) is
+refused, with one line in the log that names the file and why, and none of it is listed.
+
 Concurrency: a view is OPENING, OPEN or CLOSING.  A client that finds it OPENING or CLOSING waits
 until it settles, then joins the open view or opens it again once closed, so that a client
 arriving while the last one leaves never sees a half-closed view, and the file's lock is never
-taken twice.  Opening and closing (file creation, fsync, the final flush) run outside the set's
-lock: other names open and close meanwhile.
+taken twice; it waits at most settle_timeout seconds, then is refused.  Opening and closing
+(file creation, fsync, the final flush) run outside the set's lock: other names open and close
+meanwhile.
+
+What reaches a client (a ViewError's message) names the view, never a server path: the log
+has the detail.
 """
 
 from __future__ import annotations
@@ -47,6 +58,14 @@ MAX_NAME = 128                      # bytes (and characters: the set is ASCII)
 SUFFIX = ".cow"                     # DIR/NAME.cow
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 TEMPORARY_MODES = ("keep", "discard")
+# The default cap on views (cow.server --max-exports, the shim's max-exports=): a view open, and
+# every kept temporary view, holds two descriptors (its file, its lock on the backing) and its
+# bitmap (disk size / block size / 4 bytes: 4 MiB for a 1 TiB disk in 64 KiB blocks), and every
+# view may grow to the disk's size on disk.  128 views hold at most 256 descriptors, a quarter of
+# the usual limit of 1024.  0 (given explicitly) means no cap.
+DEFAULT_MAX_VIEWS = 128
+# How long a client waits for a view that another is opening or closing, at most.
+SETTLE_TIMEOUT = 30.0
 
 # ViewError kinds
 BAD_NAME = "bad-name"               # not a name this server accepts (never a view)
@@ -154,12 +173,15 @@ class ViewSet:
     existing overlay keeps its own).  remove_unchanged: remove a view's file again at its close
     when this server created it and nothing was ever written to it (the nbdkit shim: nbdkit opens
     the plugin for NBD_OPT_INFO as for NBD_OPT_GO, so an INFO would otherwise create the view).
+    settle_timeout: most seconds a client waits for a view another one is opening or closing.
     """
+
+    _dir_fd = -1
 
     def __init__(self, backing: Backing, *, directory: str | None = None,
                  temporary: str | None = None, readonly: bool = False, max_views: int = 0,
                  default: str | None = None, engine_kwargs: dict | None = None,
-                 remove_unchanged: bool = False):
+                 remove_unchanged: bool = False, settle_timeout: float = SETTLE_TIMEOUT):
         if (directory is None) == (temporary is None):
             raise ValueError("give exactly one of directory and temporary")
         if temporary is not None and temporary not in TEMPORARY_MODES:
@@ -170,6 +192,8 @@ class ViewSet:
             raise ValueError(f"default view {default!r}: {why}")
         if max_views < 0:
             raise ValueError("max_views is a number >= 0")
+        if not settle_timeout > 0:
+            raise ValueError("settle_timeout is a number of seconds > 0")
         self.backing = backing
         self.directory = None if directory is None else os.path.abspath(directory)
         self.temporary = temporary
@@ -177,6 +201,7 @@ class ViewSet:
         self.max_views = max_views
         self.default = default
         self.remove_unchanged = remove_unchanged
+        self.settle_timeout = settle_timeout
         kw = dict(engine_kwargs or {})
         for key in ("overlay", "readonly"):
             if key in kw:
@@ -190,7 +215,18 @@ class ViewSet:
         self._views: dict[str, View] = {}
         self._known: set[str] | None = None     # names with a file in directory (lazily)
         self._changed: dict[str, tuple[int, int, int]] = {}  # name -> (bytes, ino, mtime_ns)
+        self._warned: dict[str, str] = {}       # name -> the refusal last logged for it
+        self._warn_lock = threading.Lock()
         self._closed = False
+        if self.directory is not None:
+            # The operator's folder (a link to it is followed); from here on every view file
+            # is found relative to it, whatever happens to the path.
+            self._dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def __del__(self):
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
 
     # -- names and what exists -----------------------------------------------------------------
 
@@ -209,28 +245,62 @@ class ViewSet:
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name + SUFFIX)
 
-    def _file_exists(self, name: str) -> bool:
-        path = self.path(name)
-        if os.path.exists(path):
-            return True
-        if os.path.lexists(path):
-            raise ViewError(UNAVAILABLE, f"view {name}: {name}{SUFFIX} is a dangling symlink")
-        return False
+    def _lstat(self, name: str) -> os.stat_result | None:
+        """What is at name's file (no link followed), None if nothing; ViewError if that cannot
+        be told, or if it is something this server does not serve."""
+        try:
+            st = os.stat(name + SUFFIX, dir_fd=self._dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise self._not_served(name, overlayfile.OverlayError(
+                f"{self.path(name)}: {os.strerror(e.errno)}")) from None
+        why = overlayfile.refusal(st)
+        if why:
+            raise self._not_served(name, overlayfile.OverlayRefused(self.path(name), why))
+        return st
 
-    def _scan(self) -> dict[str, os.DirEntry]:
-        """The views in directory, by name (files DIR/NAME.cow with a valid NAME)."""
+    def _not_served(self, name: str, e: overlayfile.OverlayError) -> ViewError:
+        """Log why name's file is not served (once, not at every client that asks again) and
+        make the client's refusal: the view's name, no path."""
+        key = str(e)
+        with self._warn_lock:       # (the set's lock may be held: acquire looks under it)
+            again = self._warned.get(name) == key
+            if not again:
+                if len(self._warned) >= 4096:
+                    self._warned.clear()
+                self._warned[name] = key
+        (log.info if again else log.warning)("view %s: %s", name, e)
+        if isinstance(e, overlayfile.OverlayBusy):
+            return ViewError(UNAVAILABLE, f"view {name} is in use by another process (see the "
+                                          f"server's log)")
+        if isinstance(e, overlayfile.OverlayRefused):
+            return ViewError(UNAVAILABLE, f"view {name} is not available (see the server's log)")
+        return ViewError(UNAVAILABLE, _client_line(name, str(e), self.path(name)))
+
+    def _scan(self) -> dict[str, os.stat_result]:
+        """The views in directory, by name: DIR/NAME.cow with a valid NAME, and a file this
+        server serves (overlayfile.refusal: no link is followed, nothing is opened)."""
         found = {}
-        with os.scandir(self.directory) as it:
-            for entry in it:
-                if not entry.name.endswith(SUFFIX):
-                    continue
-                name = entry.name[:-len(SUFFIX)]
-                if name_problem(name) is None:
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        try:
+            # A descriptor of its own: scandir reads the folder through it (a dup of the shared
+            # one would share its position with other threads' scans).
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if not entry.name.endswith(SUFFIX):
+                        continue
+                    name = entry.name[:-len(SUFFIX)]
+                    if name_problem(name) is not None:
+                        continue
                     try:
-                        if entry.is_file():
-                            found[name] = entry
+                        st = entry.stat(follow_symlinks=False)
                     except OSError:
-                        pass
+                        continue
+                    if overlayfile.refusal(st) is None:
+                        found[name] = st
+        finally:
+            os.close(fd)
         return found
 
     def _count(self, rescan: bool) -> int:
@@ -257,10 +327,7 @@ class ViewSet:
             view = self._views.get(name)
             if view is not None and view.state == OPEN:
                 return ViewInfo(name, True, view.engine.block_size, self._describe_open(view))
-        if self.temporary is not None:
-            exists = False
-        else:
-            exists = self._file_exists(name)
+        exists = self.temporary is None and self._lstat(name) is not None
         if not exists:
             if self.readonly:
                 raise ViewError(NO_SUCH_VIEW, f"no view {name} (this server is read-only and "
@@ -270,15 +337,20 @@ class ViewSet:
                     raise self._limit_error()
             return ViewInfo(name, False, self._new_block_size(), "new view, created on first "
                                                                  "use")
-        block_size = self._new_block_size()
+        path = self.path(name)
         try:
-            fd = os.open(self.path(name), os.O_RDONLY | os.O_CLOEXEC)
+            fd = overlayfile.open_at(self._dir_fd, name + SUFFIX, path, readonly=True)
             try:
-                block_size = overlayfile.read_header(fd, self.path(name)).block_size
+                block_size = overlayfile.read_header(fd, path).block_size
             finally:
                 os.close(fd)
-        except (OSError, ValueError):
-            pass        # what acquire() will find out and say
+        except FileNotFoundError:
+            raise ViewError(UNAVAILABLE, f"view {name} went away meanwhile") from None
+        except overlayfile.OverlayError as e:
+            raise self._not_served(name, e) from None
+        except OSError as e:
+            raise self._not_served(name, overlayfile.OverlayError(
+                f"{path}: {os.strerror(e.errno) if e.errno else e}")) from None
         return ViewInfo(name, True, block_size, self._describe_idle(name))
 
     def _new_block_size(self) -> int:
@@ -294,13 +366,14 @@ class ViewSet:
         """The open view for name (opened, or created, if need be), held until release(view).
         ViewError if it is refused or cannot be opened."""
         name = self.resolve(name)
+        deadline = time.monotonic() + self.settle_timeout
         with self._settled:
             while True:
                 if self._closed:
                     raise ViewError(UNAVAILABLE, "the server is shutting down")
                 view = self._views.get(name)
                 if view is None:
-                    exists = self.temporary is None and self._file_exists(name)
+                    exists = self.temporary is None and self._lstat(name) is not None
                     if not exists:
                         if self.readonly:
                             raise ViewError(NO_SUCH_VIEW, f"no view {name} (this server is "
@@ -312,31 +385,34 @@ class ViewSet:
                 if view.state == OPEN:
                     view.clients += 1
                     return view
-                self._settled.wait()    # opening or closing: then join it, or open it anew
+                # Opening or closing: then join it, or open it anew; but not forever.
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("view %s: still %s after %g s: a client was refused", name,
+                                view.state, self.settle_timeout)
+                    raise ViewError(UNAVAILABLE, f"view {name} is busy being opened or closed: "
+                                                 f"try again")
+                self._settled.wait(left)
         try:
-            engine = self._open_engine(name, exists)
+            engine, created = self._open_engine(name)
         except BaseException as e:
             with self._settled:
                 del self._views[name]
                 view.state = CLOSED
                 self._settled.notify_all()
-            if isinstance(e, overlayfile.OverlayBusy):
-                log.warning("view %s: %s", name, e)
-                raise ViewError(UNAVAILABLE, f"view {name} is in use by another process (see "
-                                             f"the server's log)") from None
             if isinstance(e, overlayfile.OverlayError):
-                log.warning("view %s: %s", name, e)
-                raise ViewError(UNAVAILABLE, f"view {name}: {_strip_path(str(e), self)}") from None
+                raise self._not_served(name, e) from None
             if isinstance(e, OSError):
                 log.warning("view %s cannot be opened: %s", name, e)
-                raise ViewError(UNAVAILABLE, f"view {name} cannot be opened: "
-                                             f"{e.strerror or e}") from None
+                why = os.strerror(e.errno) if e.errno else "see the server's log"
+                raise ViewError(UNAVAILABLE, f"view {name} cannot be opened: {why}") from None
             if isinstance(e, ValueError):
-                raise ViewError(UNAVAILABLE, f"view {name}: {e}") from None
+                log.warning("view %s: %s", name, e)
+                raise ViewError(UNAVAILABLE, _client_line(name, str(e), "")) from None
             raise
         with self._settled:
             view.engine = engine
-            view.created = not exists
+            view.created = created
             view.clients = 1
             view.state = OPEN
             if self._known is not None and self.temporary is None:
@@ -344,13 +420,22 @@ class ViewSet:
             self._settled.notify_all()
         return view
 
-    def _open_engine(self, name: str, exists: bool) -> Engine:
+    def _open_engine(self, name: str) -> tuple[Engine, bool]:
+        """The engine of name's view, and whether its file was made now."""
         kw = dict(self.engine_kwargs)
-        if self.temporary is None:
-            if exists:
-                kw.pop("block_size", None)      # an existing overlay keeps its own
-            kw.update(overlay=self.path(name), readonly=self.readonly)
-        return Engine(self.backing, **kw)
+        if self.temporary is not None:
+            return Engine(self.backing, **kw), True
+        block_size = kw.pop("block_size", None)
+        ovfile = overlayfile.open_in_dir(
+            self._dir_fd, name + SUFFIX, self.backing, path=self.path(name),
+            create=not self.readonly, new_block_size=block_size, readonly=self.readonly,
+            backing_changed=kw.pop("backing_changed", "refuse"))
+        try:
+            return Engine(self.backing, overlay=ovfile, readonly=self.readonly, **kw), \
+                ovfile.created
+        except BaseException:
+            ovfile.abandon()    # if the engine did not take it: closed, and removed if made now
+            raise
 
     def release(self, view: View) -> None:
         """A client of view is gone.  The last one flushes and closes the view (unless it is a
@@ -375,11 +460,11 @@ class ViewSet:
             changed = st["allocated_blocks"] * engine.block_size
             engine.close()
             if self.temporary is None:
-                path = self.path(view.name)
+                fname = view.name + SUFFIX
                 if unchanged:
-                    os.unlink(path)
+                    os.unlink(fname, dir_fd=self._dir_fd)
                 else:
-                    st = os.stat(path)
+                    st = os.stat(fname, dir_fd=self._dir_fd, follow_symlinks=False)
                     with self._lock:
                         self._changed[view.name] = (min(changed, self.size), st.st_ino,
                                                     st.st_mtime_ns)
@@ -437,9 +522,9 @@ class ViewSet:
             except OSError as e:
                 log.warning("listing %s: %s", self.directory, e.strerror or e)
                 entries = {}
-            for name, entry in entries.items():
+            for name, st in entries.items():
                 if name not in out:
-                    out[name] = self._describe_idle(name, entry)
+                    out[name] = self._describe_idle(name, st)
         return sorted(out.items())
 
     def _describe_open(self, view: View) -> str:
@@ -451,11 +536,12 @@ class ViewSet:
         ro = ", read-only" if self.readonly else ""
         return f"{kind}, {who}{ro}, {_human(changed)} changed"
 
-    def _describe_idle(self, name: str, entry: os.DirEntry | None = None) -> str:
-        try:
-            st = entry.stat() if entry is not None else os.stat(self.path(name))
-        except OSError as e:
-            return f"view, idle, unreadable: {e.strerror}"
+    def _describe_idle(self, name: str, st: os.stat_result | None = None) -> str:
+        if st is None:
+            try:
+                st = os.stat(name + SUFFIX, dir_fd=self._dir_fd, follow_symlinks=False)
+            except OSError as e:
+                return f"view, idle, unreadable: {os.strerror(e.errno)}"
         ro = ", read-only" if self.readonly else ""
         with self._lock:
             known = self._changed.get(name)
@@ -466,12 +552,15 @@ class ViewSet:
         return f"view, idle{ro}, {_human(st.st_blocks * 512)} on disk"
 
 
-def _strip_path(message: str, views: ViewSet) -> str:
-    """An overlay error names the file by its path; a client is told the view's file name only
-    (the server's folders are none of its business)."""
-    if views.directory is not None:
-        message = message.replace(views.directory + os.sep, "")
-    return message
+def _client_line(name: str, message: str, path: str) -> str:
+    """What a client is told of why view name cannot be opened: the reason in message (an
+    overlay error, which starts with the file's path), unless it names a path or URI (the
+    backing's, say): the server's folders and backing are none of a client's business."""
+    if path and message.startswith(path + ": "):
+        message = message[len(path) + 2:]
+    if "/" in message or not message:
+        return f"view {name} cannot be opened (see the server's log)"
+    return f"view {name}: {message}"
 
 
 # -- the NBD side: cow/server.py asks a ViewExports ---------------------------------------------
@@ -514,11 +603,13 @@ class _Trim:
 
 class ViewExports(P.Exports):
     """A ViewSet as the exports of cow.server: GO opens (or creates) the named view, INFO and
-    the meta context options only look, LIST lists the views that exist."""
+    the meta context options only look, LIST lists the views that exist if list_all, else only
+    the default view (see listing())."""
 
-    def __init__(self, views: ViewSet, template: P.Export):
+    def __init__(self, views: ViewSet, template: P.Export, *, list_all: bool = False):
         self.views = views
         self.template = template        # size, read-only, limits: the same for every view
+        self.list_all = list_all        # NBD_OPT_LIST: every view, or only the default one
         self._trim = _Trim()
 
     def _export(self, name: str, block_size: int, description: str) -> P.Export:
@@ -553,4 +644,19 @@ class ViewExports(P.Exports):
         return handle.engine
 
     def listing(self) -> list[tuple[str, str]]:
-        return self.views.listing()
+        return listing(self.views, self.list_all)
+
+
+def listing(views: ViewSet, list_all: bool) -> list[tuple[str, str]]:
+    """What NBD_OPT_LIST shows of views: every view (list_all), or only the default view, if
+    there is one.  A view's name is all a client needs to read and write it: by default a
+    client learns no other client's name."""
+    if list_all:
+        return views.listing()
+    if views.default is None:
+        return []
+    try:
+        info = views.probe("")
+    except ViewError:
+        return []
+    return [(info.name, info.description)]

@@ -98,7 +98,7 @@ def folder(tmp_path):
 
 
 def test_views_are_isolated_shared_and_listed(disk, folder, tmp_path):
-    with start_server(disk, "--overlay-dir", folder, "--cow-block-size", "4K",
+    with start_server(disk, "--overlay-dir", folder, "--cow-block-size", "4K", "--list-views",
                       tmp_path=tmp_path) as (_, proc):
         assert "a view per export name in" in proc.log_path.read_text()
         base = disk.read_bytes()[:4096]
@@ -138,7 +138,7 @@ def test_qemu_tools_on_a_view_and_a_restart_keeps_it(disk, folder, tmp_path):
         assert json.loads(r.stdout)["virtual-size"] == 4 * MiB
         with_client = first.read_bytes()
     with start_server(disk, "--overlay-dir", folder, tmp_path=tmp_path) as (_, proc):
-        assert "(2 exist)" in proc.log_path.read_text()
+        assert "(2 exist, at most 128)" in proc.log_path.read_text()
         h = connect(proc, "vm7")
         assert h.pread(300 * 1024, 100 * 1024) == b"\x5a" * 300 * 1024
         assert h.pread(30, 3 * MiB) == b"not flushed, saved at shutdown"
@@ -280,7 +280,8 @@ def test_the_default_view(disk, folder, tmp_path):
 
 
 def test_the_overlay_tools_on_the_files(disk, folder, tmp_path):
-    with start_server(disk, "--overlay-dir", folder, tmp_path=tmp_path) as (_, proc):
+    with start_server(disk, "--overlay-dir", folder, "--list-views",
+                      tmp_path=tmp_path) as (_, proc):
         h = connect(proc, "t1")
         h.pwrite(b"T" * 65536, 0)
         h.flush()
@@ -307,7 +308,8 @@ def test_the_overlay_tools_on_the_files(disk, folder, tmp_path):
 def test_hundreds_of_views_leave_no_descriptor_and_no_memory_behind(disk, folder, tmp_path):
     """Views opened and closed by the hundred: once their clients are gone the server holds
     exactly the descriptors it held before, and its memory does not grow with them."""
-    with start_server(disk, "--overlay-dir", folder, tmp_path=tmp_path) as (_, proc):
+    with start_server(disk, "--overlay-dir", folder, "--max-exports", "0",
+                      tmp_path=tmp_path) as (_, proc):
 
         def one(name, k):
             h = connect(proc, name)
@@ -342,7 +344,7 @@ def test_hundreds_of_views_leave_no_descriptor_and_no_memory_behind(disk, folder
 
 @pytest.mark.parametrize("mode", ["keep", "discard"])
 def test_temporary_views(disk, tmp_path, mode):
-    with start_server(disk, "--temporary-views", mode, "--max-exports", "3",
+    with start_server(disk, "--temporary-views", mode, "--max-exports", "3", "--list-views",
                       tmp_path=tmp_path) as (_, proc):
         a, b = connect(proc, "a"), connect(proc, "b")
         a.pwrite(b"a" * 512, 0)

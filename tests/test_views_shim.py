@@ -28,7 +28,7 @@ def disk(backing_factory):
 def test_views_by_name_isolated_shared_and_listed(disk, tmp_path):
     folder = tmp_path / "views"
     with shim(tmp_path, "a", f"file={disk}", f"overlay-dir={folder}",
-              "cow-block-size=4K") as server:
+              "cow-block-size=4K", "list-views=true") as server:
         a1, a2 = connect(uri_of(server, "ci-1")), connect(uri_of(server, "ci-1"))
         b = connect(uri_of(server, "ci-2"))
         assert a1.can_multi_conn() and a1.get_block_size(nbd.SIZE_PREFERRED) == 4096
