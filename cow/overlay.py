@@ -236,6 +236,14 @@ def export(path: str, out: str, backing_changed: str = "refuse", progress: bool 
     fd, h = F.open_locked(path, exclusive=False)
     try:
         _refuse_interrupted_commit(path, h)
+        if h.backing_kind == F.KIND_COMMAND:
+            # A qcow2's backing is a file or a URI that qemu opens itself: it cannot start a
+            # command.  A self-contained copy of the view is one qemu-img convert away.
+            raise ToolError(f"{path}: its backing is a command ({F.shown(h.backing)}), which a "
+                            f"qcow2 cannot name as its backing file; for a self-contained qcow2 "
+                            f"of the view, serve it (python -m cow.server --overlay "
+                            f"{F.shown(shlex.quote(path))} -r -- COMMAND) and run qemu-img "
+                            f"convert -O qcow2 on its URI")
         _check_backing(path, h, backing_changed)
         runs = _runs(fd, h)
         if os.path.lexists(out):

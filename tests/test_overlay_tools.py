@@ -356,3 +356,20 @@ def test_progress_counts_to_100_percent(tmp_path):
     shown = [line.strip() for line in r.stderr.splitlines()]
     assert shown[0] == "(0.00/100%)" and shown[-1] == "(100.00/100%)", shown
     assert len(shown) == len(set(shown)) <= 101 and "now empty" in r.stdout
+
+
+def test_export_of_an_overlay_over_a_command_is_one_line(tmp_path):
+    """A qcow2 cannot have `nbdkit file base.img` as its backing file: refused, nothing made,
+    with the way to a self-contained copy."""
+    disk = write_sample(tmp_path / "disk.img", 1 * MiB)
+    ov = tmp_path / "cmd.cow"
+    with start_server(None, "--overlay", ov, "--", "nbdkit", "file", disk,
+                      tmp_path=tmp_path) as (uri, _):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        h.pwrite(b"changed", 4096)
+        h.flush()
+        h.shutdown()
+    out = tmp_path / "o.qcow2"
+    fails("export", ov, out, words=("backing is a command", "qemu-img convert"))
+    assert not out.exists()
