@@ -512,8 +512,11 @@ def fork(path: str, new: str) -> dict:
         if os.path.lexists(new):
             raise ToolError(f"{new}: already exists; remove it or choose another name")
         folder = os.path.dirname(os.path.abspath(new))
-        tfd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(new)}.", suffix=".new",
-                                    dir=folder)
+        try:
+            tfd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(new)}.", suffix=".new",
+                                        dir=folder)
+        except OSError as e:    # (its message would name the temporary file, not NEW)
+            raise ToolError(f"{new}: cannot create it: {e.strerror}") from None
         try:
             try:
                 fcntl.ioctl(tfd, FICLONE, fd)

@@ -300,6 +300,9 @@ def test_fork_makes_two_views_that_diverge(backing_factory, tmp_path):
     assert a[:14] == b"only in vm.cow" and b[:22] == b"only in experiment.cow"
     assert a[22:] == b[22:] == served[22:]
     fails("fork", ov, new, words=("already exists",))
+    line = fails("fork", ov, tmp_path / "no-such-dir" / "x.cow",
+                 words=(f"{tmp_path}/no-such-dir/x.cow: cannot create it",))
+    assert ".new" not in line                       # not the internal temporary name
 
 
 # -- long work: progress, and Ctrl-C --------------------------------------------------------
