@@ -219,9 +219,16 @@ cdef int psrc_write(psrc_t *src, int fd, uint64_t n, uint64_t offset) noexcept n
     process killed between two of them leaves each sector whole, old or new, as a disk does
     (the kernel stops a write killed midway between pages, never inside one).  So where the
     memory or a pipe ends inside a sector, that sector is taken out into memory, from both
-    sides, and written with one pwrite."""
+    sides, and written with one pwrite.
+
+    A splice asked for whole sectors may still come back short (a file-size limit, a full
+    disk: the file system stops at a page boundary, but a limit may stop it anywhere).  Where
+    it stopped inside a sector it started at or before (never before this write's start: those
+    bytes are another write's), the next call starts again at that sector's boundary: the bytes
+    just written there are read back and written again with the sector's next bytes from the
+    payload, one pwrite (full_pwrite does the same from memory)."""
     cdef uint8_t sector[SECTOR_BYTES]
-    cdef uint64_t avail, k
+    cdef uint64_t avail, k, head
     cdef int r
     cdef ssize_t s
     cdef off_t off
@@ -263,8 +270,38 @@ cdef int psrc_write(psrc_t *src, int fd, uint64_t n, uint64_t offset) noexcept n
                 return -EIO
             src.fill[src.cur] -= s
             k = s
+            head = (offset + k) & (SECTOR_BYTES - 1)
+            if k < n and head != 0 and k >= head:   # short, inside a sector: see above
+                k -= head
+                r = read_back(fd, sector, head, offset + k)
+                if r < 0:
+                    return r
+                s = <ssize_t>min(n - k - head, SECTOR_BYTES - head)
+                r = psrc_read(src, sector + head, s)
+                if r == 0:
+                    r = full_pwrite(fd, sector, head + s, offset + k)
+                if r < 0:
+                    return r
+                k += head + s
         offset += k
         n -= k
+    return 0
+
+
+cdef int read_back(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
+    """Read count bytes just written at offset of fd.  0 or -errno (the file ends first: EIO)."""
+    cdef ssize_t r
+    while count:
+        r = pread(fd, buf, count, <off_t>offset)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if r == 0:
+            return -EIO
+        buf += r
+        count -= r
+        offset += r
     return 0
 
 
