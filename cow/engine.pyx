@@ -233,6 +233,7 @@ cdef struct seg_t:              # one part of a reply to send (ReadPlan.send)
     int fd
     uint64_t pos
     uint64_t count
+    bint whole                  # fd must hold every byte (a file backing): else -EIO
 
 
 cdef int send_iov(int sock, iovec *iov, int n, int flags) noexcept nogil:
@@ -261,8 +262,10 @@ cdef int send_iov(int sock, iovec *iov, int n, int flags) noexcept nogil:
 cdef int send_segs(int sock, seg_t *segs, size_t nsegs) noexcept nogil:
     """Send segs in order: buffers and zeroes gathered with sendmsg (MSG_MORE while more
     follows), pieces of files with sendfile (the page cache's pages go to the socket, no copy);
-    a file that ends before its piece does gives zeroes for the rest.  0 or -errno (the reply
-    may be cut short then)."""
+    a file that ends before its piece does gives zeroes for the rest (the overlay: what lies
+    past its end was never written), unless the piece is ``whole`` (a file backing is as long
+    as it was when opened, unless it shrank while served: its missing bytes are not zeroes),
+    then -EIO with the reply cut short.  0 or -errno (the reply may be cut short then)."""
     cdef iovec iov[SEND_IOV]
     cdef int n = 0, r
     cdef size_t i
@@ -285,7 +288,9 @@ cdef int send_segs(int sock, seg_t *segs, size_t nsegs) noexcept nogil:
                         continue
                     return -errno
                 if sent == 0:
-                    break       # the end of the file: zeroes
+                    if segs[i].whole:
+                        return -EIO
+                    break       # the end of the overlay: zeroes
                 left -= sent
         while left:
             if n == SEND_IOV:
@@ -322,12 +327,13 @@ cdef class ReadPlan:
         """Send on the socket sock (a blocking one) the buffers in ``before``, then ``items``
         in order: buffers (reply headers) and pieces of this plan as (fd, pos, count) tuples,
         sent with sendfile, zeroes for fd -1 (protocol.read_reply_items lays a reply out so).
-        One call with the GIL released; OSError if a send fails (the reply may be cut short:
-        the connection cannot go on)."""
+        One call with the GIL released; OSError if a send fails, or a file backing ends before
+        a piece of it (it shrank while served: EIO); the reply may be cut short then, and the
+        connection cannot go on."""
         cdef size_t n = len(before) + len(items), i = 0, nviews = 0
         cdef seg_t *segs
         cdef Py_buffer *views
-        cdef int r = 0
+        cdef int r = 0, backing_fd = -1 if self.backing is None else self.backing.fd
         if self.engine is None:
             raise ValueError("cow: the read plan was released")
         segs = <seg_t *>calloc(n if n else 1, sizeof(seg_t))
@@ -341,6 +347,7 @@ cdef class ReadPlan:
                 for item in seq:
                     if type(item) is tuple:
                         segs[i].fd, segs[i].pos, segs[i].count = item
+                        segs[i].whole = segs[i].fd >= 0 and segs[i].fd == backing_fd
                     else:
                         PyObject_GetBuffer(item, &views[nviews], PyBUF_SIMPLE)
                         nviews += 1
@@ -354,6 +361,9 @@ cdef class ReadPlan:
                 PyBuffer_Release(&views[i])
             free(views)
             free(segs)
+        if r == -EIO:
+            raise OSError(EIO, "cow: a READ reply cut short: reading its data failed (the "
+                               "backing file shorter than when it was opened?)")
         if r < 0:
             raise OSError(-r, f"cow: sending a READ reply: {os.strerror(-r)}")
 

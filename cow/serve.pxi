@@ -298,6 +298,7 @@ cdef int serve_planned(Engine e, Transmission tx, rplan_t *plan, uint64_t cookie
             segs[n].fd = plan.p[i].fd
             segs[n].pos = plan.p[i].pos
             segs[n].count = plan.p[i].count
+            segs[n].whole = plan.p[i].fd >= 0 and plan.p[i].fd == e.b.fd
             n += 1
     else:
         i = 0
@@ -326,6 +327,7 @@ cdef int serve_planned(Engine e, Transmission tx, rplan_t *plan, uint64_t cookie
                     segs[n].fd = plan.p[i].fd
                     segs[n].pos = plan.p[i].pos
                     segs[n].count = plan.p[i].count
+                    segs[n].whole = plan.p[i].fd == e.b.fd
                     n += 1
                     i += 1
                 at += run
