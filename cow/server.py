@@ -181,7 +181,9 @@ def nbd_error_from_errno(err: int | None) -> int:
 
 class _PayloadWait:
     """``with``: the receiver's socket waits at most payload_timeout seconds for each recv of a
-    payload's bytes, and a wait that runs out raises TimeoutError saying so (see _Receiver)."""
+    payload's bytes, and a wait that runs out raises TimeoutError saying so (see _Receiver).
+    Made for each wait, not kept by the receiver: a reference back from it would keep every
+    closed connection's receive buffer until the garbage collector's next cycle."""
 
     __slots__ = ("rx",)
 
@@ -229,7 +231,6 @@ class _Receiver:
         self.start = 0
         self.end = 0
         self.payload_timeout = payload_timeout or None
-        self.limit = _PayloadWait(self)
         # While > 0, read() asks for exactly what it needs, so that a large WRITE's payload
         # stays in the socket for the engine to splice (see _Connection._splice_write).
         self.exact = 0
@@ -252,7 +253,7 @@ class _Receiver:
             self.start, self.end = 0, have
         recv_into, mv = self.sock.recv_into, self.mv
         ahead = 0 if self.exact else RECV_CHUNK
-        with self.limit if payload else _NO_LIMIT:
+        with _PayloadWait(self) if payload else _NO_LIMIT:
             while self.end - self.start < n:
                 got = recv_into(mv[self.end:self.end + max(ahead, n - (self.end - self.start))])
                 if not got:
@@ -277,7 +278,7 @@ class _Receiver:
         if have == n:
             return True
         recv_into = self.sock.recv_into
-        with self.limit:
+        with _PayloadWait(self):
             while have < n:
                 got = recv_into(dst[have:])
                 if not got:
@@ -305,7 +306,7 @@ class _Receiver:
         if n <= 0:
             return True
         scratch = memoryview(bytearray(min(n, 65536)))
-        with self.limit:
+        with _PayloadWait(self):
             while n > 0:
                 got = self.sock.recv_into(scratch[:min(n, len(scratch))])
                 if not got:
