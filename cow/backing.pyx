@@ -106,6 +106,8 @@ cdef int full_pread(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexc
 
 
 cdef int file_extents(int fd, runs_t *runs, uint64_t pos, uint64_t end) noexcept nogil:
+    """The data and holes of [pos, end) of a file no shorter than end (its size when opened):
+    -EIO if it is shorter now (it shrank while served: what it lost is not a hole)."""
     cdef off_t r
     cdef uint64_t data, hole
     cdef int rc
@@ -113,6 +115,9 @@ cdef int file_extents(int fd, runs_t *runs, uint64_t pos, uint64_t end) noexcept
         r = lseek(fd, <off_t>pos, SEEK_DATA)
         if r < 0:
             if errno == ENXIO:      # no data from here to the end of the file
+                r = lseek(fd, 0, SEEK_END)
+                if r >= 0 and <uint64_t>r < end:
+                    return -EIO
                 return runs_add(runs, end - pos, T_HOLE_ZERO)
             return runs_add(runs, end - pos, T_DATA)   # no SEEK_DATA here: all data
         data = <uint64_t>r

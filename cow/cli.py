@@ -30,6 +30,7 @@ from cow import __version__
 from cow import protocol as P
 from cow.server import (
     DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_PAYLOAD_TIMEOUT,
     LARGE_REQUEST,
     LARGE_WORKERS,
     MAX_QUEUED_PER_CONNECTION,
@@ -198,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="drop a client that has not finished the NBD handshake (TLS included) "
                           "this many seconds after connecting, e.g. --handshake-timeout 5 "
                           f"(default {DEFAULT_HANDSHAKE_TIMEOUT:g}; 0: wait forever)")
+    net.add_argument("--payload-timeout", type=_seconds, default=DEFAULT_PAYLOAD_TIMEOUT,
+                     metavar="SECONDS",
+                     help="drop a client whose WRITE payload stops arriving: nothing of it "
+                          "received for this many seconds (nothing of it is written), e.g. "
+                          f"--payload-timeout 20 (default {DEFAULT_PAYLOAD_TIMEOUT:g}; 0: wait "
+                          "forever)")
     sec = p.add_argument_group("TLS (as nbdkit: see nbdkit-tls(1))")
     sec.add_argument("--tls", choices=("off", "on", "require"),
                      help="off: refuse STARTTLS; on: the client chooses; require: nothing but "
@@ -764,7 +771,8 @@ def _main(args, cleanup: list) -> int:
                      f"{st['trimmed_blocks']} trimmed")
     server = Server(exports, slow_backing=slow, workers=args.threads, verbose=args.verbose,
                     tls=tls, max_connections=args.max_connections,
-                    handshake_timeout=args.handshake_timeout)
+                    handshake_timeout=args.handshake_timeout,
+                    payload_timeout=args.payload_timeout)
 
     # -- where to listen
     captive = args.run is not None

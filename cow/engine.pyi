@@ -27,9 +27,14 @@ DEFAULT_BLOCK_SIZE: int   # 65536
 SERVE_FRONT_END: int      # the request at rx[start:] is the caller's to serve (header whole)
 SERVE_STOP: int           # Transmission.stop() was called
 SERVE_EOF: int            # the stream ended (or failed) between requests
-SERVE_TRUNCATED: int      # the stream ended inside a WRITE payload: nothing of it written
+SERVE_TRUNCATED: int      # the stream ended inside a WRITE payload, or it stalled (info:
+                          # ETIMEDOUT, after the payload timeout; else 0): nothing written
 SERVE_BROKEN: int         # a reply could not be sent (info: its errno)
 SERVE_FAILED: int         # a request failed (info: cookie, command, flags, offset, count, OSError)
+
+def pipe_budget() -> int:
+    """The most pipes the process keeps open for WRITE payloads (Engine.pwrite_from,
+    Engine.serve), idle ones included: an eighth of RLIMIT_NOFILE's soft limit, at most 128."""
 
 def parse_block_size(value: str | int) -> int:
     """Parse a block size such as 65536, "64K", "4M"; ValueError says what is allowed."""
@@ -67,7 +72,9 @@ class Transmission:
     def configure(self, sock: int, *, structured: bool, fua: bool, readonly: bool, size: int,
                   max_payload: int, slow_backing: bool, large_request: int,
                   zero_copy_read: int, zero_copy_write: int, recv_ahead: int,
-                  exact_reads: int) -> None: ...
+                  exact_reads: int, payload_timeout: float | None = None) -> None:
+        """Set before serve() is first called.  payload_timeout: seconds without a byte inside
+        a WRITE payload before serve() gives the connection up (None or 0: no limit)."""
     def stop(self) -> None:
         """The server is shutting down: serve() returns SERVE_STOP instead of waiting."""
     @property
@@ -146,11 +153,13 @@ class Engine:
         allocated, cow-on-read): use pread()."""
     def pwrite(self, buf: Buffer, offset: int, fua: bool = False) -> None: ...
     def pwrite_from(self, sock: int, count: int, offset: int, prefix: Buffer = b"",
-                    fua: bool = False) -> None:
+                    fua: bool = False, timeout: float | None = None) -> None:
         """Write count bytes at offset: prefix, then the rest received from the socket fd
-        sock (a WRITE's payload), moved with splice where it can be.  The payload is always
-        consumed; EOFError if the stream ended or failed inside it (nothing written), else
-        pwrite()'s errors, raised once the payload is received and dropped."""
+        sock (a WRITE's payload), moved with splice where it can be (within the process's
+        pipe_budget(); beyond it, into memory).  The payload is always consumed; EOFError if
+        the stream ended or failed inside it, TimeoutError if nothing of it came for timeout
+        seconds (None or 0: no limit), both with nothing written and the stream out of step;
+        else pwrite()'s errors, raised once the payload is received and dropped."""
     def serve(self, tx: Transmission, rx: bytearray, start: int, end: int
               ) -> tuple[int, int, int, object]:
         """Read, serve and answer the requests of a connection without the GIL, for as long

@@ -33,12 +33,13 @@ on error.
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.errno cimport errno, EIO, ENOSPC, ENOMEM, EINVAL, EOPNOTSUPP, EISDIR, EINTR, EAGAIN, \
-    EPIPE, EROFS
+    EPIPE, EROFS, ETIMEDOUT
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, UINT64_MAX, INT64_MAX
 from posix.mman cimport mmap, munmap, PROT_READ, MAP_PRIVATE, MAP_ANONYMOUS, MAP_FAILED
 from posix.types cimport off_t
+from posix.resource cimport getrlimit, rlimit, RLIMIT_NOFILE, RLIM_INFINITY
 from posix.unistd cimport usleep
 
 from cow.clib cimport *
@@ -234,6 +235,7 @@ cdef struct seg_t:              # one part of a reply to send (ReadPlan.send)
     int fd
     uint64_t pos
     uint64_t count
+    bint whole                  # fd must hold every byte (a file backing): else -EIO
 
 
 cdef int send_iov(int sock, iovec *iov, int n, int flags) noexcept nogil:
@@ -262,8 +264,10 @@ cdef int send_iov(int sock, iovec *iov, int n, int flags) noexcept nogil:
 cdef int send_segs(int sock, seg_t *segs, size_t nsegs) noexcept nogil:
     """Send segs in order: buffers and zeroes gathered with sendmsg (MSG_MORE while more
     follows), pieces of files with sendfile (the page cache's pages go to the socket, no copy);
-    a file that ends before its piece does gives zeroes for the rest.  0 or -errno (the reply
-    may be cut short then)."""
+    a file that ends before its piece does gives zeroes for the rest (the overlay: what lies
+    past its end was never written), unless the piece is ``whole`` (a file backing is as long
+    as it was when opened, unless it shrank while served: its missing bytes are not zeroes),
+    then -EIO with the reply cut short.  0 or -errno (the reply may be cut short then)."""
     cdef iovec iov[SEND_IOV]
     cdef int n = 0, r
     cdef size_t i
@@ -286,7 +290,9 @@ cdef int send_segs(int sock, seg_t *segs, size_t nsegs) noexcept nogil:
                         continue
                     return -errno
                 if sent == 0:
-                    break       # the end of the file: zeroes
+                    if segs[i].whole:
+                        return -EIO
+                    break       # the end of the overlay: zeroes
                 left -= sent
         while left:
             if n == SEND_IOV:
@@ -323,12 +329,13 @@ cdef class ReadPlan:
         """Send on the socket sock (a blocking one) the buffers in ``before``, then ``items``
         in order: buffers (reply headers) and pieces of this plan as (fd, pos, count) tuples,
         sent with sendfile, zeroes for fd -1 (protocol.read_reply_items lays a reply out so).
-        One call with the GIL released; OSError if a send fails (the reply may be cut short:
-        the connection cannot go on)."""
+        One call with the GIL released; OSError if a send fails, or a file backing ends before
+        a piece of it (it shrank while served: EIO); the reply may be cut short then, and the
+        connection cannot go on."""
         cdef size_t n = len(before) + len(items), i = 0, nviews = 0
         cdef seg_t *segs
         cdef Py_buffer *views
-        cdef int r = 0
+        cdef int r = 0, backing_fd = -1 if self.backing is None else self.backing.fd
         if self.engine is None:
             raise ValueError("cow: the read plan was released")
         segs = <seg_t *>calloc(n if n else 1, sizeof(seg_t))
@@ -342,6 +349,7 @@ cdef class ReadPlan:
                 for item in seq:
                     if type(item) is tuple:
                         segs[i].fd, segs[i].pos, segs[i].count = item
+                        segs[i].whole = segs[i].fd >= 0 and segs[i].fd == backing_fd
                     else:
                         PyObject_GetBuffer(item, &views[nviews], PyBUF_SIMPLE)
                         nviews += 1
@@ -355,6 +363,9 @@ cdef class ReadPlan:
                 PyBuffer_Release(&views[i])
             free(views)
             free(segs)
+        if r == -EIO:
+            raise OSError(EIO, "cow: a READ reply cut short: reading its data failed (the "
+                               "backing file shorter than when it was opened?)")
         if r < 0:
             raise OSError(-r, f"cow: sending a READ reply: {os.strerror(-r)}")
 
@@ -726,18 +737,20 @@ cdef class Engine(BlockCore):
         if r < 0:
             raise_errno(-r, "pwrite", view.len, offset_u)
 
-    def pwrite_from(self, int sock, count, offset, prefix=b"", bint fua=False):
+    def pwrite_from(self, int sock, count, offset, prefix=b"", bint fua=False, timeout=None):
         """Write count bytes at offset: the payload of a WRITE, whose first len(prefix) bytes
         are prefix and the rest still to be received from the socket sock.  The payload is
         received whole before anything is written (with splice into pipes, or into memory where
-        pipes cannot hold it), then moved into the overlay with splice where whole blocks or
-        allocated blocks are written, and read out into memory where a block is read, modified
-        and written.
+        pipes cannot hold it or the process's pipe budget is spent), then moved into the overlay
+        with splice where whole blocks or allocated blocks are written, and read out into memory
+        where a block is read, modified and written.
 
         The payload is always consumed, whatever the outcome.  EOFError: the stream ended or
-        failed inside it, and nothing was written (the connection cannot go on).  Otherwise
-        errors are pwrite's (OSError, ValueError), raised after the payload was received and
-        dropped.  ValueError at once, before any byte is received: a prefix longer than count."""
+        failed inside it, and nothing was written (the connection cannot go on).  TimeoutError:
+        nothing arrived for timeout seconds (None or 0: no limit) inside it, and nothing was
+        written (the connection cannot go on either).  Otherwise errors are pwrite's (OSError,
+        ValueError), raised after the payload was received and dropped.  ValueError at once,
+        before any byte is received: a prefix longer than count."""
         cdef uint64_t count_u = u64(count, "count")
         cdef uint64_t offset_u = u64(offset, "offset")
         cdef Py_buffer view
@@ -745,6 +758,10 @@ cdef class Engine(BlockCore):
         cdef uint8_t *buf = NULL
         cdef int r = 0, got = 0
         cdef object refused = None
+        cdef wait_t w
+        memset(&w, 0, sizeof(w))
+        w.sock = sock
+        w.timeout_ms = timeout_ms(timeout)
         PyObject_GetBuffer(prefix, &view, PyBUF_SIMPLE)
         try:
             if <uint64_t>view.len > count_u:
@@ -754,7 +771,7 @@ cdef class Engine(BlockCore):
                 self.enter()
             except BaseException:           # closed: drop the payload, then say so
                 with nogil:
-                    got = drain(sock, count_u - view.len)
+                    got = drain(&w, count_u - view.len)
                 if got == 0:
                     raise
             else:
@@ -766,18 +783,18 @@ cdef class Engine(BlockCore):
                         refused = e
                     if refused is not None:
                         with nogil:
-                            got = drain(sock, count_u - view.len)
+                            got = drain(&w, count_u - view.len)
                     else:
                         src = <psrc_t *>calloc(1, sizeof(psrc_t))
                         if src == NULL:
                             with nogil:
-                                got = drain(sock, count_u - view.len)
+                                got = drain(&w, count_u - view.len)
                             r = -ENOMEM
                         else:
                             src.mem = <const uint8_t *>view.buf
                             src.mem_left = view.len
                             with nogil:
-                                r = self.c_pwrite_from(src, sock, count_u, offset_u, fua, &got)
+                                r = self.c_pwrite_from(src, &w, count_u, offset_u, fua, &got)
                 finally:
                     self.leave()
         finally:
@@ -786,6 +803,9 @@ cdef class Engine(BlockCore):
         if got == -EPIPE:
             raise EOFError(f"cow: pwrite_from: the stream ended inside a payload of {count_u} "
                            f"bytes: nothing written")
+        if got == -ETIMEDOUT:
+            raise TimeoutError(ETIMEDOUT, f"cow: pwrite_from: nothing received for {timeout:g} s "
+                                          f"inside a payload of {count_u} bytes: nothing written")
         if got < 0:
             raise EOFError(f"cow: pwrite_from: receiving a payload of {count_u} bytes: "
                            f"{os.strerror(-got)}: nothing written")
@@ -809,7 +829,9 @@ cdef class Engine(BlockCore):
         Returns (start, end, status, info), status one of SERVE_FRONT_END (the request at
         rx[start:] is the caller's to serve: its header is whole there), SERVE_STOP (tx.stop()
         was called), SERVE_EOF, SERVE_TRUNCATED (inside a WRITE payload; nothing written of
-        it), SERVE_BROKEN (info: the errno of the send that failed) or SERVE_FAILED (info: a
+        it; info: 0 for the end of the stream, ETIMEDOUT for a payload that stopped arriving
+        for the transmission's payload timeout, else the errno of the receive), SERVE_BROKEN
+        (info: the errno of the send that failed) or SERVE_FAILED (info: a
         request that failed, consumed, its reply not sent: (cookie, command, flags, offset,
         count, OSError)).  Every reply of what was served has been sent."""
         cdef Py_buffer view
@@ -837,24 +859,24 @@ cdef class Engine(BlockCore):
             info = (fail.cookie, fail.cmd, fail.flags, fail.offset, fail.count,
                     OSError(fail.err, f"cow: {fail.op.decode()} offset={fail.offset} "
                                       f"count={fail.count}: {os.strerror(fail.err)}"))
-        elif status == ST_BROKEN:
+        elif status == ST_BROKEN or status == ST_TRUNCATED:
             info = fail.err
         return s, e, status, info
 
-    cdef int c_pwrite_from(self, psrc_t *src, int sock, uint64_t count, uint64_t offset,
+    cdef int c_pwrite_from(self, psrc_t *src, wait_t *w, uint64_t count, uint64_t offset,
                            bint fua, int *got) noexcept nogil:
         """pwrite_from's work, the GIL released: receive (*got: 0, or how receiving failed,
         and then nothing is written), write, flush for FUA.  0 or -errno of the write."""
         cdef uint8_t *buf
         cdef int r = 0
-        got[0] = psrc_receive(&self.pipes, src, sock, count - src.mem_left)
+        got[0] = psrc_receive(&self.pipes, src, w, count - src.mem_left)
         if got[0] == 1:                     # too much for the pipes, or no splice: into memory
             buf = <uint8_t *>malloc(count)
             if buf == NULL:
-                got[0] = drain_rest(src, sock, count)
+                got[0] = drain_rest(src, w, count)
                 psrc_release(&self.pipes, src)
                 return -ENOMEM
-            got[0] = psrc_to_memory(src, sock, buf, count)
+            got[0] = psrc_to_memory(src, w, buf, count)
             psrc_release(&self.pipes, src)
             if got[0] == 0:
                 r = self.c_pwrite(buf, count, offset)
@@ -1128,6 +1150,22 @@ cdef uint64_t u64(object value, str what) except? 0xFFFFFFFFFFFFFFFF:
     if not isinstance(value, int) or value < 0 or value > 0xFFFFFFFFFFFFFFFF:
         raise ValueError(f"cow: invalid {what} {value!r}: expected an integer from 0 to 2**64-1")
     return value
+
+
+cdef int timeout_ms(object seconds) except? -2:
+    """A payload timeout from Python (seconds; None or 0: no limit) for poll: -1 for none."""
+    if seconds is None or seconds == 0:
+        return -1
+    if not seconds > 0:
+        raise ValueError(f"cow: invalid payload timeout {seconds!r}: expected seconds > 0, or None")
+    return <int>max(1.0, min(seconds * 1000.0, 2147483647.0))
+
+
+def pipe_budget():
+    """The most pipes this process keeps open for WRITE payloads, idle ones included (two
+    descriptors each): an eighth of RLIMIT_NOFILE's soft limit, at most PIPE_BUDGET_MAX.  A
+    payload that finds it spent is received into memory instead."""
+    return pipe_budget_c()
 
 
 cdef object raise_errno(int err, str op, uint64_t count, uint64_t offset):

@@ -39,7 +39,12 @@ cdef int overlay_pread(const overlay_t *ov, uint8_t *buf, uint64_t count,
 
 
 cdef int full_pwrite(int fd, const uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
-    cdef ssize_t r
+    """Write exactly count bytes.  A short write that stops inside a 512-byte sector after
+    passing a sector boundary goes on from that boundary (those bytes are written again), so
+    that the next call starts on a sector boundary (see psrc_write).  One stopped inside the
+    sector it started in goes on from where it stopped (starting that sector again would ask
+    the same and stop there again: a file-size limit, where the next call fails)."""
+    cdef ssize_t r, head
     while count > 0:
         r = pwrite(fd, buf, count, <off_t>offset)
         if r < 0:
@@ -48,6 +53,9 @@ cdef int full_pwrite(int fd, const uint8_t *buf, uint64_t count, uint64_t offset
             return -errno
         if r == 0:
             return -EIO
+        head = <ssize_t>((offset + <uint64_t>r) & 511)
+        if <uint64_t>r < count and r > head:
+            r -= head
         buf += r
         count -= r
         offset += r

@@ -14,13 +14,45 @@
 # emptied when the engine closes.  Anything unusual while receiving (splice refused, no pipe to
 # be had, a pipe that takes nothing) sends the rest of the payload the ordinary way, into memory
 # with recv, whose errors are then the socket's own.
+#
+# The pipe budget.  Every pipe costs two descriptors, and a payload that stops arriving would
+# hold its pipes (up to MAX_PAYLOAD_PIPES) for as long as it waits.  So the process as a whole
+# has at most pipe_budget_c() pipes open for payloads, idle ones in the engines' pools included:
+# an eighth of RLIMIT_NOFILE's soft limit (pipes then take at most a quarter of the
+# descriptors), and at most PIPE_BUDGET_MAX.  Descriptors are the process's, not an engine's,
+# hence one count for all the engines (views) of the process.  A payload that finds the budget
+# spent is not refused and does not wait: it goes on into memory (psrc_to_memory), as one the
+# pipes cannot hold does, and gives its pipes back at once.
+#
+# Waiting.  A payload that stops arriving ends with -ETIMEDOUT after wait_t.timeout_ms without
+# a byte (the connection cannot go on: nothing of the payload is written).  The limit is on
+# silence, not on the whole payload, so a slow client on a slow link is never cut off while it
+# makes progress.  Before each wait, wait_t.before runs (Engine.serve: send the replies held
+# back, which the client may be waiting for before it sends the rest).
 
 cdef enum:
     PIPE_BYTES = 1024 * 1024        # asked for with F_SETPIPE_SZ (the usual pipe-max-size)
     MAX_PAYLOAD_PIPES = 64          # pipes for one payload; more: received into memory
+    PIPE_BUDGET_MAX = 128           # pipes the process may have open for payloads (at most)
     DRAIN_BYTES = 256 * 1024        # the scratch buffer of drain()
     KEEP_PIPES = 4                  # idle pipes the pool keeps (2 descriptors each)
     SECTOR_BYTES = 512              # psrc_write never leaves one half written
+
+
+cdef extern from *:
+    """
+    static int cow_pipes_open;      /* pipes of every engine in this process, idle ones included */
+    static int cow_pipe_budget;     /* 0 until the first pipe is asked for */
+    """
+    int cow_pipes_open
+    int cow_pipe_budget
+
+
+cdef struct wait_t:                 # how a payload's receiver waits for the socket
+    int sock
+    int timeout_ms                  # nothing received for this long: -ETIMEDOUT (< 0: no limit)
+    int (*before)(void *arg) noexcept nogil    # runs before each wait (NULL: nothing)
+    void *arg
 
 
 cdef struct pipes_t:                # the engine's pool of idle pipes
@@ -46,13 +78,31 @@ cdef void pipes_init(pipes_t *pool) noexcept nogil:
     pthread_mutex_init(&pool.lock, NULL)
 
 
+cdef int pipe_budget_c() noexcept nogil:
+    """The most pipes the process may have open for payloads (see the top of this file)."""
+    cdef rlimit lim
+    cdef int budget = cow_atomic_load(&cow_pipe_budget)
+    cdef uint64_t n = PIPE_BUDGET_MAX
+    if budget == 0:
+        if getrlimit(RLIMIT_NOFILE, &lim) == 0 and lim.rlim_cur != RLIM_INFINITY:
+            n = min(n, <uint64_t>lim.rlim_cur // 8)
+        budget = <int>n if n > 0 else -1        # -1: no pipes at all
+        cow_atomic_store(&cow_pipe_budget, budget)
+    return budget if budget > 0 else 0
+
+
+cdef void pipe_close(int rfd, int wfd) noexcept nogil:
+    close(rfd)
+    close(wfd)
+    cow_atomic_add(&cow_pipes_open, -1)
+
+
 cdef void pipes_drain(pipes_t *pool) noexcept nogil:
     """Close the idle pipes (the engine is closing)."""
     cdef int i
     pthread_mutex_lock(&pool.lock)
     for i in range(pool.n):
-        close(pool.rfd[i])
-        close(pool.wfd[i])
+        pipe_close(pool.rfd[i], pool.wfd[i])
     free(pool.rfd)
     free(pool.wfd)
     pool.rfd = pool.wfd = NULL
@@ -67,7 +117,7 @@ cdef void pipes_destroy(pipes_t *pool) noexcept nogil:
 
 cdef int pipe_get(pipes_t *pool, int *rfd, int *wfd) noexcept nogil:
     """An empty pipe from the pool, or a new one (as large as the system allows, up to
-    PIPE_BYTES).  0 or -errno."""
+    PIPE_BYTES).  0, -EAGAIN (the process's pipe budget is spent) or -errno."""
     cdef int fds[2]
     pthread_mutex_lock(&pool.lock)
     if pool.n:
@@ -77,7 +127,11 @@ cdef int pipe_get(pipes_t *pool, int *rfd, int *wfd) noexcept nogil:
         pthread_mutex_unlock(&pool.lock)
         return 0
     pthread_mutex_unlock(&pool.lock)
+    if cow_atomic_add(&cow_pipes_open, 1) > pipe_budget_c():
+        cow_atomic_add(&cow_pipes_open, -1)
+        return -EAGAIN
     if pipe2(fds, O_CLOEXEC) != 0:
+        cow_atomic_add(&cow_pipes_open, -1)
         return -errno
     fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_BYTES)   # else the default size: less per pipe
     rfd[0] = fds[0]
@@ -108,8 +162,7 @@ cdef void pipe_put(pipes_t *pool, int rfd, int wfd, bint empty) noexcept nogil:
                 pthread_mutex_unlock(&pool.lock)
                 return
         pthread_mutex_unlock(&pool.lock)
-    close(rfd)
-    close(wfd)
+    pipe_close(rfd, wfd)
 
 
 cdef void psrc_release(pipes_t *pool, psrc_t *src) noexcept nogil:
@@ -120,15 +173,25 @@ cdef void psrc_release(pipes_t *pool, psrc_t *src) noexcept nogil:
     src.n = 0
 
 
-cdef int wait_readable(int sock) noexcept nogil:
-    """Wait until the socket has data (or its end, or an error).  0 or -errno."""
+cdef int wait_readable(wait_t *w) noexcept nogil:
+    """Wait until the socket has data (or its end, or an error), after w.before.  0, -ETIMEDOUT
+    (nothing for w.timeout_ms) or -errno."""
     cdef pollfd p
-    p.fd = sock
+    cdef int r
+    if w.before != NULL:
+        r = w.before(w.arg)
+        if r < 0:
+            return r
+    p.fd = w.sock
     p.events = POLLIN
-    while poll(&p, 1, -1) < 0:
+    while True:
+        r = poll(&p, 1, w.timeout_ms)
+        if r > 0:
+            return 0
+        if r == 0:
+            return -ETIMEDOUT
         if errno != EINTR:
             return -errno
-    return 0
 
 
 cdef bint readable_now(int sock) noexcept nogil:
@@ -139,12 +202,12 @@ cdef bint readable_now(int sock) noexcept nogil:
     return poll(&p, 1, 0) > 0
 
 
-cdef int psrc_receive(pipes_t *pool, psrc_t *src, int sock, uint64_t count) noexcept nogil:
-    """Receive count bytes from sock into pipes.  0: all in; 1: go on with psrc_to_memory
-    (the pipes cannot hold them, or splice does not work here: what the pipes hold stays);
-    -EPIPE: the stream ended first; -errno (poll failed)."""
+cdef int psrc_receive(pipes_t *pool, psrc_t *src, wait_t *w, uint64_t count) noexcept nogil:
+    """Receive count bytes from w.sock into pipes.  0: all in; 1: go on with psrc_to_memory
+    (the pipes cannot hold them, the pipe budget is spent, or splice does not work here: what
+    the pipes hold stays); -EPIPE: the stream ended first; -ETIMEDOUT; -errno (poll failed)."""
     cdef ssize_t r
-    cdef int rc, tries = 0
+    cdef int rc, tries = 0, sock = w.sock
     while count:
         if src.cur == src.n:
             if src.n == MAX_PAYLOAD_PIPES:
@@ -174,7 +237,7 @@ cdef int psrc_receive(pipes_t *pool, psrc_t *src, int sock, uint64_t count) noex
                 continue
             src.cur += 1
         else:
-            rc = wait_readable(sock)
+            rc = wait_readable(w)
             if rc < 0:
                 return rc
     src.cur = 0
@@ -219,9 +282,16 @@ cdef int psrc_write(psrc_t *src, int fd, uint64_t n, uint64_t offset) noexcept n
     process killed between two of them leaves each sector whole, old or new, as a disk does
     (the kernel stops a write killed midway between pages, never inside one).  So where the
     memory or a pipe ends inside a sector, that sector is taken out into memory, from both
-    sides, and written with one pwrite."""
+    sides, and written with one pwrite.
+
+    A splice asked for whole sectors may still come back short (a file-size limit, a full
+    disk: the file system stops at a page boundary, but a limit may stop it anywhere).  Where
+    it stopped inside a sector it started at or before (never before this write's start: those
+    bytes are another write's), the next call starts again at that sector's boundary: the bytes
+    just written there are read back and written again with the sector's next bytes from the
+    payload, one pwrite (full_pwrite does the same from memory)."""
     cdef uint8_t sector[SECTOR_BYTES]
-    cdef uint64_t avail, k
+    cdef uint64_t avail, k, head
     cdef int r
     cdef ssize_t s
     cdef off_t off
@@ -263,14 +333,45 @@ cdef int psrc_write(psrc_t *src, int fd, uint64_t n, uint64_t offset) noexcept n
                 return -EIO
             src.fill[src.cur] -= s
             k = s
+            head = (offset + k) & (SECTOR_BYTES - 1)
+            if k < n and head != 0 and k >= head:   # short, inside a sector: see above
+                k -= head
+                r = read_back(fd, sector, head, offset + k)
+                if r < 0:
+                    return r
+                s = <ssize_t>min(n - k - head, SECTOR_BYTES - head)
+                r = psrc_read(src, sector + head, s)
+                if r == 0:
+                    r = full_pwrite(fd, sector, head + s, offset + k)
+                if r < 0:
+                    return r
+                k += head + s
         offset += k
         n -= k
     return 0
 
 
-cdef int psrc_to_memory(psrc_t *src, int sock, uint8_t *buf, uint64_t count) noexcept nogil:
+cdef int read_back(int fd, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
+    """Read count bytes just written at offset of fd.  0 or -errno (the file ends first: EIO)."""
+    cdef ssize_t r
+    while count:
+        r = pread(fd, buf, count, <off_t>offset)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if r == 0:
+            return -EIO
+        buf += r
+        count -= r
+        offset += r
+    return 0
+
+
+cdef int psrc_to_memory(psrc_t *src, wait_t *w, uint8_t *buf, uint64_t count) noexcept nogil:
     """The pipes could not hold the payload: take what they and the memory hold into buf (count
-    bytes in all), then receive the rest from sock.  0, -EPIPE (the stream ended) or -errno."""
+    bytes in all), then receive the rest from w.sock.  0, -EPIPE (the stream ended),
+    -ETIMEDOUT or -errno."""
     cdef uint64_t have = src.mem_left, k
     cdef ssize_t r
     cdef int i
@@ -282,13 +383,13 @@ cdef int psrc_to_memory(psrc_t *src, int sock, uint8_t *buf, uint64_t count) noe
         return r
     k = have
     while k < count:
-        r = recv(sock, buf + k, count - k, 0)
+        r = recv(w.sock, buf + k, count - k, MSG_DONTWAIT)
         if r > 0:
             k += r
         elif r == 0:
             return -EPIPE
         elif errno == EAGAIN:
-            r = wait_readable(sock)
+            r = wait_readable(w)
             if r < 0:
                 return r
         elif errno != EINTR:
@@ -296,33 +397,33 @@ cdef int psrc_to_memory(psrc_t *src, int sock, uint8_t *buf, uint64_t count) noe
     return 0
 
 
-cdef int drain(int sock, uint64_t count) noexcept nogil:
-    """Receive count bytes from sock and drop them (a payload that will not be written).  0,
-    -EPIPE (the stream ended first) or -errno."""
+cdef int drain(wait_t *w, uint64_t count) noexcept nogil:
+    """Receive count bytes from w.sock and drop them (a payload that will not be written).  0,
+    -EPIPE (the stream ended first), -ETIMEDOUT or -errno."""
     cdef uint8_t *scratch = <uint8_t *>malloc(DRAIN_BYTES)
     cdef ssize_t r
     cdef int rc = 0
     if scratch == NULL:
         return -ENOMEM
     while count and rc == 0:
-        r = recv(sock, scratch, min(count, <uint64_t>DRAIN_BYTES), 0)
+        r = recv(w.sock, scratch, min(count, <uint64_t>DRAIN_BYTES), MSG_DONTWAIT)
         if r > 0:
             count -= r
         elif r == 0:
             rc = -EPIPE
         elif errno == EAGAIN:
-            rc = wait_readable(sock)
+            rc = wait_readable(w)
         elif errno != EINTR:
             rc = -errno
     free(scratch)
     return rc
 
 
-cdef int drain_rest(psrc_t *src, int sock, uint64_t count) noexcept nogil:
+cdef int drain_rest(psrc_t *src, wait_t *w, uint64_t count) noexcept nogil:
     """Drop the rest of a payload of count bytes whose start is in memory and pipes.  0,
-    -EPIPE or -errno."""
+    -EPIPE, -ETIMEDOUT or -errno."""
     cdef uint64_t have = src.mem_left
     cdef int i
     for i in range(src.n):
         have += src.fill[i]
-    return drain(sock, count - have)
+    return drain(w, count - have)

@@ -14,9 +14,12 @@
 # It works on the front end's own receive buffer (the bytes it read ahead stay there for it),
 # sends its replies under the connection's send lock (the Transmission, which every thread that
 # sends on the connection holds), and gathers the replies of requests that arrived together
-# into one sendmsg, as the front end does: they leave before the loop could block.  Large READs
-# go out with sendfile (the read plan, as ReadPlan.send), large WRITE payloads are spliced into
-# the overlay (c_pwrite_from), exactly as through the Python calls.
+# into one sendmsg, as the front end does: they leave before the loop could block, a large
+# WRITE's payload included (the client may send it only once it has those replies).  Large
+# READs go out with sendfile (the read plan, as ReadPlan.send), large WRITE payloads are
+# spliced into the overlay (c_pwrite_from), exactly as through the Python calls.  A payload,
+# small or large, that stops arriving for the payload timeout ends the connection
+# (ST_TRUNCATED, ETIMEDOUT); the wait for the next request has no limit.
 
 cdef extern from *:
     """
@@ -67,7 +70,8 @@ cdef enum:
     ST_FRONT_END = 0             # the request at the buffer's start is the front end's
     ST_STOP = 1                  # the server is shutting down (nothing read of a request)
     ST_EOF = 2                   # the stream ended (or failed) between requests
-    ST_TRUNCATED = 3             # the stream ended inside a WRITE payload: nothing written
+    ST_TRUNCATED = 3             # the stream ended, or stalled, inside a WRITE payload:
+                                 # nothing written (failure_t.err: 0, or ETIMEDOUT...)
     ST_BROKEN = 4                # sending a reply failed: the connection cannot go on
     ST_FAILED = 5                # a request failed: the front end sends its error reply
 
@@ -108,6 +112,7 @@ cdef class Transmission:
     cdef uint8_t *arena             # replies held back: arena[:pos]
     cdef size_t pos
     cdef psrc_t src
+    cdef wait_t wait                # how a payload is waited for (sends the replies held back)
 
     def __cinit__(self):
         pthread_mutex_init(&self.send_mutex, NULL)
@@ -119,8 +124,14 @@ cdef class Transmission:
 
     def configure(self, int sock, *, bint structured, bint fua, bint readonly, size,
                   max_payload, bint slow_backing, large_request, zero_copy_read,
-                  zero_copy_write, recv_ahead, int exact_reads):
-        """Set at the start of transmission, before serve() is first called."""
+                  zero_copy_write, recv_ahead, int exact_reads, payload_timeout=None):
+        """Set at the start of transmission, before serve() is first called.  payload_timeout:
+        seconds without a byte inside a WRITE payload before the connection is given up (None
+        or 0: no limit)."""
+        self.wait.timeout_ms = timeout_ms(payload_timeout)
+        self.wait.sock = sock
+        self.wait.before = tx_flush_held
+        self.wait.arg = <void *>self
         self.sock = sock
         self.structured = structured
         self.fua = fua
@@ -178,13 +189,19 @@ cdef int tx_flush(Transmission tx) noexcept nogil:
     return r
 
 
+cdef int tx_flush_held(void *tx) noexcept nogil:
+    """wait_t.before of a payload received by serve(): the replies held back leave first."""
+    return tx_flush(<Transmission>tx)
+
+
 cdef int rx_fill(Transmission tx, uint8_t *rx, size_t cap, size_t *start, size_t *end,
                  size_t need, bint between, failure_t *fail) noexcept nogil:
     """Have need bytes from start in the receive buffer (need <= cap), receiving more, waiting
     for them if the socket has none yet (after sending the replies held back).  between: this
-    is the next request's header, and the server's shutdown may end the wait.  0, or an ST_
-    status: ST_EOF (the stream ended or failed; for a payload the caller says TRUNCATED),
-    ST_STOP, ST_BROKEN (a reply could not be sent)."""
+    is the next request's header, and the server's shutdown may end the wait; else a payload,
+    and a wait longer than the payload timeout ends it.  0, or an ST_ status: ST_EOF (the
+    stream ended or failed, or a payload stalled: fail.err ETIMEDOUT; for a payload the caller
+    says TRUNCATED), ST_STOP, ST_BROKEN (a reply could not be sent)."""
     cdef size_t have = end[0] - start[0], want
     cdef ssize_t n
     cdef pollfd p
@@ -222,10 +239,15 @@ cdef int rx_fill(Transmission tx, uint8_t *rx, size_t cap, size_t *start, size_t
                 return ST_STOP
         p.fd = tx.sock
         p.events = POLLIN
-        while poll(&p, 1, -1) < 0 and errno == EINTR:
-            pass
+        while True:
+            r = poll(&p, 1, -1 if between else tx.wait.timeout_ms)
+            if r >= 0 or errno != EINTR:
+                break
         if between:
             cow_sc_store(&tx.waiting, 0)
+        elif r == 0:
+            fail.err = ETIMEDOUT
+            return ST_EOF
     return 0
 
 
@@ -298,6 +320,7 @@ cdef int serve_planned(Engine e, Transmission tx, rplan_t *plan, uint64_t cookie
             segs[n].fd = plan.p[i].fd
             segs[n].pos = plan.p[i].pos
             segs[n].count = plan.p[i].count
+            segs[n].whole = plan.p[i].fd >= 0 and plan.p[i].fd == e.b.fd
             n += 1
     else:
         i = 0
@@ -326,6 +349,7 @@ cdef int serve_planned(Engine e, Transmission tx, rplan_t *plan, uint64_t cookie
                     segs[n].fd = plan.p[i].fd
                     segs[n].pos = plan.p[i].pos
                     segs[n].count = plan.p[i].count
+                    segs[n].whole = plan.p[i].fd == e.b.fd
                     n += 1
                     i += 1
                 at += run
@@ -464,8 +488,9 @@ cdef int serve_loop(Engine e, Transmission tx, uint8_t *rx, size_t cap, size_t *
                 start[0] = end[0] = 0
             tx.exact = tx.exact_reads
             got = 0
-            r = e.c_pwrite_from(&tx.src, tx.sock, count, offset, flags & CMD_FLAG_FUA, &got)
+            r = e.c_pwrite_from(&tx.src, &tx.wait, count, offset, flags & CMD_FLAG_FUA, &got)
             if got != 0:
+                fail.err = -got if got != -EPIPE else 0
                 r = ST_TRUNCATED
                 break
         else:

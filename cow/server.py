@@ -73,6 +73,7 @@ replies are cut off.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -141,6 +142,7 @@ ZERO_COPY_WRITE = 64 * 1024  # WRITE payloads from this size go from the socket 
                              # the copying path and half its CPU, random 64 KiB rw 1.1x
 EXACT_READS = 16  # requests read without reading ahead after such a WRITE
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to transmission (qemu-nbd's default)
+DEFAULT_PAYLOAD_TIMEOUT = 60.0  # seconds a WRITE payload may stop arriving (see _Receiver)
 SHUTDOWN_GRACE = 20.0  # seconds for in-flight requests at SIGTERM before sends are cut off
 SHUTDOWN_HANDSHAKE_WAIT = 5.0  # seconds a client still haggling at SIGTERM may go on (its
                                # options are answered NBD_REP_ERR_SHUTDOWN) before it is dropped
@@ -177,6 +179,31 @@ def nbd_error_from_errno(err: int | None) -> int:
 
 # ---- receiving -------------------------------------------------------------------------------
 
+class _PayloadWait:
+    """``with``: the receiver's socket waits at most payload_timeout seconds for each recv of a
+    payload's bytes, and a wait that runs out raises TimeoutError saying so (see _Receiver).
+    Made for each wait, not kept by the receiver: a reference back from it would keep every
+    closed connection's receive buffer until the garbage collector's next cycle."""
+
+    __slots__ = ("rx",)
+
+    def __init__(self, rx: _Receiver):
+        self.rx = rx
+
+    def __enter__(self) -> None:
+        if self.rx.payload_timeout:
+            self.rx.sock.settimeout(self.rx.payload_timeout)
+
+    def __exit__(self, kind, e, tb) -> None:
+        if self.rx.payload_timeout:
+            self.rx.sock.settimeout(None)
+            if kind is not None and issubclass(kind, TimeoutError):
+                raise TimeoutError(self.rx.stalled()) from None
+
+
+_NO_LIMIT = contextlib.nullcontext()
+
+
 class _Receiver:
     """Buffered exact reads from a blocking socket, without per-request allocation.
 
@@ -185,21 +212,37 @@ class _Receiver:
     again.  ``read_into(dst)`` fills a buffer the caller owns (large payloads land there
     directly).  Each recv asks for at most RECV_CHUNK bytes, so that a large payload behind a
     header is mostly received straight into its own buffer rather than copied.
+
+    A WRITE payload that stops arriving (``read(n, payload=True)``, ``read_into``, ``skip``)
+    raises TimeoutError after ``payload_timeout`` seconds with nothing received (None: no
+    limit): the time between bytes is limited, not the whole payload's, so a slow client on a
+    slow link keeps going while it makes progress.  Without a limit, a payload that never
+    comes would hold its buffer (and, in the engine, its pipes) for ever.  The socket's
+    timeout is set only around a payload not yet buffered, where a recv is needed anyway; the
+    wait for the next request has no limit (NBD clients may stay idle).
     """
 
-    def __init__(self, sock: socket.socket, capacity: int = RECV_BUFFER):
+    def __init__(self, sock: socket.socket, capacity: int = RECV_BUFFER,
+                 payload_timeout: float | None = DEFAULT_PAYLOAD_TIMEOUT):
         self.sock = sock
         self.capacity = capacity
         self.buf = bytearray(capacity)
         self.mv = memoryview(self.buf)
         self.start = 0
         self.end = 0
+        self.payload_timeout = payload_timeout or None
         # While > 0, read() asks for exactly what it needs, so that a large WRITE's payload
         # stays in the socket for the engine to splice (see _Connection._splice_write).
         self.exact = 0
 
-    def read(self, n: int) -> memoryview | None:
-        """n bytes (n <= capacity), or None if the stream ends first."""
+    def stalled(self) -> str:
+        """What the log says of a payload that stopped arriving."""
+        return (f"WRITE payload stalled: nothing received for {self.payload_timeout:g} s "
+                f"(--payload-timeout): nothing written, closing")
+
+    def read(self, n: int, payload: bool = False) -> memoryview | None:
+        """n bytes (n <= capacity), or None if the stream ends first.  payload: they are a
+        WRITE's payload, whose wait is limited (TimeoutError)."""
         start = self.start
         if self.end - start >= n:
             self.start = start + n
@@ -210,11 +253,12 @@ class _Receiver:
             self.start, self.end = 0, have
         recv_into, mv = self.sock.recv_into, self.mv
         ahead = 0 if self.exact else RECV_CHUNK
-        while self.end - self.start < n:
-            got = recv_into(mv[self.end:self.end + max(ahead, n - (self.end - self.start))])
-            if not got:
-                return None
-            self.end += got
+        with _PayloadWait(self) if payload else _NO_LIMIT:
+            while self.end - self.start < n:
+                got = recv_into(mv[self.end:self.end + max(ahead, n - (self.end - self.start))])
+                if not got:
+                    return None
+                self.end += got
         start = self.start
         self.start = start + n
         if self.start == self.end:
@@ -222,7 +266,8 @@ class _Receiver:
         return mv[start:start + n]
 
     def read_into(self, dst: memoryview) -> bool:
-        """Fill dst completely; False if the stream ends first."""
+        """Fill dst completely (a WRITE's payload: TimeoutError if it stalls); False if the
+        stream ends first."""
         n = len(dst)
         have = min(self.end - self.start, n)
         if have:
@@ -230,12 +275,15 @@ class _Receiver:
             self.start += have
             if self.start == self.end:
                 self.start = self.end = 0
+        if have == n:
+            return True
         recv_into = self.sock.recv_into
-        while have < n:
-            got = recv_into(dst[have:])
-            if not got:
-                return False
-            have += got
+        with _PayloadWait(self):
+            while have < n:
+                got = recv_into(dst[have:])
+                if not got:
+                    return False
+                have += got
         return True
 
     def take(self, n: int) -> memoryview:
@@ -248,18 +296,22 @@ class _Receiver:
         return self.mv[start:start + have]
 
     def skip(self, n: int) -> bool:
-        """Consume and drop n bytes using bounded memory; False if the stream ends first."""
+        """Consume and drop n bytes (a WRITE's payload: TimeoutError if it stalls) using
+        bounded memory; False if the stream ends first."""
         have = min(self.end - self.start, n)
         self.start += have
         if self.start == self.end:
             self.start = self.end = 0
         n -= have
+        if n <= 0:
+            return True
         scratch = memoryview(bytearray(min(n, 65536)))
-        while n > 0:
-            got = self.sock.recv_into(scratch[:min(n, len(scratch))])
-            if not got:
-                return False
-            n -= got
+        with _PayloadWait(self):
+            while n > 0:
+                got = self.sock.recv_into(scratch[:min(n, len(scratch))])
+                if not got:
+                    return False
+                n -= got
         return True
 
 
@@ -619,13 +671,15 @@ class _Connection:
         # Not under TLS, and not when every request is logged.
         serve = None if inline_only or self.verbose else engine.serve
         tx, rx_buf = self.tx, rx.buf
+        rx.payload_timeout = self.server.payload_timeout or None
         if serve is not None:
             tx.configure(self.sock.fileno(), structured=proto.structured_replies,
                          fua=bool(proto.transmission_flags & P.NBD_FLAG_SEND_FUA),
                          readonly=proto.readonly, size=proto.size, max_payload=max_payload,
                          slow_backing=slow_backing, large_request=LARGE_REQUEST,
                          zero_copy_read=ZERO_COPY_READ, zero_copy_write=ZERO_COPY_WRITE,
-                         recv_ahead=RECV_CHUNK, exact_reads=EXACT_READS)
+                         recv_ahead=RECV_CHUNK, exact_reads=EXACT_READS,
+                         payload_timeout=rx.payload_timeout)
         try:
             while not self.broken:
                 # A run of requests that are ours (BLOCK_STATUS, TRIM...) already buffered is
@@ -644,8 +698,11 @@ class _Connection:
                         self._log_end_of_stream()
                         break
                     if status == SERVE_TRUNCATED:
-                        log.info("connection %d: truncated WRITE payload: nothing written",
-                                 self.id)
+                        if info == errno.ETIMEDOUT:
+                            log.warning("connection %d: %s", self.id, rx.stalled())
+                        else:
+                            log.info("connection %d: truncated WRITE payload: nothing written",
+                                     self.id)
                         break
                     if status == SERVE_BROKEN:
                         log.info("connection %d: closing: %s", self.id, os.strerror(info))
@@ -701,7 +758,7 @@ class _Connection:
                         payload = memoryview(owned)[:count]
                         ok = rx.read_into(payload)
                     else:
-                        payload = rx.read(count)
+                        payload = rx.read(count, True)
                         ok = payload is not None
                     if not ok:
                         log.info("connection %d: truncated WRITE payload: nothing written",
@@ -747,6 +804,12 @@ class _Connection:
                     workers.submit((cmd, flags, cookie, offset, count, payload, owned))
                 else:
                     batch.add(handle(cmd, flags, cookie, offset, count, payload, batch))
+        except TimeoutError as e:  # a WRITE payload stopped arriving (_Receiver): we end here
+            log.warning("connection %d: %s", self.id, e)
+            try:
+                batch.flush()
+            except OSError:
+                pass
         except Exception:
             # A bad magic (the stream is out of step) or our own bug: nothing more is read,
             # but every request executed so far still gets its reply before the hang-up
@@ -785,9 +848,12 @@ class _Connection:
         batch.flush()  # the reply of what was served meanwhile: the payload may take a while
         try:
             self.engine.pwrite_from(self.sock.fileno(), count, offset, rx.take(count),
-                                    bool(flags & NBD_CMD_FLAG_FUA))
+                                    bool(flags & NBD_CMD_FLAG_FUA), rx.payload_timeout)
         except EOFError as e:
             log.info("connection %d: truncated WRITE payload: nothing written (%s)", self.id, e)
+            return False
+        except TimeoutError:  # before OSError: the stream cannot go on
+            log.warning("connection %d: %s", self.id, rx.stalled())
             return False
         except OSError as e:
             batch.add(self._error_reply(cookie, NBD_CMD_WRITE, flags, offset, count,
@@ -1109,7 +1175,8 @@ class Server:
 
     def __init__(self, exports, *, slow_backing: bool, workers: int = 0,
                  verbose: bool = False, tls=None, max_connections: int = 0,
-                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT):
+                 handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+                 payload_timeout: float = DEFAULT_PAYLOAD_TIMEOUT):
         from cow.tls import TLSSettings
 
         self.exports = exports
@@ -1122,6 +1189,7 @@ class Server:
         self.tls = tls if tls is not None else TLSSettings()
         self.max_connections = max_connections  # 0: no limit
         self.handshake_timeout = handshake_timeout  # 0: none
+        self.payload_timeout = payload_timeout  # 0: none (see _Receiver)
         self._refused = 0
         self._lock = threading.Lock()
         self._connections: dict[int, tuple[_Connection, threading.Thread]] = {}

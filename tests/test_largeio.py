@@ -15,6 +15,7 @@ request is understood.  Nothing here is timed."""
 import os
 import random
 import re
+import socket
 import struct
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import nbd
 import pytest
 
 from cow import protocol as P
+from cow.engine import Engine
 from support_server import RawClient, start_server
 
 MiB = 1024 * 1024
@@ -588,3 +590,25 @@ def test_spliced_write_ends_each_system_call_on_a_sector_boundary(tmp_path):
         assert len(group) > 1, f"write {i}: one system call only, nothing checked: {group}"
         torn = [(pos, n) for pos, n in group[:-1] if (pos + n) % 512]
         assert not torn, f"write {i}: calls that end inside a sector: {torn} of {group}"
+
+
+def test_pwrite_from_gives_up_a_payload_that_stops_arriving(tmp_path):
+    """Engine.pwrite_from with a timeout: half a 2 MiB payload, then silence.  TimeoutError after
+    the timeout, nothing written, and the pipes that held the half are closed."""
+    backing = tmp_path / "disk.img"
+    backing.write_bytes(os.urandom(4 * MiB))
+    with Engine(str(backing)) as eng:
+        fds = len(os.listdir("/proc/self/fd"))
+        a, b = socket.socketpair()
+        sender = threading.Thread(target=a.sendall, args=(b"\xee" * MiB,))
+        sender.start()
+        with pytest.raises(TimeoutError, match="nothing received for 0.5 s"):
+            eng.pwrite_from(b.fileno(), 2 * MiB, 4096, timeout=0.5)
+        sender.join(10)
+        got = bytearray(2 * MiB)
+        eng.pread(got, 4096)
+        assert got == backing.read_bytes()[4096:4096 + 2 * MiB]
+        a.close()
+        b.close()
+        eng.drop_idle_pipes()
+        assert len(os.listdir("/proc/self/fd")) == fds

@@ -46,7 +46,8 @@ def backing(tmp_path):
 class Session:
     """An engine, a socket pair (client, server end) and a receive buffer, as cow.server has."""
 
-    def __init__(self, path, *, structured=False, readonly=False, **engine_args):
+    def __init__(self, path, *, structured=False, readonly=False, payload_timeout=None,
+                 **engine_args):
         self.engine = Engine(str(path), **engine_args)
         self.client, self.server = socket.socketpair()
         self.tx = Transmission()
@@ -54,7 +55,8 @@ class Session:
                           readonly=readonly, size=self.engine.size, max_payload=32 << 20,
                           slow_backing=False, large_request=128 * KiB,
                           zero_copy_read=64 * KiB, zero_copy_write=64 * KiB,
-                          recv_ahead=64 * KiB, exact_reads=16)
+                          recv_ahead=64 * KiB, exact_reads=16,
+                          payload_timeout=payload_timeout)
         self.rx = bytearray(256 * KiB)
         self.start = self.end = 0
         self.outbox = queue.SimpleQueue()
@@ -222,6 +224,43 @@ def test_a_payload_cut_short_writes_nothing(session, backing, count):
     out = bytearray(count)
     s.engine.pread(out, 0)
     assert out == backing[1][:count]
+
+
+@pytest.mark.parametrize("count", [4096, 256 * KiB])
+def test_a_payload_that_stops_arriving_times_out_and_writes_nothing(session, backing, count):
+    """Small (received into the buffer) and large (spliced): nothing for 0.5 s inside the
+    payload ends serve() with SERVE_TRUNCATED, info ETIMEDOUT; the stream stays open."""
+    s = session(payload_timeout=0.5)
+    s.send(P.NBD_CMD_WRITE, 0, count, payload=b"x" * (count // 2))
+    assert s.serve() == (SERVE_TRUNCATED, errno.ETIMEDOUT)
+    out = bytearray(count)
+    s.engine.pread(out, 0)
+    assert out == backing[1][:count]
+
+
+def test_replies_held_back_leave_before_a_large_payload_is_waited_for(session, backing):
+    """A READ and a large WRITE's header arrive together; the client sends the payload only
+    once it has the READ's reply (it builds the payload from it)."""
+    s = session(payload_timeout=30)
+    out = []
+    s.client.sendall(P.pack_request(P.NBD_CMD_READ, 0, 4096, cookie=1) +
+                     P.pack_request(P.NBD_CMD_WRITE, 128 * KiB, 128 * KiB, cookie=2))
+    t = threading.Thread(target=lambda: out.append(s.serve()), daemon=True)
+    t.start()
+    s.client.settimeout(10)
+    try:
+        error, cookie, data = s.simple_reply(4096)
+    except TimeoutError:
+        pytest.fail("the READ's reply was held back while serve() waited for the payload")
+    assert (error, cookie, data) == (0, 1, backing[1][:4096])
+    s.client.sendall(data * 32)
+    assert s.simple_reply()[:2] == (0, 2)
+    s.client.shutdown(socket.SHUT_WR)
+    t.join(10)
+    assert out == [(SERVE_EOF, None)]
+    got = bytearray(128 * KiB)
+    s.engine.pread(got, 128 * KiB)
+    assert got == data * 32
 
 
 def test_stop_before_waiting_returns_at_once(session):
