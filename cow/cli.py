@@ -647,8 +647,9 @@ def _main(args, cleanup: list) -> int:
 
         cleanup.append(close_engine)
         backing = engine.backing   # the path, URI or command line
-        description = "built-in sample disk" if sample_note \
-            else f"copy-on-write view of {backing}"
+        # Every client may read the description: it never names the backing (a path, a URI,
+        # a command line with its secrets).  The start-up line tells the operator.
+        description = "built-in sample disk" if sample_note else "copy-on-write view"
         export = P.Export(size=engine.size, name=args.exportname, description=description,
                           readonly=args.readonly, preferred_block_size=engine.block_size)
         exports = OneEngine(engine, export)

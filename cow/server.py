@@ -175,6 +175,18 @@ def nbd_error_from_errno(err: int | None) -> int:
     return P.NBD_EIO
 
 
+def client_message(e: Exception) -> str:
+    """The text an error reply carries for an engine error: what its errno means, nothing
+    more.  The engine's own text (e.strerror, str(e)) may name a path of this server (the
+    overlay's folder, the backing's path, URI or command line); with -v the log keeps it."""
+    err = getattr(e, "errno", None)
+    if err == errno.ESHUTDOWN:
+        return "the server is shutting down"
+    if isinstance(e, OSError):
+        return os.strerror(err) if err else "input/output error"
+    return "invalid request"  # a ValueError: the request does not fit the disk or the engine
+
+
 # ---- receiving -------------------------------------------------------------------------------
 
 class _Receiver:
@@ -638,7 +650,8 @@ class _Connection:
                     if status == SERVE_FAILED:
                         cookie, cmd, flags, offset, count, e = info
                         batch.add(self._error_reply(cookie, cmd, flags, offset, count,
-                                                    nbd_error_from_errno(e.errno), e.strerror))
+                                                    nbd_error_from_errno(e.errno),
+                                                    client_message(e), e))
                         continue
                     if status == SERVE_EOF:
                         self._log_end_of_stream()
@@ -942,11 +955,14 @@ class _Connection:
             self._payload_in_use -= count
             self._payload_cond.notify()
 
-    def _error_reply(self, cookie, cmd, flags, offset, count, error, message) -> bytes:
+    def _error_reply(self, cookie, cmd, flags, offset, count, error, message,
+                     cause: Exception | None = None) -> bytes:
+        """An error reply carrying message (which must name no path: see client_message); the
+        verbose log tells the cause in full."""
         if self.verbose:
             log.info("connection %d: %s offset=%d count=%d flags=0x%x -> %s (%s)", self.id,
                      P.CMD_NAMES.get(cmd, cmd), offset, count, flags, P.nbd_error_name(error),
-                     message)
+                     message if cause is None else cause)
         return self.proto.error_reply(cookie, cmd, error, message)
 
     def _handle(self, cmd, flags, cookie, offset, count, payload, space):
@@ -1011,9 +1027,10 @@ class _Connection:
                 raise AssertionError(f"unexpected command {cmd}")
         except OSError as e:
             return self._error_reply(cookie, cmd, flags, offset, count,
-                                     nbd_error_from_errno(e.errno), e.strerror or str(e))
+                                     nbd_error_from_errno(e.errno), client_message(e), e)
         except ValueError as e:
-            return self._error_reply(cookie, cmd, flags, offset, count, P.NBD_EINVAL, str(e))
+            return self._error_reply(cookie, cmd, flags, offset, count, P.NBD_EINVAL,
+                                     client_message(e), e)
         except Exception:  # our bug: tell the client EIO, keep the connection and the server
             log.error("connection %d: internal error in %s:\n%s", self.id,
                       P.CMD_NAMES.get(cmd, cmd), traceback.format_exc())
