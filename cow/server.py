@@ -133,6 +133,14 @@ BATCH_BUFFER = 512 * 1024  # inline replies held back while more requests are bu
 MAX_BATCH_REPLIES = 256  # ... and at most this many of them (well under IOV_MAX)
 KEEP_BUFFER = 4 * 1024 * 1024  # larger one-off buffers are not kept between requests
 READ_POOL_BUDGET = 64 * 1024 * 1024  # idle read reply buffers the server keeps for reuse
+READ_BUDGET = 32 * 1024 * 1024  # bytes of READ replies a connection may hold in memory at once
+                                # (reads in flight to an NBD backing, READs read by workers):
+                                # a client at it is not read from until replies leave (one
+                                # request may exceed it)
+SERVER_READ_BUDGET = 256 * 1024 * 1024  # ... and every connection together
+READ_ALWAYS = 2 * 1024 * 1024  # a connection holding no READ reply may take one this large
+                               # whatever the server holds: clients that never read their
+                               # replies, however many, cannot stop the others' (usual) READs
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at wmem_max)
 ZERO_COPY_READ = 64 * 1024  # READs from this size are sent from the files (sendfile), and with
                             # structured replies their holes as OFFSET_HOLE chunks
@@ -275,23 +283,109 @@ class _Receiver:
         return True
 
 
-class _ReplyBuffer:
-    """Room for one READ reply at a time (a worker's): header, then data; reused, and grown
-    up to KEEP_BUFFER."""
+class _ReadBudget:
+    """Bytes of READ replies held in memory, per connection and server-wide.
 
-    __slots__ = ("buf",)
+    A reply's buffer is charged from before it is allocated until the reply has left (or
+    failed): reads started over an NBD backing, READs read by workers, and under TLS a READ
+    larger than the batch buffer.  A connection over its READ_BUDGET, or the server over
+    SERVER_READ_BUDGET, waits before the next such READ, and its reader stops reading requests
+    meanwhile: a client that never reads its replies holds at most its own budget, never the
+    server's.  A connection with nothing charged may always take one READ however large
+    (a request above the budget is served alone), as long as the server has room, or holds
+    nothing, or it is at most READ_ALWAYS: so that however many clients hold their budgets,
+    every other client can still have one READ of a usual size at a time.  The server holds
+    at most SERVER_READ_BUDGET, plus READ_ALWAYS for each connection (whose receive and batch
+    buffers cost about as much: --max-connections bounds both).  A waiter gives up with
+    ESHUTDOWN once the server is shutting down, so that shutdown never waits for it."""
 
-    def __init__(self):
-        self.buf = bytearray(READ_REPLY_PREFIX + 256 * 1024)
+    __slots__ = ("per_connection", "total", "in_use", "waiting", "cond")
+
+    def __init__(self, per_connection: int = READ_BUDGET, total: int = SERVER_READ_BUDGET):
+        self.per_connection = per_connection
+        self.total = total
+        self.in_use = 0
+        self.waiting = 0
+        self.cond = threading.Condition(threading.Lock())
+
+    def _fits(self, conn: _Connection, count: int) -> bool:
+        mine, used = conn.read_in_use, self.in_use
+        if mine and mine + count > self.per_connection:
+            return False
+        return not used or used + count <= self.total or (not mine and count <= READ_ALWAYS)
+
+    def try_take(self, conn: _Connection, count: int) -> bool:
+        with self.cond:
+            if not self._fits(conn, count):
+                return False
+            conn.read_in_use += count
+            self.in_use += count
+            return True
+
+    def take(self, conn: _Connection, count: int) -> None:
+        """Charge count bytes to conn, waiting for room.  OSError(ESHUTDOWN) once the server
+        is shutting down, OSError(ECONNRESET) once the connection is broken, if still waiting."""
+        with self.cond:
+            if not self._fits(conn, count):
+                self.waiting += 1
+                try:
+                    while True:
+                        if conn.stopping:
+                            raise OSError(errno.ESHUTDOWN, "the server is shutting down")
+                        if conn.broken:
+                            raise OSError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+                        self.cond.wait(1.0)  # woken by give() and wake(); the timeout: a net
+                        if self._fits(conn, count):
+                            break
+                finally:
+                    self.waiting -= 1
+            conn.read_in_use += count
+            self.in_use += count
+
+    def give(self, conn: _Connection, count: int) -> None:
+        with self.cond:
+            conn.read_in_use -= count
+            self.in_use -= count
+            if self.waiting:
+                self.cond.notify_all()
+
+    def wake(self) -> None:
+        """Make every waiter look again (shutdown, a connection broken)."""
+        with self.cond:
+            if self.waiting:
+                self.cond.notify_all()
+
+
+class _WorkerSpace:
+    """Where a worker lays out a READ reply: a buffer of the server's pool, charged to the read
+    budget from get() (which may wait) until release(), after the reply has left."""
+
+    __slots__ = ("conn", "buf", "count")
+
+    def __init__(self, conn: _Connection):
+        self.conn = conn
+        self.buf = None
+        self.count = 0
 
     def get(self, count: int) -> tuple[bytearray, int]:
         """(buffer, base): the reply header ends and the data begins at base+READ_REPLY_PREFIX."""
-        buf = self.buf
-        if count > len(buf) - READ_REPLY_PREFIX:
-            buf = bytearray(READ_REPLY_PREFIX + count)
-            if count <= KEEP_BUFFER:
-                self.buf = buf
-        return buf, 0
+        conn = self.conn
+        budget = conn.server.read_budget
+        budget.take(conn, count)
+        try:
+            self.buf = conn._read_buffers.get(count)
+        except BaseException:
+            budget.give(conn, count)
+            raise
+        self.count = count
+        return self.buf, 0
+
+    def release(self) -> None:
+        buf, self.buf = self.buf, None
+        if buf is not None:
+            conn = self.conn
+            conn._read_buffers.put(buf)
+            conn.server.read_budget.give(conn, self.count)
 
 
 class _BufferPool:
@@ -308,7 +402,10 @@ class _BufferPool:
         self.lock = threading.Lock()  # the reader takes, the replier gives back
 
     def get(self, count: int) -> bytearray:
-        """A buffer for a reply header and count bytes of data."""
+        """A buffer for a reply header and count bytes of data (of a size class up to
+        KEEP_BUFFER, the exact size above: those are not kept)."""
+        if count > KEEP_BUFFER:
+            return bytearray(READ_REPLY_PREFIX + count)
         size = READ_REPLY_PREFIX + (1 << max(16, (count - 1).bit_length()))
         with self.lock:
             kept = self.free.get(size)
@@ -319,8 +416,10 @@ class _BufferPool:
 
     def put(self, buf: bytearray) -> None:
         size = len(buf)
+        if size > READ_REPLY_PREFIX + KEEP_BUFFER:
+            return
         with self.lock:
-            if size <= KEEP_BUFFER and self.idle + size <= READ_POOL_BUDGET:
+            if self.idle + size <= READ_POOL_BUDGET:
                 self.free.setdefault(size, []).append(buf)
                 self.idle += size
 
@@ -330,7 +429,7 @@ class _ReplyBatch:
     then sent together with one sendmsg.  Small READ replies are laid out one after another
     in one buffer, header just before data, so that nothing is copied to batch them."""
 
-    __slots__ = ("conn", "buf", "pos", "replies", "nbytes")
+    __slots__ = ("conn", "buf", "pos", "replies", "nbytes", "charged")
 
     def __init__(self, conn: _Connection):
         self.conn = conn
@@ -338,10 +437,15 @@ class _ReplyBatch:
         self.pos = 0
         self.replies: list = []
         self.nbytes = 0
+        self.charged = 0  # read budget of a one-off buffer, given back once it has left
 
     def get(self, count: int) -> tuple[bytearray, int]:
         need = READ_REPLY_PREFIX + count
-        if need > len(self.buf):
+        if need > len(self.buf):  # (under TLS: everything else is a worker's)
+            self.flush()  # what is held back leaves first, and gives back its budget
+            conn = self.conn
+            conn.server.read_budget.take(conn, count)
+            self.charged = count
             return bytearray(need), 0
         if self.pos + need > len(self.buf):
             self.flush()
@@ -368,16 +472,21 @@ class _ReplyBatch:
 
     def flush(self) -> None:
         replies = self.replies
-        if replies:
-            conn = self.conn
-            with conn.send_lock:
-                if len(replies) == 1:
-                    conn.sock.sendall(replies[0])
-                else:
-                    _sendmsg_all(conn.sock, replies)
-            replies.clear()
-            self.nbytes = 0
-        self.pos = 0
+        try:
+            if replies:
+                conn = self.conn
+                with conn.send_lock:
+                    if len(replies) == 1:
+                        conn.sock.sendall(replies[0])
+                    else:
+                        _sendmsg_all(conn.sock, replies)
+                replies.clear()
+                self.nbytes = 0
+            self.pos = 0
+        finally:
+            if self.charged:
+                self.conn.server.read_budget.give(self.conn, self.charged)
+                self.charged = 0
 
 
 def _sendmsg_all(sock: socket.socket, buffers: list, flags: int = 0) -> None:
@@ -441,6 +550,7 @@ class _Connection:
         self.replier: threading.Thread | None = None
         self._read_slots = threading.BoundedSemaphore(MAX_QUEUED_PER_CONNECTION)
         self._read_buffers = server.read_buffers
+        self.read_in_use = 0  # bytes of READ replies held (server.read_budget's, under its lock)
         self.zero_copy = False  # large READs are sent with sendfile (set for transmission)
 
     # -- plumbing
@@ -474,6 +584,8 @@ class _Connection:
             if self.reads is not None:
                 self.reads.close()  # the replier sends what is still coming, then returns
                 self.replier.join()
+            if self.read_in_use:  # nothing of ours runs any more: whatever is left is free
+                self.server.read_budget.give(self, self.read_in_use)
             self._close(linger)
             self._release_view()
             self.server._forget(self)
@@ -865,6 +977,18 @@ class _Connection:
                                             name=f"cow-conn{self.id}-replier")
             self.replier.start()
         self._read_slots.acquire()  # a client that never reads its replies stops being read
+        budget = self.server.read_budget
+        if not budget.try_take(self, count):
+            # Over the read budget: no more requests are read until replies leave.  What is
+            # held back leaves first (the client may wait for it before reading on).
+            batch.flush()
+            try:
+                budget.take(self, count)
+            except OSError as e:  # shutting down (or broken): this one is not started
+                self._read_slots.release()
+                batch.add(self._error_reply(cookie, NBD_CMD_READ, flags, offset, count,
+                                            nbd_error_from_errno(e.errno), client_message(e)))
+                return True
         buf = self._read_buffers.get(count)
         at = READ_REPLY_PREFIX
         with self._in_workers_lock:
@@ -879,18 +1003,19 @@ class _Connection:
         self._read_slots.release()
         with self._in_workers_lock:
             self.in_workers -= 1
+        budget.give(self, count)
         if started is None:
             self._read_buffers.put(buf)
             return False
         if isinstance(started, BaseException):
             self._read_buffers.put(buf)
-            err = nbd_error_from_errno(getattr(started, "errno", None)) \
-                if isinstance(started, OSError) else P.NBD_EINVAL
+            err = nbd_error_from_errno(started.errno) if isinstance(started, OSError) \
+                else P.NBD_EINVAL
             batch.add(self._error_reply(cookie, NBD_CMD_READ, flags, offset, count, err,
-                                        getattr(started, "strerror", None) or str(started)))
+                                        client_message(started), started))
             return True
         # Done at once (the blocks were copied up meanwhile): the batch sends this buffer
-        # later, so it does not go back to the pool.
+        # later, so it does not go back to the pool (and the batch bounds what it holds).
         start = self.proto.read_reply_into(buf, cookie, offset, count)
         batch.add(memoryview(buf)[start:at + count])
         return True
@@ -898,7 +1023,7 @@ class _Connection:
     def _reply_reads(self) -> None:
         """The replier: send the replies of started reads as they finish, all that finished
         together in one sendmsg."""
-        reads, proto = self.reads, self.proto
+        reads, proto, budget = self.reads, self.proto, self.server.read_budget
         while True:
             done = reads.wait()
             if not done:
@@ -928,6 +1053,7 @@ class _Connection:
                 replies.clear()
                 for token, _ in done:
                     self._read_buffers.put(token[4])
+                    budget.give(self, token[3])
                     self._read_slots.release()
                     self._worker_done()
 
@@ -1072,7 +1198,7 @@ class _Workers:
 
     def _work(self) -> None:
         conn = self.conn
-        reply_buffer = _ReplyBuffer()
+        space = _WorkerSpace(conn)
         while True:
             job = self.jobs.get()
             if job is None:
@@ -1080,13 +1206,13 @@ class _Workers:
             cmd, flags, cookie, offset, count, payload, owned = job
             try:
                 if not conn.broken:
-                    conn._send(conn._handle(cmd, flags, cookie, offset, count, payload,
-                                            reply_buffer))
+                    conn._send(conn._handle(cmd, flags, cookie, offset, count, payload, space))
             except OSError as e:  # the client is gone: make the reader stop too
                 log.info("connection %d: closing: %s", conn.id, e)
                 conn.broken = True
                 _shutdown_socket(conn.sock, socket.SHUT_RDWR)
             finally:
+                space.release()
                 if owned is not None:
                     conn._give_back_payload_buffer(owned, count)
                 with self.lock:
@@ -1139,6 +1265,7 @@ class Server:
         self.tls = tls if tls is not None else TLSSettings()
         self.max_connections = max_connections  # 0: no limit
         self.handshake_timeout = handshake_timeout  # 0: none
+        self.read_budget = _ReadBudget()
         self._refused = 0
         self._lock = threading.Lock()
         self._connections: dict[int, tuple[_Connection, threading.Thread]] = {}
@@ -1211,6 +1338,7 @@ class Server:
             items = list(self._connections.values())
         for conn, _ in items:
             conn.begin_shutdown(now + SHUTDOWN_HANDSHAKE_WAIT)
+        self.read_budget.wake()  # a reader waiting for the read budget gives up
         if self.verbose:
             log.info("shutting down: %d connection(s) open", len(items))
         deadline = now + grace

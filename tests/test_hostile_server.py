@@ -43,6 +43,126 @@ def _log_lines(srv, pattern):
     return len(re.findall(pattern, srv.stderr()))
 
 
+# ---------------------------------------------------------------- the read budget (item 8)
+
+
+def _pattern(offset, count):
+    """What nbdkit's pattern plugin serves: each 8 bytes, their offset, big-endian."""
+    words = array("Q", range(offset, offset + count, 8))
+    words.byteswap()
+    return words
+
+
+def _same_as_pattern(data, offset):
+    words = array("Q")
+    words.frombytes(data)
+    return words == _pattern(offset, len(data))
+
+
+def _send_reads(c, count, n, first_cookie=1, base=0):
+    c.send(b"".join(struct.pack(">IHHQQI", 0x25609513, 0, CMD_READ, first_cookie + i,
+                                base + i * count, count) for i in range(n)))
+
+
+def _peak_rss_growth(srv, base_kib, seconds):
+    """Largest RSS growth (bytes) seen over a few seconds."""
+    peak = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_kib(srv.pid) - base_kib)
+        time.sleep(0.05)
+    return peak * KiB
+
+
+@pytest.fixture
+def slow_backing(nbdkit):
+    """A remote disk: nbdkit's pattern plugin behind the delay filter."""
+    return nbdkit("--filter=delay", "pattern", "2G", "rdelay=100ms")
+
+
+def _warm(srv):
+    """One whole connection with a few reads, so that the baseline RSS is the idle server's."""
+    h = nbd.NBD()
+    h.connect_uri(srv.uri)
+    for off in range(0, 8 * MiB, MiB):
+        assert _same_as_pattern(h.pread(MiB, 1536 * MiB + off), 1536 * MiB + off)
+    h.shutdown()
+
+
+@pytest.mark.parametrize("options, n", [((), 16), (("--cow-on-read", "true"), 8)],
+                         ids=["started-reads", "workers"])
+def test_a_client_that_never_reads_holds_only_its_read_budget(slow_backing, tmp_path,
+                                                               options, n):
+    """READs of 32 MiB over an NBD backing, replies never read: the server holds about one
+    connection's read budget (it took 1.57 GB with 64 in flight), whether the reads are
+    started and collected by the replier or (with cow-on-read) read by workers; another
+    client is served meanwhile, and when the first client reads, every reply arrives whole
+    and correct."""
+    count = 32 * MiB
+    with run_server(tmp_path, slow_backing, *options) as srv:
+        _warm(srv)
+        base = rss_kib(srv.pid)
+        hostile = RawClient(srv.sock, timeout=60).handshake(structured=False)
+        _send_reads(hostile, count, n)
+        growth = _peak_rss_growth(srv, base, 4)
+        assert growth < READ_BUDGET + count + 48 * MiB, \
+            f"RSS grew by {growth >> 20} MiB with the replies of {n} x 32 MiB READs unread"
+        # Another client is served meanwhile, from the backing and from the overlay.
+        h = nbd.NBD()
+        h.connect_uri(srv.uri)
+        assert _same_as_pattern(h.pread(MiB, 1024 * MiB), 1024 * MiB)
+        h.pwrite(b"w" * 4096, 1100 * MiB)
+        assert h.pread(4096, 1100 * MiB) == b"w" * 4096
+        h.shutdown()
+        # The first client reads at last: every reply, whole and correct.
+        seen = set()
+        for _ in range(n):
+            cookie, error, data, _ = hostile.reply(count)
+            assert error == 0 and 1 <= cookie <= n and cookie not in seen
+            seen.add(cookie)
+            assert _same_as_pattern(data, (cookie - 1) * count), f"READ {cookie} is wrong"
+        hostile.disconnect()
+        assert srv.alive()
+
+
+def test_clients_that_never_read_hold_only_the_servers_read_budget(slow_backing, tmp_path):
+    """Ten clients with 32 MiB READs whose replies they never read: the server holds about its
+    read budget, not ten connections' worth; a client with a small READ is still served, and a
+    reader still waiting for the budget at SIGTERM answers ESHUTDOWN, so that shutdown does
+    not wait for it."""
+    count = 32 * MiB
+    hostile = []
+    with run_server(tmp_path, slow_backing) as srv:
+        _warm(srv)
+        base = rss_kib(srv.pid)
+        for k in range(10):
+            c = RawClient(srv.sock, timeout=60).handshake(structured=False)
+            _send_reads(c, count, 4, base=k * 4 * count)
+            hostile.append(c)
+        growth = _peak_rss_growth(srv, base, 4)
+        assert growth < SERVER_READ_BUDGET + 2 * count + 48 * MiB, \
+            f"RSS grew by {growth >> 20} MiB with 10 clients' 32 MiB READs unread"
+        # A client with small requests is served, budget or not.
+        h = nbd.NBD()
+        h.connect_uri(srv.uri)
+        assert _same_as_pattern(h.pread(MiB, 1800 * MiB), 1800 * MiB)
+        h.shutdown()
+        # At SIGTERM the clients still waiting for the budget hear ESHUTDOWN for the READ
+        # they waited with, without waiting for the others' replies to leave (nobody reads
+        # them: those connections are cut off only when the shutdown grace runs out).
+        srv.proc.send_signal(signal.SIGTERM)
+        first = []
+        for c in hostile:
+            c.sock.settimeout(10)
+            magic, error, _ = struct.unpack(">IIQ", c.recv_exact(16))  # its first reply
+            assert magic == 0x67446698
+            first.append(error)
+        assert sorted(first) == [0] * 8 + [ESHUTDOWN] * 2, first
+        for c in hostile:
+            c.close()
+        assert srv.proc.wait(60) == 0
+
+
 # ---------------------------------------------------------------- what a client learns (item 10)
 
 
