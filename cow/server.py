@@ -63,6 +63,16 @@ entirely on its own thread, without workers (an OpenSSL connection must not be
 read and written from two threads at once), and its TLS session is shut down
 (close_notify) before the socket is closed.
 
+Memory and descriptors.  READ replies held in memory (reads in flight to an NBD backing, READs
+read by workers) are charged to a read budget, READ_BUDGET per connection and
+SERVER_READ_BUDGET in all (_ReadBudget): a client at its budget is not read from until its
+replies leave, so one that never reads them holds its budget and no more; large WRITE payloads
+have PAYLOAD_BUDGET per connection.  When accept fails for want of descriptors or memory, the
+listeners rest (Server.accept_rest) instead of being polled in a loop; the client waits in the
+listen backlog, the connections already open are served, and the log says so once a second at
+most.  Nothing sent to a client names a path of this server or the backing's command line:
+error replies carry what the errno means (client_message), the log keeps the detail.
+
 Shutdown.  At SIGTERM requests in flight finish; requests that arrive after
 shutdown began are answered NBD_ESHUTDOWN and options NBD_REP_ERR_SHUTDOWN (the
 spec's SHOULDs), so that clients learn why the connection ends.  A connection in
@@ -153,6 +163,13 @@ SHUTDOWN_GRACE = 20.0  # seconds for in-flight requests at SIGTERM before sends 
 SHUTDOWN_HANDSHAKE_WAIT = 5.0  # seconds a client still haggling at SIGTERM may go on (its
                                # options are answered NBD_REP_ERR_SHUTDOWN) before it is dropped
 LINGER = 2.0  # seconds a closing connection waits for the client (see _Connection._close)
+ACCEPT_REST_FIRST = 0.05  # seconds the listeners rest after accept runs out of descriptors or
+ACCEPT_REST_MAX = 1.0     # memory, doubled while it goes on, up to this
+ACCEPT_LOG_INTERVAL = 1.0  # at most one line this often about failing accepts, and twice
+ACCEPT_LOG_INTERVAL_MAX = 60.0  # that after each while it goes on, up to this
+# accept(2) failures that mean "not now": a descriptor or memory comes back when a connection
+# ends, and the client waits in the listen backlog meanwhile
+_ACCEPT_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 def _shutdown_socket(sock, how) -> None:
@@ -1271,6 +1288,59 @@ class Server:
         self._connections: dict[int, tuple[_Connection, threading.Thread]] = {}
         self._next_id = 0
         self._accepting = True
+        # Accepting when out of descriptors (see accept_rest)
+        self._rest_until = 0.0  # monotonic time before which the listeners rest
+        self._rest_delay = 0.0
+        self._accept_failures = 0  # since the trouble began
+        self._accept_trouble_since: float | None = None  # the first failure of a run
+        self._accept_log_at = 0.0  # when the next line may be logged
+        self._accept_log_interval = ACCEPT_LOG_INTERVAL
+
+    def accept_rest(self) -> float:
+        """Seconds the caller must not poll the listeners for (0: poll them).  After accept
+        fails for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM, or no thread
+        to be had) the listeners rest, ACCEPT_REST_FIRST seconds and twice that each time it
+        fails again, up to ACCEPT_REST_MAX: polling them meanwhile would only spin, since the
+        client waits in the listen backlog until a descriptor comes back.  Connections already
+        open are served meanwhile, and a connection that ends gives its descriptors back."""
+        rest = self._rest_until - time.monotonic()
+        return rest if rest > 0 else 0.0
+
+    def _accept_failed(self, what: str, rest: bool) -> None:
+        """One failed accept: rest the listeners if ``rest``.  Logged at once, then at most once
+        a second, and less often while it goes on."""
+        now = time.monotonic()
+        if rest:
+            self._rest_delay = min(max(self._rest_delay * 2, ACCEPT_REST_FIRST), ACCEPT_REST_MAX)
+            self._rest_until = now + self._rest_delay
+        self._accept_failures += 1
+        since = self._accept_trouble_since
+        if since is None:
+            self._accept_trouble_since = now
+            self._accept_log_interval = ACCEPT_LOG_INTERVAL
+            if rest:
+                log.warning("accept: %s: new connections wait in the listen backlog until "
+                            "descriptors or memory come back; open ones are still served", what)
+            else:
+                log.warning("accept: %s", what)
+        elif now >= self._accept_log_at:
+            log.warning("accept: %s (%d failed accepts in %.0f s)", what, self._accept_failures,
+                        now - since)
+            self._accept_log_interval = min(self._accept_log_interval * 2,
+                                            ACCEPT_LOG_INTERVAL_MAX)
+        else:
+            return
+        self._accept_log_at = now + self._accept_log_interval
+
+    def _accept_succeeded(self) -> None:
+        since = self._accept_trouble_since
+        if since is not None:
+            if self._rest_delay:
+                log.warning("accepting new connections again (after %.1f s)",
+                            time.monotonic() - since)
+            self._accept_trouble_since = None
+            self._accept_failures = 0
+            self._rest_delay = 0.0
 
     def accept(self, listener: socket.socket) -> None:
         try:
@@ -1278,8 +1348,9 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:  # e.g. EMFILE: keep serving the others
-            log.warning("accept: %s", e)
+            self._accept_failed(e.strerror or str(e), e.errno in _ACCEPT_RESOURCES)
             return
+        self._accept_succeeded()
         sock.setblocking(True)
         try:  # room for a whole large READ reply: one send, no waiting on the client
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
@@ -1301,12 +1372,22 @@ class Server:
                                 self.max_connections, refused)
                 return
             self._next_id += 1
-            conn = _Connection(self, sock, self._next_id)
+            try:
+                conn = _Connection(self, sock, self._next_id)
+            except MemoryError:
+                sock.close()
+                self._accept_failed("out of memory for a new connection", True)
+                return
             thread = threading.Thread(target=conn.run, name=f"cow-conn{conn.id}", daemon=True)
             self._connections[conn.id] = (conn, thread)
         if self.verbose:
             log.info("connection %d: accepted", conn.id)
-        thread.start()
+        try:
+            thread.start()
+        except (RuntimeError, MemoryError) as e:  # no thread to be had (memory, a limit)
+            self._forget(conn)
+            sock.close()
+            self._accept_failed(f"cannot start a thread for a new connection: {e}", True)
 
     def reap_handshakes(self) -> None:
         """Hang up on clients still in the handshake past their deadline.  The per-recv

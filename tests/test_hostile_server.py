@@ -43,6 +43,107 @@ def _log_lines(srv, pattern):
     return len(re.findall(pattern, srv.stderr()))
 
 
+# ---------------------------------------------------------------- out of descriptors (item 6)
+
+
+def _nofile(soft, hard):
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return set_limit
+
+
+def _connect(sock_path, greeting_timeout):
+    """A raw client through the whole handshake, or (client, False) if the server does not
+    greet it in time (it waits in the listen backlog)."""
+    c = RawClient(sock_path)
+    c.sock.settimeout(greeting_timeout)
+    try:
+        c.greeting()
+    except socket.timeout:
+        return c, False
+    c.sock.settimeout(30)
+    c.client_flags()
+    c.option(OPT_GO, c.info_data())
+    assert c.option_replies(OPT_GO)[-1][0] == REP_ACK
+    return c, True
+
+
+def test_out_of_descriptors_the_accept_loop_rests(backing_factory, tmp_path):
+    """At `ulimit -n 64`, connections until accept fails with EMFILE: the server logs it once
+    a second at most (it spun, 55,340 lines in 3 s), the connections it has keep reading and
+    writing correctly, and once some close the client waiting in the backlog is served."""
+    disk = backing_factory(4 * MiB)
+    original = disk.read_bytes()
+    with run_server(tmp_path, disk, preexec_fn=_nofile(64, 64)) as srv:
+        clients = []
+        waiting = None
+        for _ in range(100):
+            c, greeted = _connect(srv.sock, 3.0)
+            if not greeted:
+                waiting = c
+                break
+            clients.append(c)
+        assert waiting is not None, "64 descriptors did not run out"
+        assert len(clients) > 10
+        wait_until(lambda: "Too many open files" in srv.stderr(), what="EMFILE in the log")
+        before = _log_lines(srv, r"(?m)^.*accept")
+        time.sleep(3)
+        during = _log_lines(srv, r"(?m)^.*accept") - before
+        assert during <= 6, f"{during} lines about accept in 3 s:\n{srv.stderr()[-2000:]}"
+        assert srv.alive()
+        # The connections already open are served, reads and writes alike.
+        for i, c in enumerate(clients[:3]):
+            data = bytes([65 + i]) * 4096
+            err, _, _ = c.call(CMD_WRITE, 65536 * i, 4096, payload=data)
+            assert err == 0
+            err, got, _ = c.call(CMD_READ, 65536 * i, 4096)
+            assert err == 0 and got == data
+            err, got, _ = c.call(CMD_READ, MiB, 256 * KiB)          # a large one: sendfile
+            assert err == 0 and got == original[MiB:MiB + 256 * KiB]
+        # Descriptors come back: the client waiting in the backlog is served, and new ones.
+        for c in clients[-5:]:
+            c.disconnect()
+        del clients[-5:]
+        waiting.sock.settimeout(30)
+        waiting.greeting()
+        waiting.client_flags()
+        waiting.option(OPT_GO, waiting.info_data())
+        assert waiting.option_replies(OPT_GO)[-1][0] == REP_ACK
+        err, got, _ = waiting.call(CMD_READ, 65536, 4096)
+        assert err == 0 and got == b"B" * 4096
+        waiting.disconnect()
+        h = nbd.NBD()
+        h.connect_uri(srv.uri)
+        assert h.pread(4096, 2 * MiB) == original[2 * MiB:2 * MiB + 4096]
+        h.shutdown()
+        for c in clients:
+            c.disconnect()
+        assert "accepting new connections again" in srv.stderr()
+
+
+def _soft_nofile(pid):
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            if line.startswith("Max open files"):
+                return int(line.split()[3])
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+def test_the_soft_descriptor_limit_is_raised_but_not_for_the_backing_command(tmp_path):
+    """Started with a soft limit of 64 under a hard one of 4096, the server raises its soft
+    limit to 4096 (as qemu does); the backing command it started keeps the 64 it was given
+    (a program may use select(), which breaks above 1024)."""
+    pidfile = tmp_path / "backing.pid"
+    with run_server(tmp_path, None, "--", "nbdkit", "-P", pidfile, "pattern", "1M",
+                    preexec_fn=_nofile(64, 4096)) as srv:
+        h = nbd.NBD()
+        h.connect_uri(srv.uri)
+        assert h.pread(8, 65536) == (65536).to_bytes(8, "big")
+        h.shutdown()
+        assert _soft_nofile(srv.pid) == 4096
+        assert _soft_nofile(int(pidfile.read_text())) == 64
+
+
 # ---------------------------------------------------------------- the read budget (item 8)
 
 
