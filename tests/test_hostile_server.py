@@ -78,7 +78,7 @@ def test_out_of_descriptors_the_accept_loop_rests(backing_factory, tmp_path):
         clients = []
         waiting = None
         for _ in range(100):
-            c, greeted = _connect(srv.sock, 3.0)
+            c, greeted = _connect(srv.sock, 5.0)
             if not greeted:
                 waiting = c
                 break
