@@ -518,6 +518,35 @@ def _tune_malloc() -> None:
         pass
 
 
+def _raise_nofile_limit(verbose: bool) -> None:
+    """Raise the soft limit on open descriptors to the hard limit, as qemu does at start-up
+    (os_setup_limits): each connection costs one or more, an open view two.  Done once the
+    backing command and the --run command have started, so that they keep the limit they
+    were given (a program using select() breaks above 1024); this process uses no select()."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (OSError, ValueError):
+        return
+    want = hard
+    if want == resource.RLIM_INFINITY:  # Linux refuses more than fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                want = int(f.read())
+        except (OSError, ValueError):
+            return
+    if soft != resource.RLIM_INFINITY and soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (OSError, ValueError) as e:
+        log.info("cannot raise the open file limit from %d to %d: %s", soft, want, e)
+        return
+    if verbose:
+        log.info("open file limit raised from %d to %d", soft, want)
+
+
 def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
     """(options, backing command): the command follows a `--`, or stands in `[ ... ]` as
     nbdinfo and nbdcopy write it; None when there is none."""
@@ -758,8 +787,9 @@ def _main(args, cleanup: list) -> int:
 
         cleanup.append(close_engine)
         backing = engine.backing   # the path, URI or command line
-        description = "built-in sample disk" if sample_note \
-            else f"copy-on-write view of {backing}"
+        # Every client may read the description: it never names the backing (a path, a URI,
+        # a command line with its secrets).  The start-up line tells the operator.
+        description = "built-in sample disk" if sample_note else "copy-on-write view"
         export = P.Export(size=engine.size, name=args.exportname, description=description,
                           readonly=args.readonly, preferred_block_size=engine.block_size)
         exports = OneEngine(engine, export)
@@ -855,13 +885,24 @@ def _main(args, cleanup: list) -> int:
         threading.Thread(target=wait_child, name="cow-run", daemon=True).start()
 
     # -- accept until told to stop
+    _raise_nofile_limit(args.verbose)
     sel = selectors.DefaultSelector()
-    for sock in listeners:
-        sel.register(sock, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
+    polled = False  # the listeners are registered (not while they rest: Server.accept_rest)
     try:
         while not stop.is_set():
-            events = sel.select(1.0 if server.handshake_timeout else None)
+            rest = server.accept_rest()
+            if polled == bool(rest):
+                for sock in listeners:
+                    if rest:
+                        sel.unregister(sock)
+                    else:
+                        sel.register(sock, selectors.EVENT_READ)
+                polled = not rest
+            timeout = 1.0 if server.handshake_timeout else None
+            if rest:
+                timeout = rest if timeout is None else min(timeout, rest)
+            events = sel.select(timeout)
             server.reap_handshakes()
             for key, _ in events:
                 if key.fileobj == wake_r:
@@ -869,7 +910,7 @@ def _main(args, cleanup: list) -> int:
                         os.read(wake_r, 512)
                     except BlockingIOError:
                         pass
-                elif not stop.is_set():
+                elif not stop.is_set() and not server.accept_rest():
                     server.accept(key.fileobj)
     finally:
         signal.set_wakeup_fd(-1)

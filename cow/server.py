@@ -63,6 +63,16 @@ entirely on its own thread, without workers (an OpenSSL connection must not be
 read and written from two threads at once), and its TLS session is shut down
 (close_notify) before the socket is closed.
 
+Memory and descriptors.  READ replies held in memory (reads in flight to an NBD backing, READs
+read by workers) are charged to a read budget, READ_BUDGET per connection and
+SERVER_READ_BUDGET in all (_ReadBudget): a client at its budget is not read from until its
+replies leave, so one that never reads them holds its budget and no more; large WRITE payloads
+have PAYLOAD_BUDGET per connection.  When accept fails for want of descriptors or memory, the
+listeners rest (Server.accept_rest) instead of being polled in a loop; the client waits in the
+listen backlog, the connections already open are served, and the log says so once a second at
+most.  Nothing sent to a client names a path of this server or the backing's command line:
+error replies carry what the errno means (client_message), the log keeps the detail.
+
 Shutdown.  At SIGTERM requests in flight finish; requests that arrive after
 shutdown began are answered NBD_ESHUTDOWN and options NBD_REP_ERR_SHUTDOWN (the
 spec's SHOULDs), so that clients learn why the connection ends.  A connection in
@@ -134,6 +144,14 @@ BATCH_BUFFER = 512 * 1024  # inline replies held back while more requests are bu
 MAX_BATCH_REPLIES = 256  # ... and at most this many of them (well under IOV_MAX)
 KEEP_BUFFER = 4 * 1024 * 1024  # larger one-off buffers are not kept between requests
 READ_POOL_BUDGET = 64 * 1024 * 1024  # idle read reply buffers the server keeps for reuse
+READ_BUDGET = 32 * 1024 * 1024  # bytes of READ replies a connection may hold in memory at once
+                                # (reads in flight to an NBD backing, READs read by workers):
+                                # a client at it is not read from until replies leave (one
+                                # request may exceed it)
+SERVER_READ_BUDGET = 256 * 1024 * 1024  # ... and every connection together
+READ_ALWAYS = 2 * 1024 * 1024  # a connection holding no READ reply may take one this large
+                               # whatever the server holds: clients that never read their
+                               # replies, however many, cannot stop the others' (usual) READs
 SOCKET_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at wmem_max)
 ZERO_COPY_READ = 64 * 1024  # READs from this size are sent from the files (sendfile), and with
                             # structured replies their holes as OFFSET_HOLE chunks
@@ -147,6 +165,13 @@ SHUTDOWN_GRACE = 20.0  # seconds for in-flight requests at SIGTERM before sends 
 SHUTDOWN_HANDSHAKE_WAIT = 5.0  # seconds a client still haggling at SIGTERM may go on (its
                                # options are answered NBD_REP_ERR_SHUTDOWN) before it is dropped
 LINGER = 2.0  # seconds a closing connection waits for the client (see _Connection._close)
+ACCEPT_REST_FIRST = 0.05  # seconds the listeners rest after accept runs out of descriptors or
+ACCEPT_REST_MAX = 1.0     # memory, doubled while it goes on, up to this
+ACCEPT_LOG_INTERVAL = 1.0  # at most one line this often about failing accepts, and twice
+ACCEPT_LOG_INTERVAL_MAX = 60.0  # that after each while it goes on, up to this
+# accept(2) failures that mean "not now": a descriptor or memory comes back when a connection
+# ends, and the client waits in the listen backlog meanwhile
+_ACCEPT_RESOURCES = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 
 
 def _shutdown_socket(sock, how) -> None:
@@ -175,6 +200,18 @@ def nbd_error_from_errno(err: int | None) -> int:
     if err == errno.ESHUTDOWN:
         return P.NBD_ESHUTDOWN
     return P.NBD_EIO
+
+
+def client_message(e: Exception) -> str:
+    """The text an error reply carries for an engine error: what its errno means, nothing
+    more.  The engine's own text (e.strerror, str(e)) may name a path of this server (the
+    overlay's folder, the backing's path, URI or command line); with -v the log keeps it."""
+    err = getattr(e, "errno", None)
+    if err == errno.ESHUTDOWN:
+        return "the server is shutting down"
+    if isinstance(e, OSError):
+        return os.strerror(err) if err else "input/output error"
+    return "invalid request"  # a ValueError: the request does not fit the disk or the engine
 
 
 # ---- receiving -------------------------------------------------------------------------------
@@ -315,23 +352,109 @@ class _Receiver:
         return True
 
 
-class _ReplyBuffer:
-    """Room for one READ reply at a time (a worker's): header, then data; reused, and grown
-    up to KEEP_BUFFER."""
+class _ReadBudget:
+    """Bytes of READ replies held in memory, per connection and server-wide.
 
-    __slots__ = ("buf",)
+    A reply's buffer is charged from before it is allocated until the reply has left (or
+    failed): reads started over an NBD backing, READs read by workers, and under TLS a READ
+    larger than the batch buffer.  A connection over its READ_BUDGET, or the server over
+    SERVER_READ_BUDGET, waits before the next such READ, and its reader stops reading requests
+    meanwhile: a client that never reads its replies holds at most its own budget, never the
+    server's.  A connection with nothing charged may always take one READ however large
+    (a request above the budget is served alone), as long as the server has room, or holds
+    nothing, or it is at most READ_ALWAYS: so that however many clients hold their budgets,
+    every other client can still have one READ of a usual size at a time.  The server holds
+    at most SERVER_READ_BUDGET, plus READ_ALWAYS for each connection (whose receive and batch
+    buffers cost about as much: --max-connections bounds both).  A waiter gives up with
+    ESHUTDOWN once the server is shutting down, so that shutdown never waits for it."""
 
-    def __init__(self):
-        self.buf = bytearray(READ_REPLY_PREFIX + 256 * 1024)
+    __slots__ = ("per_connection", "total", "in_use", "waiting", "cond")
+
+    def __init__(self, per_connection: int = READ_BUDGET, total: int = SERVER_READ_BUDGET):
+        self.per_connection = per_connection
+        self.total = total
+        self.in_use = 0
+        self.waiting = 0
+        self.cond = threading.Condition(threading.Lock())
+
+    def _fits(self, conn: _Connection, count: int) -> bool:
+        mine, used = conn.read_in_use, self.in_use
+        if mine and mine + count > self.per_connection:
+            return False
+        return not used or used + count <= self.total or (not mine and count <= READ_ALWAYS)
+
+    def try_take(self, conn: _Connection, count: int) -> bool:
+        with self.cond:
+            if not self._fits(conn, count):
+                return False
+            conn.read_in_use += count
+            self.in_use += count
+            return True
+
+    def take(self, conn: _Connection, count: int) -> None:
+        """Charge count bytes to conn, waiting for room.  OSError(ESHUTDOWN) once the server
+        is shutting down, OSError(ECONNRESET) once the connection is broken, if still waiting."""
+        with self.cond:
+            if not self._fits(conn, count):
+                self.waiting += 1
+                try:
+                    while True:
+                        if conn.stopping:
+                            raise OSError(errno.ESHUTDOWN, "the server is shutting down")
+                        if conn.broken:
+                            raise OSError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+                        self.cond.wait(1.0)  # woken by give() and wake(); the timeout: a net
+                        if self._fits(conn, count):
+                            break
+                finally:
+                    self.waiting -= 1
+            conn.read_in_use += count
+            self.in_use += count
+
+    def give(self, conn: _Connection, count: int) -> None:
+        with self.cond:
+            conn.read_in_use -= count
+            self.in_use -= count
+            if self.waiting:
+                self.cond.notify_all()
+
+    def wake(self) -> None:
+        """Make every waiter look again (shutdown, a connection broken)."""
+        with self.cond:
+            if self.waiting:
+                self.cond.notify_all()
+
+
+class _WorkerSpace:
+    """Where a worker lays out a READ reply: a buffer of the server's pool, charged to the read
+    budget from get() (which may wait) until release(), after the reply has left."""
+
+    __slots__ = ("conn", "buf", "count")
+
+    def __init__(self, conn: _Connection):
+        self.conn = conn
+        self.buf = None
+        self.count = 0
 
     def get(self, count: int) -> tuple[bytearray, int]:
         """(buffer, base): the reply header ends and the data begins at base+READ_REPLY_PREFIX."""
-        buf = self.buf
-        if count > len(buf) - READ_REPLY_PREFIX:
-            buf = bytearray(READ_REPLY_PREFIX + count)
-            if count <= KEEP_BUFFER:
-                self.buf = buf
-        return buf, 0
+        conn = self.conn
+        budget = conn.server.read_budget
+        budget.take(conn, count)
+        try:
+            self.buf = conn._read_buffers.get(count)
+        except BaseException:
+            budget.give(conn, count)
+            raise
+        self.count = count
+        return self.buf, 0
+
+    def release(self) -> None:
+        buf, self.buf = self.buf, None
+        if buf is not None:
+            conn = self.conn
+            conn._read_buffers.put(buf)
+            conn.server.read_budget.give(conn, self.count)
 
 
 class _BufferPool:
@@ -348,7 +471,10 @@ class _BufferPool:
         self.lock = threading.Lock()  # the reader takes, the replier gives back
 
     def get(self, count: int) -> bytearray:
-        """A buffer for a reply header and count bytes of data."""
+        """A buffer for a reply header and count bytes of data (of a size class up to
+        KEEP_BUFFER, the exact size above: those are not kept)."""
+        if count > KEEP_BUFFER:
+            return bytearray(READ_REPLY_PREFIX + count)
         size = READ_REPLY_PREFIX + (1 << max(16, (count - 1).bit_length()))
         with self.lock:
             kept = self.free.get(size)
@@ -359,8 +485,10 @@ class _BufferPool:
 
     def put(self, buf: bytearray) -> None:
         size = len(buf)
+        if size > READ_REPLY_PREFIX + KEEP_BUFFER:
+            return
         with self.lock:
-            if size <= KEEP_BUFFER and self.idle + size <= READ_POOL_BUDGET:
+            if self.idle + size <= READ_POOL_BUDGET:
                 self.free.setdefault(size, []).append(buf)
                 self.idle += size
 
@@ -370,7 +498,7 @@ class _ReplyBatch:
     then sent together with one sendmsg.  Small READ replies are laid out one after another
     in one buffer, header just before data, so that nothing is copied to batch them."""
 
-    __slots__ = ("conn", "buf", "pos", "replies", "nbytes")
+    __slots__ = ("conn", "buf", "pos", "replies", "nbytes", "charged")
 
     def __init__(self, conn: _Connection):
         self.conn = conn
@@ -378,10 +506,15 @@ class _ReplyBatch:
         self.pos = 0
         self.replies: list = []
         self.nbytes = 0
+        self.charged = 0  # read budget of a one-off buffer, given back once it has left
 
     def get(self, count: int) -> tuple[bytearray, int]:
         need = READ_REPLY_PREFIX + count
-        if need > len(self.buf):
+        if need > len(self.buf):  # (under TLS: everything else is a worker's)
+            self.flush()  # what is held back leaves first, and gives back its budget
+            conn = self.conn
+            conn.server.read_budget.take(conn, count)
+            self.charged = count
             return bytearray(need), 0
         if self.pos + need > len(self.buf):
             self.flush()
@@ -408,16 +541,21 @@ class _ReplyBatch:
 
     def flush(self) -> None:
         replies = self.replies
-        if replies:
-            conn = self.conn
-            with conn.send_lock:
-                if len(replies) == 1:
-                    conn.sock.sendall(replies[0])
-                else:
-                    _sendmsg_all(conn.sock, replies)
-            replies.clear()
-            self.nbytes = 0
-        self.pos = 0
+        try:
+            if replies:
+                conn = self.conn
+                with conn.send_lock:
+                    if len(replies) == 1:
+                        conn.sock.sendall(replies[0])
+                    else:
+                        _sendmsg_all(conn.sock, replies)
+                replies.clear()
+                self.nbytes = 0
+            self.pos = 0
+        finally:
+            if self.charged:
+                self.conn.server.read_budget.give(self.conn, self.charged)
+                self.charged = 0
 
 
 def _sendmsg_all(sock: socket.socket, buffers: list, flags: int = 0) -> None:
@@ -481,6 +619,7 @@ class _Connection:
         self.replier: threading.Thread | None = None
         self._read_slots = threading.BoundedSemaphore(MAX_QUEUED_PER_CONNECTION)
         self._read_buffers = server.read_buffers
+        self.read_in_use = 0  # bytes of READ replies held (server.read_budget's, under its lock)
         self.zero_copy = False  # large READs are sent with sendfile (set for transmission)
 
     # -- plumbing
@@ -514,6 +653,8 @@ class _Connection:
             if self.reads is not None:
                 self.reads.close()  # the replier sends what is still coming, then returns
                 self.replier.join()
+            if self.read_in_use:  # nothing of ours runs any more: whatever is left is free
+                self.server.read_budget.give(self, self.read_in_use)
             self._close(linger)
             self._release_view()
             self.server._forget(self)
@@ -692,7 +833,8 @@ class _Connection:
                     if status == SERVE_FAILED:
                         cookie, cmd, flags, offset, count, e = info
                         batch.add(self._error_reply(cookie, cmd, flags, offset, count,
-                                                    nbd_error_from_errno(e.errno), e.strerror))
+                                                    nbd_error_from_errno(e.errno),
+                                                    client_message(e), e))
                         continue
                     if status == SERVE_EOF:
                         self._log_end_of_stream()
@@ -857,11 +999,11 @@ class _Connection:
             return False
         except OSError as e:
             batch.add(self._error_reply(cookie, NBD_CMD_WRITE, flags, offset, count,
-                                        nbd_error_from_errno(e.errno), e.strerror or str(e)))
+                                        nbd_error_from_errno(e.errno), client_message(e), e))
             return True
         except ValueError as e:
             batch.add(self._error_reply(cookie, NBD_CMD_WRITE, flags, offset, count,
-                                        P.NBD_EINVAL, str(e)))
+                                        P.NBD_EINVAL, client_message(e), e))
             return True
         except Exception:  # our bug: where the payload stands is unknown, so the stream ends
             log.error("connection %d: internal error in a spliced WRITE:\n%s", self.id,
@@ -918,6 +1060,18 @@ class _Connection:
                                             name=f"cow-conn{self.id}-replier")
             self.replier.start()
         self._read_slots.acquire()  # a client that never reads its replies stops being read
+        budget = self.server.read_budget
+        if not budget.try_take(self, count):
+            # Over the read budget: no more requests are read until replies leave.  What is
+            # held back leaves first (the client may wait for it before reading on).
+            batch.flush()
+            try:
+                budget.take(self, count)
+            except OSError as e:  # shutting down (or broken): this one is not started
+                self._read_slots.release()
+                batch.add(self._error_reply(cookie, NBD_CMD_READ, flags, offset, count,
+                                            nbd_error_from_errno(e.errno), client_message(e)))
+                return True
         buf = self._read_buffers.get(count)
         at = READ_REPLY_PREFIX
         with self._in_workers_lock:
@@ -932,18 +1086,19 @@ class _Connection:
         self._read_slots.release()
         with self._in_workers_lock:
             self.in_workers -= 1
+        budget.give(self, count)
         if started is None:
             self._read_buffers.put(buf)
             return False
         if isinstance(started, BaseException):
             self._read_buffers.put(buf)
-            err = nbd_error_from_errno(getattr(started, "errno", None)) \
-                if isinstance(started, OSError) else P.NBD_EINVAL
+            err = nbd_error_from_errno(started.errno) if isinstance(started, OSError) \
+                else P.NBD_EINVAL
             batch.add(self._error_reply(cookie, NBD_CMD_READ, flags, offset, count, err,
-                                        getattr(started, "strerror", None) or str(started)))
+                                        client_message(started), started))
             return True
         # Done at once (the blocks were copied up meanwhile): the batch sends this buffer
-        # later, so it does not go back to the pool.
+        # later, so it does not go back to the pool (and the batch bounds what it holds).
         start = self.proto.read_reply_into(buf, cookie, offset, count)
         batch.add(memoryview(buf)[start:at + count])
         return True
@@ -951,7 +1106,7 @@ class _Connection:
     def _reply_reads(self) -> None:
         """The replier: send the replies of started reads as they finish, all that finished
         together in one sendmsg."""
-        reads, proto = self.reads, self.proto
+        reads, proto, budget = self.reads, self.proto, self.server.read_budget
         while True:
             done = reads.wait()
             if not done:
@@ -981,6 +1136,7 @@ class _Connection:
                 replies.clear()
                 for token, _ in done:
                     self._read_buffers.put(token[4])
+                    budget.give(self, token[3])
                     self._read_slots.release()
                     self._worker_done()
 
@@ -1008,11 +1164,14 @@ class _Connection:
             self._payload_in_use -= count
             self._payload_cond.notify()
 
-    def _error_reply(self, cookie, cmd, flags, offset, count, error, message) -> bytes:
+    def _error_reply(self, cookie, cmd, flags, offset, count, error, message,
+                     cause: Exception | None = None) -> bytes:
+        """An error reply carrying message (which must name no path: see client_message); the
+        verbose log tells the cause in full."""
         if self.verbose:
             log.info("connection %d: %s offset=%d count=%d flags=0x%x -> %s (%s)", self.id,
                      P.CMD_NAMES.get(cmd, cmd), offset, count, flags, P.nbd_error_name(error),
-                     message)
+                     message if cause is None else cause)
         return self.proto.error_reply(cookie, cmd, error, message)
 
     def _handle(self, cmd, flags, cookie, offset, count, payload, space):
@@ -1077,9 +1236,10 @@ class _Connection:
                 raise AssertionError(f"unexpected command {cmd}")
         except OSError as e:
             return self._error_reply(cookie, cmd, flags, offset, count,
-                                     nbd_error_from_errno(e.errno), e.strerror or str(e))
+                                     nbd_error_from_errno(e.errno), client_message(e), e)
         except ValueError as e:
-            return self._error_reply(cookie, cmd, flags, offset, count, P.NBD_EINVAL, str(e))
+            return self._error_reply(cookie, cmd, flags, offset, count, P.NBD_EINVAL,
+                                     client_message(e), e)
         except Exception:  # our bug: tell the client EIO, keep the connection and the server
             log.error("connection %d: internal error in %s:\n%s", self.id,
                       P.CMD_NAMES.get(cmd, cmd), traceback.format_exc())
@@ -1121,7 +1281,7 @@ class _Workers:
 
     def _work(self) -> None:
         conn = self.conn
-        reply_buffer = _ReplyBuffer()
+        space = _WorkerSpace(conn)
         while True:
             job = self.jobs.get()
             if job is None:
@@ -1129,13 +1289,13 @@ class _Workers:
             cmd, flags, cookie, offset, count, payload, owned = job
             try:
                 if not conn.broken:
-                    conn._send(conn._handle(cmd, flags, cookie, offset, count, payload,
-                                            reply_buffer))
+                    conn._send(conn._handle(cmd, flags, cookie, offset, count, payload, space))
             except OSError as e:  # the client is gone: make the reader stop too
                 log.info("connection %d: closing: %s", conn.id, e)
                 conn.broken = True
                 _shutdown_socket(conn.sock, socket.SHUT_RDWR)
             finally:
+                space.release()
                 if owned is not None:
                     conn._give_back_payload_buffer(owned, count)
                 with self.lock:
@@ -1190,11 +1350,65 @@ class Server:
         self.max_connections = max_connections  # 0: no limit
         self.handshake_timeout = handshake_timeout  # 0: none
         self.payload_timeout = payload_timeout  # 0: none (see _Receiver)
+        self.read_budget = _ReadBudget()
         self._refused = 0
         self._lock = threading.Lock()
         self._connections: dict[int, tuple[_Connection, threading.Thread]] = {}
         self._next_id = 0
         self._accepting = True
+        # Accepting when out of descriptors (see accept_rest)
+        self._rest_until = 0.0  # monotonic time before which the listeners rest
+        self._rest_delay = 0.0
+        self._accept_failures = 0  # since the trouble began
+        self._accept_trouble_since: float | None = None  # the first failure of a run
+        self._accept_log_at = 0.0  # when the next line may be logged
+        self._accept_log_interval = ACCEPT_LOG_INTERVAL
+
+    def accept_rest(self) -> float:
+        """Seconds the caller must not poll the listeners for (0: poll them).  After accept
+        fails for want of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM, or no thread
+        to be had) the listeners rest, ACCEPT_REST_FIRST seconds and twice that each time it
+        fails again, up to ACCEPT_REST_MAX: polling them meanwhile would only spin, since the
+        client waits in the listen backlog until a descriptor comes back.  Connections already
+        open are served meanwhile, and a connection that ends gives its descriptors back."""
+        rest = self._rest_until - time.monotonic()
+        return rest if rest > 0 else 0.0
+
+    def _accept_failed(self, what: str, rest: bool) -> None:
+        """One failed accept: rest the listeners if ``rest``.  Logged at once, then at most once
+        a second, and less often while it goes on."""
+        now = time.monotonic()
+        if rest:
+            self._rest_delay = min(max(self._rest_delay * 2, ACCEPT_REST_FIRST), ACCEPT_REST_MAX)
+            self._rest_until = now + self._rest_delay
+        self._accept_failures += 1
+        since = self._accept_trouble_since
+        if since is None:
+            self._accept_trouble_since = now
+            self._accept_log_interval = ACCEPT_LOG_INTERVAL
+            if rest:
+                log.warning("accept: %s: new connections wait in the listen backlog until "
+                            "descriptors or memory come back; open ones are still served", what)
+            else:
+                log.warning("accept: %s", what)
+        elif now >= self._accept_log_at:
+            log.warning("accept: %s (%d failed accepts in %.0f s)", what, self._accept_failures,
+                        now - since)
+            self._accept_log_interval = min(self._accept_log_interval * 2,
+                                            ACCEPT_LOG_INTERVAL_MAX)
+        else:
+            return
+        self._accept_log_at = now + self._accept_log_interval
+
+    def _accept_succeeded(self) -> None:
+        since = self._accept_trouble_since
+        if since is not None:
+            if self._rest_delay:
+                log.warning("accepting new connections again (after %.1f s)",
+                            time.monotonic() - since)
+            self._accept_trouble_since = None
+            self._accept_failures = 0
+            self._rest_delay = 0.0
 
     def accept(self, listener: socket.socket) -> None:
         try:
@@ -1202,8 +1416,9 @@ class Server:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:  # e.g. EMFILE: keep serving the others
-            log.warning("accept: %s", e)
+            self._accept_failed(e.strerror or str(e), e.errno in _ACCEPT_RESOURCES)
             return
+        self._accept_succeeded()
         sock.setblocking(True)
         try:  # room for a whole large READ reply: one send, no waiting on the client
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
@@ -1225,12 +1440,22 @@ class Server:
                                 self.max_connections, refused)
                 return
             self._next_id += 1
-            conn = _Connection(self, sock, self._next_id)
+            try:
+                conn = _Connection(self, sock, self._next_id)
+            except MemoryError:
+                sock.close()
+                self._accept_failed("out of memory for a new connection", True)
+                return
             thread = threading.Thread(target=conn.run, name=f"cow-conn{conn.id}", daemon=True)
             self._connections[conn.id] = (conn, thread)
         if self.verbose:
             log.info("connection %d: accepted", conn.id)
-        thread.start()
+        try:
+            thread.start()
+        except (RuntimeError, MemoryError) as e:  # no thread to be had (memory, a limit)
+            self._forget(conn)
+            sock.close()
+            self._accept_failed(f"cannot start a thread for a new connection: {e}", True)
 
     def reap_handshakes(self) -> None:
         """Hang up on clients still in the handshake past their deadline.  The per-recv
@@ -1262,6 +1487,7 @@ class Server:
             items = list(self._connections.values())
         for conn, _ in items:
             conn.begin_shutdown(now + SHUTDOWN_HANDSHAKE_WAIT)
+        self.read_budget.wake()  # a reader waiting for the read budget gives up
         if self.verbose:
             log.info("shutting down: %d connection(s) open", len(items))
         deadline = now + grace
