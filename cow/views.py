@@ -217,6 +217,7 @@ class ViewSet:
         self._changed: dict[str, tuple[int, int, int]] = {}  # name -> (bytes, ino, mtime_ns)
         self._warned: dict[str, str] = {}       # name -> the refusal last logged for it
         self._warn_lock = threading.Lock()
+        self._cap_logged = False    # the cap's refusals were logged since a view was last made
         self._closed = False
         if self.directory is not None:
             # The operator's folder (a link to it is followed); from here on every view file
@@ -379,6 +380,12 @@ class ViewSet:
                             raise ViewError(NO_SUCH_VIEW, f"no view {name} (this server is "
                                                           f"read-only and creates none)")
                         if self._over_cap():
+                            if not self._cap_logged:   # once, not at every new name
+                                self._cap_logged = True
+                                log.warning("view %s refused: the server holds its maximum of "
+                                            "%d views (--max-exports); refused again without "
+                                            "a word until a view is made", name,
+                                            self.max_views)
                             raise self._limit_error()
                     view = self._views[name] = View(name, state=OPENING)
                     break
@@ -413,6 +420,8 @@ class ViewSet:
         with self._settled:
             view.engine = engine
             view.created = created
+            if created:
+                self._cap_logged = False
             view.clients = 1
             view.state = OPEN
             if self._known is not None and self.temporary is None:

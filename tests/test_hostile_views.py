@@ -309,6 +309,10 @@ def test_one_client_making_new_names_meets_the_default_cap(disk, tmp_path):
         for k in range(20):
             rtype, msg = go_reply(proc, f"more{k}".encode())
             assert rtype == P.NBD_REP_ERR_POLICY and f"maximum of {DEFAULT_MAX_VIEWS}".encode() in msg
+        # Without -v, the log says it once, not at every new name.
+        wait_until(lambda: "refused: the server holds its maximum" in proc.log_path.read_text(),
+                   what="the cap's refusal logged")
+        assert proc.log_path.read_text().count("refused: the server holds its maximum") == 1
         assert go_reply(proc, b"t7", P.NBD_OPT_INFO)[0] == P.NBD_REP_ACK   # existing: served
         h = connect(proc, "t7")
         h.pwrite(b"x" * 512, 0)
