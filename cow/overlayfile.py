@@ -852,14 +852,16 @@ def _check_against(path, h: Header, backing, block_size, readonly, backing_chang
     if (kind in (KIND_FILE, KIND_BLOCK_DEVICE)) != (h.backing_kind in (KIND_FILE, KIND_BLOCK_DEVICE)):
         raise OverlayError(f"{path}: the overlay was made over {h.kind_name} {h.backing}, not "
                            f"over a {KIND_NAMES[kind]} such as {name}")
-    change = identity_change(h, kind, size, mtime_ns)
+    # Device and inode too (version 2): a copy made with cp -p has the size and time of the
+    # original, but it is not the file the overlay was made over.
+    dev, ino = backing_file_id(backing)
+    change = identity_change(h, kind, size, mtime_ns, (dev, ino))
     if change and backing_changed != "accept":
         what = f"the backing {name} changed since the overlay was made" if name == h.backing \
             else f"the overlay was made over {h.backing}, and {name} differs from it"
         raise OverlayError(f"{path}: {what} ({change}); its changes may no longer fit it. If "
                            f"you know they still do, accept it with "
                            f"--overlay-backing-changed=accept")
-    dev, ino = backing_file_id(backing)
     if readonly or (not change and h.version == VERSION and (kind, name, mtime_ns, dev, ino)
                     == (h.backing_kind, h.backing, h.backing_mtime_ns, h.backing_dev,
                         h.backing_ino)):

@@ -274,10 +274,13 @@ def test_refuses_another_disk_size(made, backing_factory):
 
 def test_refuses_a_changed_backing_unless_accepted(made, tmp_path):
     disk, ov = made
-    # Another file of the same size: its modification time differs.
+    # Another file of the same size (another inode, another modification time).
     copy = tmp_path / "copy.img"
     copy.write_bytes(read_file(disk))
-    refused(copy, ov, "changed", "modified", "--overlay-backing-changed=accept")
+    refused(copy, ov, "differs", "another file", "--overlay-backing-changed=accept")
+    # The same file, modified since.
+    os.utime(disk, ns=(5, 5))
+    refused(disk, ov, "changed", "modified", "--overlay-backing-changed=accept")
     with E.Engine(str(copy), overlay=str(ov), backing_changed="accept") as eng:
         assert eng.blk_status(1) == AL
     h = header(ov)
@@ -293,6 +296,21 @@ def test_a_moved_backing_is_followed(made, tmp_path):
     with E.Engine(str(link), overlay=str(ov)) as eng:
         assert eng.blk_status(1) == AL
     assert header(ov).backing == str(link)
+
+
+def test_a_copy_with_the_same_size_and_time_is_not_the_same_file(made, tmp_path):
+    """cp -p keeps size and modification time, not the inode: refused as another file."""
+    import shutil
+    disk, ov = made
+    copy = tmp_path / "copy.img"
+    shutil.copy2(disk, copy)
+    assert os.stat(copy).st_mtime_ns == os.stat(disk).st_mtime_ns
+    refused(copy, ov, "another file", "inode", "--overlay-backing-changed=accept")
+    with E.Engine(str(copy), overlay=str(ov), backing_changed="accept") as eng:
+        assert eng.blk_status(1) == AL
+    assert header(ov).backing == str(copy)      # and it is the recorded one from now on
+    with E.Engine(str(copy), overlay=str(ov)):
+        pass
 
 
 def test_block_size_is_adopted_or_must_match(made):
