@@ -547,6 +547,33 @@ def _raise_nofile_limit(verbose: bool) -> None:
         log.info("open file limit raised from %d to %d", soft, want)
 
 
+def _values_like_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with `--opt -4K` written `--opt=-4K`: argparse takes a value that starts with '-'
+    for an option and says only "expected one argument"; joined, the option's own check says
+    what is wrong with the value."""
+    takes_value = {s for a in parser._actions if isinstance(a, argparse._StoreAction)
+                   for s in a.option_strings}
+    out = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and \
+                len(argv[i + 1]) > 1 and argv[i + 1].split("=")[0] not in parser._option_string_actions:
+            out.append(f"{arg}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _option_words(message: str) -> str:
+    """An engine's ValueError names its Python arguments; the user typed options."""
+    for word, option in (("overlay_max_size", "--overlay-max-size"),):
+        message = message.replace(word, option)
+    return message
+
+
 def _split_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
     """(options, backing command): the command follows a `--`, or stands in `[ ... ]` as
     nbdinfo and nbdcopy write it; None when there is none."""
@@ -567,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     _tune_malloc()
     argv, command = _split_command(sys.argv[1:] if argv is None else list(argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_values_like_options(parser, argv))
     args.command = command
     logging.basicConfig(format="python -m cow.server: %(message)s", stream=sys.stderr,
                         level=logging.INFO if args.verbose else logging.WARNING)
@@ -649,7 +677,7 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
     except OSError as e:
         raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
     except ValueError as e:
-        raise _StartupError(str(e)) from None
+        raise _StartupError(_option_words(str(e))) from None
 
     def close_views():
         for name, e in views.close_all():
@@ -723,6 +751,8 @@ def _main(args, cleanup: list) -> int:
     # -- the engine over the backing
     backing = args.backing
     sample_note = None
+    recorded = False            # the backing is the one --overlay FILE records
+    file_size = None            # a file or block device backing's size, known before opening
     if args.command is not None:
         if backing is not None:
             raise _StartupError(f"give the backing either as BACKING ({backing!r}) or as a "
@@ -733,6 +763,7 @@ def _main(args, cleanup: list) -> int:
         backing = args.command
     elif backing is None and args.overlay is not None:
         backing = _recorded_backing(args.overlay)
+        recorded = True
     if backing is None and args.overlay_dir is not None:
         raise _StartupError("--overlay-dir needs the BACKING every view is a view of (the "
                             "golden image), e.g. python -m cow.server golden.img --overlay-dir "
@@ -756,9 +787,16 @@ def _main(args, cleanup: list) -> int:
             fd = os.open(backing, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 mode = os.fstat(fd).st_mode
+                if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+                    file_size = os.lseek(fd, 0, os.SEEK_END)   # a block device's too
             finally:
                 os.close(fd)
         except OSError as e:
+            if recorded:
+                raise _StartupError(
+                    f"cannot open the backing {backing!r} that --overlay {args.overlay} records: "
+                    f"{e.strerror}; if it moved, name it: python -m cow.server NEW-PATH "
+                    f"--overlay {args.overlay} (the same file, moved, is accepted)") from None
             raise _StartupError(f"cannot open backing {backing!r}: {e.strerror}") from None
         if stat.S_ISDIR(mode):
             raise _StartupError(f"cannot open backing {backing!r}: Is a directory")
@@ -766,6 +804,10 @@ def _main(args, cleanup: list) -> int:
             raise _StartupError(f"cannot serve backing {backing!r}: not a regular file or block "
                                 f"device (for a stream, copy it to a file first)")
     kwargs = _engine_kwargs(args)
+    if file_size is not None and kwargs.get("block_size", 0) > max(file_size, 4096):
+        # Legal, but every partial write would copy a block larger than the disk itself.
+        raise _StartupError(f"--cow-block-size {args.cow_block_size}: larger than the disk "
+                            f"({file_size} bytes); choose a smaller one")
     what = repr(backing) if isinstance(backing, str) else shlex.join(backing)
     if args.overlay_dir is not None or args.temporary_views is not None:
         exports, size, block_size, slow, backing, note = _open_views(args, backing, kwargs,
@@ -776,7 +818,7 @@ def _main(args, cleanup: list) -> int:
         except OSError as e:
             raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
         except ValueError as e:
-            raise _StartupError(str(e)) from None
+            raise _StartupError(_option_words(str(e))) from None
 
         def close_engine():
             try:
@@ -846,12 +888,15 @@ def _main(args, cleanup: list) -> int:
 
     # The start-up line goes to stdout, except where stdout belongs to a client program
     # (captive mode, socket activation).
+    # Under socket activation the client started the server and stderr is the client's
+    # terminal: a line there at every connection is noise (nbdkit prints none), unless -v.
     out = sys.stderr if (captive or activated) else sys.stdout
-    if sample_note:
-        print(f"python -m cow.server: {sample_note}", file=sys.stderr, flush=True)
-    tls_note = f", TLS {tls.mode} ({tls.kind})" if tls.enabled else ""
-    print(f"python -m cow.server: serving {backing} ({size} bytes, copy-on-write, block "
-          f"size {block_size}{note}{tls_note}) at {where}", file=out, flush=True)
+    if not activated or args.verbose:
+        if sample_note:
+            print(f"python -m cow.server: {sample_note}", file=sys.stderr, flush=True)
+        tls_note = f", TLS {tls.mode} ({tls.kind})" if tls.enabled else ""
+        print(f"python -m cow.server: serving {backing} ({size} bytes, copy-on-write, block "
+              f"size {block_size}{note}{tls_note}) at {where}", file=out, flush=True)
 
     # -- wake-ups: signals and the end of the captive command
     wake_r, wake_w = os.pipe()

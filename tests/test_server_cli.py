@@ -240,3 +240,47 @@ def test_a_fifo_as_backing_is_refused_at_once(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert "not a regular file or block device" in lines[0]
+
+
+def test_socket_activation_prints_nothing_into_the_clients_terminal(backing_factory):
+    """nbdinfo [ cow.server ... ]: the client's stderr is the server's; the start-up line is
+    for -v only (nbdkit prints none either)."""
+    disk = backing_factory(SIZE)
+    r = subprocess.run(["nbdinfo", "--size", "--", "[", *server_command(disk), "]"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == str(SIZE), r.stderr
+    assert "serving" not in r.stderr, r.stderr
+    r = subprocess.run(["nbdinfo", "--size", "--", "[", *server_command(disk, "-v"), "]"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "serving" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--cow-block-size", "-4K"], "--cow-block-size: invalid cow block size '-4K'"),
+    (["--cow-block-size", "4M"], "--cow-block-size 4M: larger than the disk"),
+    (["--overlay-max-size", "0"], "--overlay-max-size 0 is smaller than one block"),
+    (["--overlay-max-size", "-1"], "--overlay-max-size"),
+])
+def test_option_values_are_named_as_typed(backing_factory, tmp_path, args, words):
+    r = run([backing_factory(SIZE), "-U", tmp_path / "s.sock", *args])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode in (1, 2) and len(lines) == 1 and words in lines[0], r.stderr
+    assert "overlay_max_size" not in r.stderr and "expected one argument" not in r.stderr
+    assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_moved_backing_is_named_as_the_overlays_and_naming_it_works(tmp_path):
+    import os
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\x5a" * SIZE)
+    ov = tmp_path / "vm.cow"
+    r = run([disk, "--overlay", ov, "--run", "true"])
+    assert r.returncode == 0, r.stderr
+    moved = tmp_path / "moved.img"
+    os.rename(disk, moved)
+    r = run([None, "--overlay", ov, "-U", tmp_path / "s.sock"])
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert f"that --overlay {ov} records" in lines[0] and "if it moved, name it" in lines[0]
+    r = run([moved, "--overlay", ov, "--run", 'nbdinfo --size "$uri"'])
+    assert r.returncode == 0 and r.stdout.strip() == str(SIZE), r.stderr
