@@ -65,9 +65,24 @@ def _site_dir():
         f"or build/cp{_PYTHON.replace('.', '')}/. In the repository, run ./dev setup")
 
 
+def _one_line(exc):
+    """Make nbdkit log exc, raised at start-up, as its message alone, on one line.  nbdkit logs
+    a Python error as traceback.format_exception's lines joined, and ends them with a newline
+    of its own: without a traceback, the exception's type and the format's final newline, the
+    log is one line.  nbdkit exits after a start-up failure, so what format_exception does in
+    this process no longer matters to anything else."""
+    sys.tracebacklimit = 0
+    import traceback
+
+    def only_the_message(*args, **kwargs):
+        return [str(exc).rstrip("\n")]
+
+    traceback.format_exception = only_the_message
+    return exc
+
+
 def _import_error(message):
-    sys.tracebacklimit = 0  # nbdkit prints this at start-up: one message, no traceback
-    return ImportError(message)
+    return _one_line(ImportError(message))  # nbdkit prints this at start-up
 
 
 try:
@@ -260,9 +275,7 @@ def _open_views(backing, kwargs):
 
 
 def _fail_at_start_up(exc):
-    # nbdkit logs a Python error with its traceback; without one the log is one line.
-    sys.tracebacklimit = 0
-    raise exc from None
+    raise _one_line(exc) from None
 
 
 def _set_errno(exc):
