@@ -593,6 +593,9 @@ def _engine_missing(exc: ImportError) -> str:
     if getattr(exc, "__notes__", None):  # an editable install's rebuild on import failed
         return (f"rebuilding the cow engine failed ({exc}); the compiler's output is in "
                 f"{os.path.dirname(package)}/build/meson-logs/meson-python-build-log.txt")
+    if not isinstance(exc, ModuleNotFoundError):  # there, but it cannot be loaded
+        needs = " (it needs libnbd: Debian's libnbd0)" if "libnbd" in str(exc) else ""
+        return f"cannot load the cow engine of {package}: {exc}{needs}"
     if os.path.exists(os.path.join(package, "engine.pyx")):  # the source folder, not built
         return (f"{sys.executable} imports cow from the source folder {package}, which has no "
                 f"compiled engine, and this Python has no install of the package: run ./dev "

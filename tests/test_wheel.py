@@ -238,6 +238,23 @@ def test_plain_venv_serves_and_export_says_what_it_needs(plain_venv, tmp_path):
     assert sha256_file(tmp_path / "vm.cow") == before and sha256_file(disk) == digest
 
 
+def test_an_engine_that_cannot_load_is_one_line(plain_venv, tmp_path):
+    """libnbd, which the engine links, broken (here: an empty libnbd.so.0 found first)."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libnbd.so.0").write_bytes(b"")
+    disk = write_sample(tmp_path / "disk.img", MiB)
+    env = {"PATH": BARE_PATH, "LD_LIBRARY_PATH": str(tmp_path / "lib")}
+    server = plain_venv / "bin" / "cow-server"
+    assert run([server, "--help"], env=env).stdout.startswith("usage: python -m cow.server")
+    r = run([server, disk, "--overlay", "vm.cow"], cwd=tmp_path, env=env, check=False)
+    line = one_line(r)
+    package = next(plain_venv.glob("lib/python3*/site-packages/cow"))
+    assert line.startswith(f"python -m cow.server: error: cannot load the cow engine of "
+                           f"{package}: {tmp_path / 'lib' / 'libnbd.so.0'}: file too short"), line
+    assert line.endswith("(it needs libnbd: Debian's libnbd0)"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.img", "lib"]
+
+
 def test_export_names_an_nbd_module_that_is_not_libnbds(plain_venv, tmp_path):
     """PyPI's `nbd` is a notebook diff tool: installed, it hides libnbd's bindings."""
     other = tmp_path / "other"
