@@ -28,6 +28,8 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 BARE_PATH = "/usr/bin:/bin:/usr/sbin:/sbin"
 MiB = 1024 * 1024
 
+pytestmark = pytest.mark.timeout(900)  # the first test builds the wheel
+
 
 def run(args, *, cwd="/", env=None, timeout=120, check=True):
     r = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
@@ -92,7 +94,8 @@ def wheel(tmp_path_factory):
 def make_venv(top, wheel, *system):
     venv = top / "venv"
     run([SYSTEM_PYTHON, "-m", "venv", *system, venv])
-    # --no-index and no --no-deps: the wheel installs with nothing from a registry.
+    # --no-index and no --no-deps: the wheel installs with nothing from a registry (nor from
+    # this machine's pip configuration: its find-links and constraints).
     run([venv / "bin" / "python", "-m", "pip", "install", "-q", "--no-index", wheel],
         env={"PATH": BARE_PATH, "PIP_FIND_LINKS": "", "PIP_CONSTRAINT": ""})
     return venv
