@@ -28,15 +28,15 @@ from urllib.parse import quote
 
 from cow import __version__
 from cow import protocol as P
-from cow.server import (
-    DEFAULT_HANDSHAKE_TIMEOUT,
-    DEFAULT_PAYLOAD_TIMEOUT,
-    LARGE_REQUEST,
-    LARGE_WORKERS,
-    MAX_QUEUED_PER_CONNECTION,
-    OneEngine,
-    Server,
-)
+
+# cow.server imports the compiled engine, so it is imported only to serve (in _main): --help
+# needs no engine, and a missing one is reported in one line.  Its defaults that --help shows
+# are repeated here (a test checks that they agree with cow.server's).
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # cow.server.DEFAULT_HANDSHAKE_TIMEOUT
+DEFAULT_PAYLOAD_TIMEOUT = 60.0  # cow.server.DEFAULT_PAYLOAD_TIMEOUT
+LARGE_REQUEST = 128 * 1024  # cow.server.LARGE_REQUEST
+LARGE_WORKERS = 8  # cow.server.LARGE_WORKERS
+MAX_QUEUED_PER_CONNECTION = 64  # cow.server.MAX_QUEUED_PER_CONNECTION
 
 log = logging.getLogger("cow.cli")
 
@@ -621,6 +621,9 @@ def _engine_missing(exc: ImportError) -> str:
     if getattr(exc, "__notes__", None):  # an editable install's rebuild on import failed
         return (f"rebuilding the cow engine failed ({exc}); the compiler's output is in "
                 f"{os.path.dirname(package)}/build/meson-logs/meson-python-build-log.txt")
+    if not isinstance(exc, ModuleNotFoundError):  # there, but it cannot be loaded
+        needs = " (it needs libnbd: Debian's libnbd0)" if "libnbd" in str(exc) else ""
+        return f"cannot load the cow engine of {package}: {exc}{needs}"
     if os.path.exists(os.path.join(package, "engine.pyx")):  # the source folder, not built
         return (f"{sys.executable} imports cow from the source folder {package}, which has no "
                 f"compiled engine, and this Python has no install of the package: run ./dev "
@@ -736,6 +739,7 @@ def _main(args, cleanup: list) -> int:
     try:
         from cow.backing import is_nbd_uri
         from cow.engine import Engine
+        from cow.server import OneEngine, Server
     except ImportError as e:
         raise _StartupError(_engine_missing(e)) from None
     from cow.tls import TLSConfigError, server_settings

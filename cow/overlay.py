@@ -231,8 +231,7 @@ def export(path: str, out: str, backing_changed: str = "refuse", progress: bool 
     allocated blocks as data (all-zero ones as zero clusters), trimmed blocks as zero clusters."""
     import subprocess
 
-    import nbd
-
+    nbd = _libnbd()
     fd, h = F.open_locked(path, exclusive=False)
     try:
         _refuse_interrupted_commit(path, h)
@@ -264,6 +263,24 @@ def export(path: str, out: str, backing_changed: str = "refuse", progress: bool 
     finally:
         os.close(fd)
     return {"out": os.path.abspath(out), "backing": h.backing, **stats}
+
+
+def _libnbd():
+    """libnbd's Python bindings, the nbd module: Debian's python3-libnbd (Fedora's too).  No
+    registry has them (the nbd on PyPI is an unrelated notebook diff tool), so the package
+    cannot declare them: a Python without them gets one line."""
+    where = ("install python3-libnbd (Debian, Ubuntu, Fedora) and run this with /usr/bin/python3 "
+             "or from a venv made with --system-site-packages")
+    try:
+        import nbd
+    except ImportError as e:
+        raise ToolError(f"export needs libnbd's Python bindings, which {sys.executable} cannot "
+                        f"import ({e}): {where}") from None
+    if not hasattr(nbd, "NBD"):
+        raise ToolError(f"export needs libnbd's Python bindings, and the nbd module "
+                        f"{sys.executable} imports ({nbd.__file__}) is another package's (the nbd "
+                        f"on PyPI is a notebook diff tool): pip uninstall nbd, then {where}")
+    return nbd
 
 
 def _fill_qcow2(fd, h, runs, out, stats, nbd, progress):

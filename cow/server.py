@@ -83,6 +83,15 @@ replies are cut off.
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # python -m cow.server: the command line (cow/cli.py).  It imports this module, and with it
+    # the compiled engine, only to serve: --help needs no engine, and a missing one is one line.
+    import sys
+
+    from cow.cli import main
+
+    sys.exit(main())
+
 import contextlib
 import errno
 import logging
@@ -1507,7 +1516,3 @@ def main(argv: list[str] | None = None) -> int:
     from cow.cli import main as cli_main
 
     return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
