@@ -110,10 +110,11 @@ def test_a_command_killed_by_a_signal(tmp_path):
 
 
 def test_a_command_that_never_speaks_nbd_is_stopped(tmp_path):
-    """`-- sleep 1000`: after the start-up bound, one line; the command is stopped."""
+    """`-- sleep 1000` (here a python that sleeps, with a mark in its command line to find
+    it by): after the start-up bound, one line; the command is stopped."""
     started = time.monotonic()
-    r = run_server(tmp_path, "-U", "s.sock", "--", "sh", "-c", f"exec sleep 1000 # {MARK}",
-                   start_timeout=3)
+    r = run_server(tmp_path, "-U", "s.sock", "--", sys.executable, "-c",
+                   f"import time; time.sleep(1000)  # {MARK}", start_timeout=3)
     line = one_error_line(r)
     assert "did not serve NBD within 3 s; it was stopped" in line, line
     assert time.monotonic() - started < 60
