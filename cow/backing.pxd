@@ -33,20 +33,30 @@ cdef struct piece_t:
     uint64_t offset
 
 
+# A backing is broken once any of its connections breaks (they all go to one server): every
+# request that needs it fails with EIO from then on, and one line on stderr says so, whichever
+# thread found out first (backing.pyx: conn_broke).
+cdef struct broken_t:
+    int claimed             # atomic: taken by the first thread to report; it writes error
+    int broken              # atomic: error is written; requests fail at once
+    const char *what        # the backing's description, for the log line
+    char error[512]         # what broke it
+
 # One libnbd handle and the thread that drives it: engine threads submit requests with
 # nbd_aio_* from any thread; the dispatcher polls the socket and runs libnbd's state machine,
 # which calls each request's completion callback.
 cdef struct conn_t:
     nbd_handle *h
-    int fd                  # the handle's socket
-    int wake                # eventfd: a submitter needs the socket watched for writing
+    int fd                  # our own duplicate of the handle's socket (libnbd closes its own
+                            # when the connection dies; a closed number may be reused at once)
+    int wake                # eventfd: a submitter needs the socket watched for writing, or
+                            # found the connection dead
     pthread_t thread
     bint started
     int stop                # atomic: close() asks the dispatcher to return
-    int dead                # atomic: the connection broke; requests fail at once
+    int dead                # atomic: this connection broke
     int in_flight           # atomic: requests submitted and not completed (for balancing)
-    const char *what        # the backing's description, for the log line
-    char error[512]         # what broke it (libnbd's message)
+    broken_t *backing       # the backing's state, shared by its connections
 
 
 # Requests submitted together and finished together (see backing.pyx): `done` runs once, after
@@ -79,13 +89,18 @@ cdef class Backing:
     cdef uint64_t min_block             # NBD: requests aligned to this (1: no constraint)
     cdef bint base_allocation           # NBD: the server describes holes
     cdef bint nbd_cache                 # NBD: the server takes NBD_CMD_CACHE
-    cdef bytes what_c                   # description, kept alive for conn_t.what
+    cdef bytes what_c                   # description, kept alive for broken_t.what
+    cdef broken_t broken                # shared by the connections
+    cdef object proc_pid                # a command: its pid while it runs, else None
+    cdef int proc_owner                 # ... the process that started it (and stops it)
+    cdef double start_timeout           # a command: seconds to serve NBD after its start
 
     cdef readonly str description       # the path, URI or command, for messages
     cdef readonly bint is_nbd           # an NBD export (a URI or a command)
     cdef readonly object command        # the command's argv (a tuple), else None
 
     cdef int _connect(self, nbd_handle *h, uri) except? -2
+    cdef _connect_command(self, nbd_handle *h, double timeout)
     cdef _prepare_dispatcher(self, conn_t *c)
     cdef int start_dispatchers(self) noexcept nogil
     cdef void _release(self) noexcept

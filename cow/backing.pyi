@@ -3,19 +3,33 @@
 import os
 from collections.abc import Buffer, Sequence
 
+START_TIMEOUT: float  # seconds a backing command has to finish the NBD handshake
+STOP_TIMEOUT: float  # seconds between SIGTERM and SIGKILL when a backing command is stopped
+
 def is_nbd_uri(s: object) -> bool:
     """An NBD URI as libnbd takes it (nbd://, nbds://, nbd+unix://, nbd+vsock://...)."""
+
+class CommandError(OSError):
+    """A backing command that could not start or serve NBD; str() is one line.  errno: ENOENT
+    (not found), EACCES (not executable), ECHILD (exited), ETIMEDOUT, EPROTO (not NBD)."""
+
+def command_problem(name: str) -> tuple[int, str] | None:
+    """Why name cannot start as a command (errno, words), or None."""
 
 class Backing:
     """The read-only backing under one or more engines.
 
     source: a file or block device path, an NBD URI, or a command (a sequence: argv) that serves
-    NBD on systemd socket activation (libnbd starts it, and stops it at close).  connections:
-    most libnbd handles for an export that advertises multi-conn (else one).  Over NBD any number
-    of requests are in flight on each handle.
+    NBD on systemd socket activation (started here, stopped at close).  connections: most
+    libnbd handles for an export that advertises multi-conn (else one).  start_timeout: seconds
+    a command has to finish the NBD handshake (START_TIMEOUT).  Over NBD any number of requests
+    are in flight on each handle.
     """
 
-    def __init__(self, source: str | Sequence[str], *, connections: int = 4) -> None: ...
+    def __init__(self, source: str | Sequence[str], *, connections: int = 4,
+                 start_timeout: float | None = None) -> None: ...
+    def command_status(self) -> int | None: ...  # a command's exit code once it has exited
+    def stop_command(self) -> None: ...
     @property
     def size(self) -> int: ...
     @property

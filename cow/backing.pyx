@@ -6,7 +6,9 @@ Three kinds, one interface (`cow/backing.pxd`), none of which knows about blocks
 * a file or block device: pread, SEEK_DATA / SEEK_HOLE, posix_fadvise;
 * an NBD export given by URI (nbd://, nbds://, nbd+unix://...), through libnbd;
 * a command that serves NBD on systemd socket activation (any nbdkit plugin, qemu-nbd...),
-  started by libnbd and stopped when the backing closes.
+  started here on a listening socket of its own and stopped when the backing closes.  A
+  command that cannot be found, exits, or serves no NBD within a bound is a CommandError
+  (one line) and leaves no process behind.
 
 Over NBD, requests are asynchronous: every engine thread submits its own with nbd_aio_*
 (any number in flight on one handle, each thread waiting only for its own), and one
@@ -14,28 +16,54 @@ dispatcher thread per handle, a plain pthread that never touches Python, polls t
 runs libnbd's state machine, which completes the requests.  Extra handles are opened only where
 the server advertises multi-conn (it then promises that they all see the same data); each
 request goes to the least busy one.  When a connection breaks, libnbd fails every request in
-flight on it, later ones fail at once, and one line on stderr says what broke.
+flight on it and the whole backing is broken: later requests fail at once, and one line on
+stderr says what broke, once, whichever thread finds out first (the dispatcher, a submission,
+a completion...: see conn_broke).
 
 Every C-level method is `noexcept nogil` and returns 0 or -errno; a failed NBD request is EIO
 (ENOMEM stays ENOMEM), whatever libnbd says about its own state.
 """
 
-from libc.errno cimport errno, EIO, ENOMEM, ENXIO, EINTR, EINVAL, EAGAIN
+from libc.errno cimport errno, EIO, ENOMEM, ENXIO, EINTR, EINVAL, EAGAIN, ECHILD, EPROTO, \
+    ETIMEDOUT, ENOENT, EACCES
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memset, memcpy, strncpy
+from libc.string cimport memset, memcpy, strncpy, strerror
 from posix.types cimport off_t
 from posix.unistd cimport usleep
 
 from cow.clib cimport *
 
 import os
+import select
 import shlex
+import shutil
+import signal
+import socket
+import tempfile
+import time
 
 cdef enum:
     NBD_CHUNK = 32 * 1024 * 1024    # largest read request we send
     MAX_CONNECTIONS = 64
     STATUS_MAX = 0x80000000         # largest block status request we send
+
+
+# A backing command must finish the NBD handshake within this many seconds of being started
+# (nbdkit's plugins connect to their remote at the handshake: curl, ssh, vddk...), else it is
+# stopped and the backing fails to open.  Backing(start_timeout=...) overrides it.
+START_TIMEOUT = 60.0
+# At close, a backing command gets SIGTERM, then SIGKILL if it has not exited after this long.
+STOP_TIMEOUT = 10.0
+
+
+class CommandError(OSError):
+    """A backing command that could not be started, or that did not serve NBD: str() is one
+    line for the user.  errno: ENOENT (not found), EACCES (not executable), ECHILD (it exited),
+    ETIMEDOUT (no NBD within the bound), EPROTO (it answered, but not NBD)."""
+
+    def __str__(self):
+        return self.strerror
 
 
 def is_nbd_uri(s):
@@ -239,26 +267,73 @@ cdef int waiter_wait(waiter_t *t) noexcept nogil:
     return batch_status(&t.w)
 
 
-cdef void kick(conn_t *c) noexcept nogil:
-    """After submitting: if libnbd could not write the whole request without blocking, the
-    dispatcher must watch the socket for writing too (it may be asleep watching for reading)."""
+cdef void conn_broke(conn_t *c, const char *cause) noexcept nogil:
+    """The connection c is dead (libnbd says so, or failed it).  Every path that finds a dead
+    connection comes here: the dispatcher, a submission (a read started for the ReadQueue or
+    waited for, block status, cache), whichever comes first.  The first for the whole backing
+    writes what broke and prints the one line; every call marks c dead and wakes its
+    dispatcher, which then stops.  Nothing is said when close() ends the connection.
+
+    cause: libnbd's message where the caller's own call failed, else NULL: then what our
+    duplicate of the socket shows says it (the server closed it, a reset...)."""
+    cdef broken_t *b = c.backing
     cdef uint64_t one = 1
-    if nbd_aio_get_direction(c.h) & LIBNBD_AIO_DIRECTION_WRITE:
+    cdef char peeked
+    cdef ssize_t r
+    if cow_atomic_load(&c.stop):
+        return
+    if cow_atomic_cas(&b.claimed, 0, 1):
+        if cause == NULL:
+            r = recv(c.fd, &peeked, 1, MSG_PEEK | MSG_DONTWAIT)
+            if r == 0:
+                cause = "the server closed the connection"
+            elif r < 0 and errno != EAGAIN:
+                cause = strerror(errno)
+            else:
+                cause = "libnbd found the connection unusable"
+        strncpy(b.error, cause, 511)
+        b.error[511] = 0
+        cow_atomic_store(&b.broken, 1)
+        fprintf(stderr, b"cow: the backing connection broke (%s): %s; requests that need "
+                        b"the backing fail with EIO\n", b.what, b.error)
+    if cow_atomic_cas(&c.dead, 0, 1):
+        # libnbd closed its own socket; ours ends the connection, and the dispatcher stops.
+        shutdown(c.fd, SHUT_RDWR)
+        write(c.wake, &one, 8)
+
+
+cdef inline bint handle_dead(nbd_handle *h) noexcept nogil:
+    return nbd_aio_is_dead(h) or nbd_aio_is_closed(h)
+
+
+cdef void kick(conn_t *c) noexcept nogil:
+    """After submitting, whether libnbd took the requests or not: a connection that died
+    meanwhile (our own send may have found the server gone) is reported; and if libnbd could
+    not write a whole request without blocking, the dispatcher must watch the socket for
+    writing too (it may be asleep watching for reading)."""
+    cdef uint64_t one = 1
+    if handle_dead(c.h):
+        conn_broke(c, NULL)
+    elif nbd_aio_get_direction(c.h) & LIBNBD_AIO_DIRECTION_WRITE:
         write(c.wake, &one, 8)
 
 
 cdef void *dispatch(void *arg) noexcept nogil:
     """One handle's dispatcher: poll its socket and run libnbd's state machine until close()
-    or until the connection breaks (then libnbd has already failed every request on it)."""
+    or until the connection breaks (then libnbd has already failed every request on it).
+    It polls our own duplicate of the socket: libnbd closes its descriptor when the connection
+    dies in another thread, and that number may name another file by the next poll."""
     cdef conn_t *c = <conn_t *>arg
     cdef pollfd fds[2]
     cdef unsigned direction
     cdef uint64_t junk
     cdef int r
-    cdef const char *msg
     fds[1].fd = c.wake
     fds[1].events = POLLIN
     while not cow_atomic_load(&c.stop):
+        if cow_atomic_load(&c.dead) or handle_dead(c.h):   # found dead by another thread
+            conn_broke(c, NULL)
+            break
         direction = nbd_aio_get_direction(c.h)
         fds[0].fd = c.fd
         fds[0].events = 0
@@ -271,25 +346,23 @@ cdef void *dispatch(void *arg) noexcept nogil:
         if r < 0:
             if errno == EINTR:
                 continue
+            conn_broke(c, strerror(errno))    # cannot watch it: it serves nothing more
             break
         if fds[1].revents & POLLIN:
             read(c.wake, &junk, 8)
+        if cow_atomic_load(&c.stop):
+            break
+        if handle_dead(c.h):
+            continue        # killed by another thread's call: reported at the top
         r = 0
         if fds[0].revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL):
             r = nbd_aio_notify_read(c.h)
         if r == 0 and fds[0].revents & POLLOUT:
             r = nbd_aio_notify_write(c.h)
-        if r == -1 or nbd_aio_is_dead(c.h) or nbd_aio_is_closed(c.h):
-            if cow_atomic_load(&c.stop):
-                break
-            msg = nbd_get_error()
-            if msg == NULL:
-                msg = "the connection closed"
-            strncpy(c.error, msg, 511)
-            c.error[511] = 0
-            cow_atomic_store(&c.dead, 1)
-            fprintf(stderr, b"cow: the backing connection broke (%s): %s; requests that need "
-                            b"the backing fail with EIO\n", c.what, c.error)
+        if r == -1 or handle_dead(c.h):
+            # Our call's own message says what broke (a reset, a protocol error), unless the
+            # connection died in another thread just before it (EINVAL: "invalid state").
+            conn_broke(c, nbd_get_error() if r == -1 and nbd_get_errno() != EINVAL else NULL)
             break
     return NULL
 
@@ -332,7 +405,8 @@ cdef class Backing:
 
     source: a file or block device path, an NBD URI, or a command (a list: argv) that serves NBD
     on systemd socket activation.  connections: most libnbd handles for an NBD export that
-    advertises multi-conn (one otherwise, and one for a command)."""
+    advertises multi-conn (one otherwise, and one for a command).  start_timeout: seconds a
+    command has to finish the NBD handshake (default START_TIMEOUT)."""
 
     def __cinit__(self, *args, **kwargs):
         pthread_mutex_init(&self.start_lock, NULL)
@@ -342,7 +416,7 @@ cdef class Backing:
         self.min_block = 1
         self.max_request = UINT64_MAX
 
-    def __init__(self, source, *, int connections=4):
+    def __init__(self, source, *, int connections=4, start_timeout=None):
         if self.description is not None:
             raise RuntimeError("Backing is already initialised")
         if connections < 1 or connections > MAX_CONNECTIONS:
@@ -360,6 +434,10 @@ cdef class Backing:
             self.description = source
             self.is_nbd = is_nbd_uri(source)
         self.what_c = self.description.encode(errors="replace")
+        self.broken.what = self.what_c
+        self.start_timeout = START_TIMEOUT if start_timeout is None else start_timeout
+        if self.start_timeout <= 0:
+            raise ValueError(f"invalid start_timeout {start_timeout}: expected seconds > 0")
         if self.command is not None:
             self._open_nbd(None, 1)
         elif self.is_nbd:
@@ -397,7 +475,8 @@ cdef class Backing:
         for i in range(nconn):
             c = &self.conns[i]
             c.wake = -1
-            c.what = self.what_c
+            c.fd = -1
+            c.backing = &self.broken
             c.h = nbd_create()
             if c.h == NULL:
                 raise OSError(nbd_get_errno() or EIO, f"cow: libnbd: {_nbd_message()}")
@@ -442,31 +521,144 @@ cdef class Backing:
     cdef int _connect(self, nbd_handle *h, uri) except? -2:
         cdef bytes buri
         cdef const char *curi
-        cdef char **argv
-        cdef int rc, i
-        if uri is not None:
-            buri = uri.encode()
-            curi = buri
-            with nogil:
-                rc = nbd_connect_uri(h, curi)
-            return rc
-        args = [os.fsencode(a) for a in self.command]
-        argv = <char **>calloc(len(args) + 1, sizeof(char *))
-        if argv == NULL:
-            raise MemoryError()
-        try:
-            for i in range(len(args)):
-                argv[i] = args[i]
-            with nogil:
-                rc = nbd_connect_systemd_socket_activation(h, argv)
-        finally:
-            free(argv)
+        cdef int rc
+        if uri is None:
+            self._connect_command(h, self.start_timeout)
+            return 0
+        buri = uri.encode()
+        curi = buri
+        with nogil:
+            rc = nbd_connect_uri(h, curi)
         return rc
 
+    cdef _connect_command(self, nbd_handle *h, double timeout):
+        """Start the command on a listening socket of its own, as systemd socket activation
+        passes one (descriptor 3, LISTEN_FDS=1, LISTEN_PID its pid), and connect h to it within
+        timeout seconds; or raise CommandError, leaving no process behind.  The command runs in
+        this process group (Ctrl-C at a terminal reaches it, and it may prompt there)."""
+        cdef int fd, r, events
+        cdef unsigned direction
+        what = self.description
+        problem = command_problem(self.command[0])
+        if problem is not None:
+            name = f"{shlex.quote(self.command[0])}: " if len(self.command) > 1 else ""
+            raise CommandError(problem[0], f"the backing command {what}: {name}{problem[1]}")
+        tmpdir = tempfile.mkdtemp(prefix="cow-backing-")
+        try:
+            path = os.path.join(tmpdir, "nbd.sock")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+                listener.bind(path)
+                listener.listen(16)
+                self.proc_pid = spawn_activated(self.command, listener.fileno())
+                self.proc_owner = getpid()
+            # The command holds the listening socket alone now: if it exits, connecting fails.
+            deadline = time.monotonic() + timeout
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                client.connect(path)
+            except OSError as e:
+                client.close()
+                self._command_failed(e.strerror)
+            fd = client.detach()
+            if nbd_aio_connect_socket(h, fd) == -1:
+                self._command_failed(_nbd_message())
+            message = None
+            poller = select.poll()
+            while nbd_aio_is_connecting(h):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.stop_command()
+                    raise CommandError(ETIMEDOUT, f"the backing command {what} did not serve "
+                                                  f"NBD within {timeout:g} s; it was stopped")
+                if self.command_status() is not None:
+                    self._command_failed(None)
+                direction = nbd_aio_get_direction(h)
+                events = (select.POLLIN if direction & LIBNBD_AIO_DIRECTION_READ else 0) | \
+                    (select.POLLOUT if direction & LIBNBD_AIO_DIRECTION_WRITE else 0)
+                fd = nbd_aio_get_fd(h)
+                if fd < 0:
+                    break
+                poller.register(fd, events)
+                ready = poller.poll(min(left, 0.1) * 1000)
+                poller.unregister(fd)
+                if not ready:
+                    continue
+                r = 0
+                if ready[0][1] & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    r = nbd_aio_notify_read(h)
+                elif ready[0][1] & select.POLLOUT:
+                    r = nbd_aio_notify_write(h)
+                if r == -1:
+                    message = _nbd_message()
+            if not nbd_aio_is_ready(h):
+                self._command_failed(message or _nbd_message())
+        except BaseException:
+            self.stop_command()     # also on Ctrl-C: nothing is left running
+            raise
+        finally:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _command_failed(self, message):
+        """The command closed its socket, exited, or spoke no NBD: say which, as CommandError
+        (it is stopped if still running)."""
+        what = self.description
+        deadline = time.monotonic() + 5.0       # closing its socket, it is on its way out
+        status = self.command_status()
+        while status is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+            status = self.command_status()
+        if status is None:
+            self.stop_command()
+            raise CommandError(EPROTO, f"the backing command {what} did not serve NBD "
+                                       f"({message}); it was stopped")
+        if status < 0:
+            try:
+                name = signal.Signals(-status).name
+            except ValueError:
+                name = f"signal {-status}"
+            raise CommandError(ECHILD, f"the backing command {what} was killed by {name} "
+                                       f"before serving NBD")
+        raise CommandError(ECHILD, f"the backing command {what} exited with status {status} "
+                                   f"before serving NBD")
+
+    def command_status(self):
+        """The command's exit code if it has exited (negative: the signal that killed it),
+        reaping it; None while it runs (or when there is none)."""
+        if self.proc_pid is None or self.proc_owner != getpid():
+            return None
+        pid, status = os.waitpid(self.proc_pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        self.proc_pid = None
+        return os.waitstatus_to_exitcode(status)
+
+    def stop_command(self):
+        """Stop the backing command (SIGTERM, then SIGKILL after STOP_TIMEOUT s) and reap it.
+        Only in the process that started it (not in a copy made by fork)."""
+        if self.proc_pid is None or self.proc_owner != getpid():
+            return
+        pid = self.proc_pid
+        try:
+            if self.command_status() is not None:
+                return
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while self.command_status() is None:
+                if time.monotonic() > deadline:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.005)
+        except ChildProcessError:   # reaped by someone else
+            pass
+        self.proc_pid = None
+
     cdef _prepare_dispatcher(self, conn_t *c):
-        c.fd = nbd_aio_get_fd(c.h)
+        # Our own duplicate of libnbd's socket, for the dispatcher (see dispatch).
+        c.fd = fcntl(nbd_aio_get_fd(c.h), F_DUPFD_CLOEXEC, 0)
         if c.fd < 0:
-            raise OSError(nbd_get_errno() or EIO, f"cow: libnbd: {_nbd_message()}")
+            raise OSError(nbd_get_errno() or errno or EIO,
+                          f"cow: libnbd socket: {_nbd_message()}")
         c.wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
         if c.wake < 0:
             raise OSError(errno, f"cow: eventfd: {os.strerror(errno)}")
@@ -512,15 +704,23 @@ cdef class Backing:
                 # (a copy of this one made by fork).
                 if not c.dead and self.dispatch_pid in (0, getpid()):
                     nbd_aio_disconnect(c.h, 0)
-                with nogil:     # a command backing: its process is stopped and waited for
+                with nogil:
                     nbd_close(c.h)
                 c.h = NULL
+            if c.fd >= 0:
+                close(c.fd)
+                c.fd = -1
             if c.wake >= 0:
                 close(c.wake)
                 c.wake = -1
         free(self.conns)
         self.conns = NULL
         self.nr_conns = 0
+        try:
+            self.stop_command()     # a command backing: stopped once its connection is closed
+        except Exception as e:      # noqa: BLE001 - at close: say it, go on closing
+            fprintf(stderr, b"cow: stopping the backing command: %s\n",
+                    str(e).encode(errors="replace"))
 
     def __dealloc__(self):
         self._release()
@@ -553,11 +753,9 @@ cdef class Backing:
 
     @property
     def error(self):
-        """What broke the NBD connection (libnbd's message), or None while it works."""
-        cdef int i
-        for i in range(self.nr_conns):
-            if cow_atomic_load(&self.conns[i].dead):
-                return self.conns[i].error.decode(errors="replace")
+        """What broke the NBD backing's connection, or None while it works."""
+        if cow_atomic_load(&self.broken.broken):
+            return self.broken.error.decode(errors="replace")
         return None
 
     @property
@@ -594,7 +792,7 @@ cdef class Backing:
         could start)."""
         cdef conn_t *best = NULL
         cdef int i, load, best_load = 0
-        if self.start_dispatchers() < 0:
+        if cow_atomic_load(&self.broken.broken) or self.start_dispatchers() < 0:
             return NULL
         for i in range(self.nr_conns):
             if cow_atomic_load(&self.conns[i].dead):
@@ -793,8 +991,7 @@ cdef class Backing:
             if nbd_aio_block_status(c.h, ask, start, cb, completion_for(&t.w),
                                     LIBNBD_CMD_FLAG_REQ_ONE if runs.req_one else 0) == -1:
                 batch_refused(&t.w)
-            else:
-                kick(c)
+            kick(c)
             rc = waiter_wait(&t)
             if rc < 0:
                 return rc
@@ -825,10 +1022,39 @@ cdef class Backing:
         if nbd_aio_cache(c.h, count if count < self.max_request else self.max_request, offset,
                          completion_for(&t.w), 0) == -1:
             batch_refused(&t.w)
-        else:
-            kick(c)
+        kick(c)
         waiter_wait(&t)
         cow_atomic_add(&self.calls, -1)
+
+
+def command_problem(name):
+    """Why `name` cannot start as a command, as (errno, words), or None: it is looked up as
+    execvp and the shell would (a name with a slash is a path, else it is searched in PATH)."""
+    if "/" not in name:
+        if shutil.which(name) is None:
+            return ENOENT, "command not found"
+        return None
+    if not os.path.exists(name):
+        return ENOENT, "command not found (no such file)"
+    if os.path.isdir(name):
+        return EACCES, "is a directory, not a command"
+    if not os.access(name, os.X_OK):
+        return EACCES, "is a file that is not executable, not a command"
+    return None
+
+
+def spawn_activated(argv, int fd):
+    """Start argv with fd as its descriptor 3, on systemd socket activation (LISTEN_FDS=1 and
+    LISTEN_PID, which must be its own pid: a shell sets it, then becomes the command); its pid.
+    The signals this process ignores (SIGPIPE, SIGXFSZ) are the default again in the command."""
+    env = {k: v for k, v in os.environ.items() if k not in ("LISTEN_PID", "LISTEN_FDNAMES")}
+    env["LISTEN_FDS"] = "1"
+    if fd == 3:     # dup2(3, 3) would leave it close-on-exec
+        os.set_inheritable(fd, True)
+    return os.posix_spawn("/bin/sh", ["sh", "-c", 'LISTEN_PID=$$; export LISTEN_PID; '
+                                                  'exec "$@"', "sh", *argv], env,
+                          file_actions=[(os.POSIX_SPAWN_DUP2, fd, 3)],
+                          setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
 
 
 def _nbd_message():

@@ -635,7 +635,7 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
     """--overlay-dir / --temporary-views: the backing opened once and shared by a ViewSet.
     Returns (exports, size, block size, slow backing, backing's description, start-up note)."""
     from cow import overlayfile
-    from cow.backing import Backing
+    from cow.backing import Backing, CommandError
     from cow.views import SETTLE_TIMEOUT, ViewExports, ViewSet, directory_problem
 
     directory = args.overlay_dir
@@ -645,6 +645,8 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
             raise _StartupError(f"--overlay-dir {directory}: {why}")
     try:
         shared = Backing(backing, connections=kwargs.pop("nbd_connections", 4))
+    except CommandError as e:
+        raise _StartupError(_command_error(e, backing)) from None
     except OSError as e:
         raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
     except ValueError as e:
@@ -735,9 +737,20 @@ def _recorded_backing(overlay: str) -> str:
     return rec.backing
 
 
+def _command_error(e, command: list[str]) -> str:
+    """One line for a backing command that could not start or serve (cow.backing.CommandError).
+    A file named after -- was probably meant as the BACKING: say where it goes."""
+    message = str(e)
+    if e.errno in (errno.ENOENT, errno.EACCES) and os.path.isfile(command[0]):
+        message += (f" (after -- comes a command that serves NBD; to serve the file "
+                    f"{command[0]}, put it before --: python -m cow.server "
+                    f"{shlex.quote(command[0])} [OPTIONS])")
+    return message
+
+
 def _main(args, cleanup: list) -> int:
     try:
-        from cow.backing import is_nbd_uri
+        from cow.backing import CommandError, is_nbd_uri
         from cow.engine import Engine
         from cow.server import OneEngine, Server
     except ImportError as e:
@@ -819,6 +832,8 @@ def _main(args, cleanup: list) -> int:
     else:
         try:
             engine = Engine(backing, **kwargs)
+        except CommandError as e:
+            raise _StartupError(_command_error(e, backing)) from None
         except OSError as e:
             raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
         except ValueError as e:

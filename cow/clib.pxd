@@ -48,7 +48,7 @@ cdef extern from *:
 cdef extern from "<fcntl.h>" nogil:
     int O_RDONLY, O_RDWR, O_CLOEXEC, O_TMPFILE, O_EXCL
     int fcntl(int fd, int cmd, ...)
-    int F_SETPIPE_SZ
+    int F_SETPIPE_SZ, F_DUPFD_CLOEXEC
     ssize_t splice(int fd_in, off_t *off_in, int fd_out, off_t *off_out, size_t len,
                    unsigned int flags)
     unsigned int SPLICE_F_MOVE, SPLICE_F_NONBLOCK
@@ -123,7 +123,8 @@ cdef extern from "<sys/socket.h>" nogil:
         int msg_flags
     ssize_t sendmsg(int fd, const msghdr *msg, int flags)
     ssize_t recv(int fd, void *buf, size_t len, int flags)
-    int MSG_MORE, MSG_NOSIGNAL, MSG_DONTWAIT
+    int shutdown(int fd, int how)
+    int MSG_MORE, MSG_NOSIGNAL, MSG_DONTWAIT, MSG_PEEK, SHUT_RDWR
 
 
 cdef extern from "<sys/sendfile.h>" nogil:
@@ -161,7 +162,7 @@ cdef extern from "<libnbd.h>" nogil:
     int nbd_set_pread_initialize(nbd_handle *h, bint request)
     int nbd_add_meta_context(nbd_handle *h, const char *name)
     int nbd_connect_uri(nbd_handle *h, const char *uri)
-    int nbd_connect_systemd_socket_activation(nbd_handle *h, char **argv)
+    int nbd_aio_connect_socket(nbd_handle *h, int sock)
     int64_t nbd_get_size(nbd_handle *h)
     int64_t nbd_get_block_size(nbd_handle *h, int size_type)
     int nbd_can_meta_context(nbd_handle *h, const char *name)
@@ -181,6 +182,8 @@ cdef extern from "<libnbd.h>" nogil:
     int nbd_aio_notify_write(nbd_handle *h)
     int nbd_aio_is_dead(nbd_handle *h)
     int nbd_aio_is_closed(nbd_handle *h)
+    int nbd_aio_is_connecting(nbd_handle *h)
+    int nbd_aio_is_ready(nbd_handle *h)
     unsigned LIBNBD_AIO_DIRECTION_READ, LIBNBD_AIO_DIRECTION_WRITE
     uint32_t LIBNBD_CMD_FLAG_REQ_ONE
     int LIBNBD_SIZE_MAXIMUM

@@ -139,8 +139,8 @@ def test_command_backing(engines, tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["/nonexistent/nbd-server"], "cannot connect"),
-    (["false"], "cannot connect"),
+    (["/nonexistent/nbd-server"], "command not found"),
+    (["false"], "exited with status 1 before serving NBD"),
     ([], "empty"),
 ])
 def test_bad_command_backing(engines, argv, words):

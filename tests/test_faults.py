@@ -22,7 +22,7 @@ import pytest
 
 from conftest import write_sample
 from cow import engine as E
-from support_reliability import PYTHON, run_server, start_nbdkit
+from support_reliability import PYTHON, run_server, start_nbdkit, wait_until
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -540,3 +540,102 @@ def test_server_under_rlimit_fsize_gives_enospc(tmp_path, when):
             assert h.pread(BS, off) == backing[off:off + BS]
         h.shutdown()
         assert srv.alive()
+
+
+# ---------------------------------------------------------------- a backing lost: one log line
+
+BROKE = "cow: the backing connection broke ("
+# What each kind of request costs the backing, and the line the log filter writes for it.
+KILL_KINDS = {
+    "read-small": "Read",       # started, collected by the connection's ReadQueue
+    "read-large": "Read",       # a worker's synchronous read
+    "block-status": "Extents",
+    "cache": "Cache",
+    "partial-write": "Read",    # the copy-up of its block
+}
+
+
+def _start_request(h, kind, i):
+    """Start one request of `kind` that needs the backing (block 8 + i, not in the overlay)."""
+    off = (8 + 4 * i) * BS
+    if kind == "read-small":
+        return h.aio_pread(nbd.Buffer(4096), off)
+    if kind == "read-large":
+        return h.aio_pread(nbd.Buffer(4 * BS), off)
+    if kind == "block-status":
+        return h.aio_block_status(BS, off, lambda *a: 0)
+    if kind == "cache":
+        return h.aio_cache(BS, off)
+    return h.aio_pwrite(b"w" * 100, off + 7)
+
+
+def _finish(h, cookies):
+    """Wait for every request; the errno of each (0: it succeeded)."""
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    out = []
+    for c in cookies:
+        try:
+            h.aio_command_completed(c)
+            out.append(0)
+        except nbd.Error as e:
+            out.append(e.errnum)
+    return out
+
+
+@pytest.mark.parametrize("when", ["in-flight", "idle"])
+@pytest.mark.parametrize("kind", list(KILL_KINDS))
+def test_backing_killed_logs_what_broke_once(tmp_path, kind, when):
+    """The backing nbdkit (on a Unix socket) is killed with SIGKILL while requests of one kind
+    wait for it, or while nothing does and requests come after.  Every time: the clients get
+    EIO, the server keeps serving the overlay and new clients, and its log (no -v) says once
+    that the backing connection broke.  Rounds: one backing connection or several (the backing
+    advertises multi-conn: they all break, one line still); idle, with the backing not yet
+    read (no dispatcher thread runs yet) or already read."""
+    rounds = [(False, False), (True, False), (False, True), (True, True)]
+    for rnd, (multi_conn, used) in enumerate(rounds):
+        d = tmp_path / f"round{rnd}"
+        d.mkdir()
+        log = d / "backing.log"
+        filters, params = ["--filter=log"], [f"logfile={log}"]
+        if not multi_conn:
+            filters.append("--filter=multi-conn")
+            params.append("multi-conn-mode=disable")
+        if when == "in-flight":
+            filters.append("--filter=delay")
+            params += ["delay-read=30", "delay-extents=30", "delay-cache=30"]
+        with start_nbdkit(d, "-t", "16", *filters, "memory", "16M", *params) as (uri, proc):
+            with run_server(d, uri) as srv:
+                h = _nbd(srv.uri)
+                h.pwrite(b"K" * BS, 0)                     # the overlay holds block 0
+                if when == "idle" and used:
+                    assert _finish(h, [_start_request(h, kind, 9)]) == [0]
+                cookies = []
+                if when == "in-flight":
+                    cookies = [_start_request(h, kind, i) for i in range(3)]
+                    wait_until(lambda: log.read_text().count(f" {KILL_KINDS[kind]} id=") >= 3,
+                               what="the requests at the backing")
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                if when == "idle":
+                    cookies = [_start_request(h, kind, i) for i in range(3)]
+                errs = _finish(h, cookies)
+                if kind == "cache":            # advice: no error for it; a read fails
+                    assert set(errs) <= {0, errno.EIO}, errs
+                else:
+                    assert errs == [errno.EIO] * 3, errs
+                with pytest.raises(nbd.Error) as ei:
+                    h.pread(4096, 200 * BS)
+                assert ei.value.errnum == errno.EIO
+                assert h.pread(BS, 0) == b"K" * BS          # the overlay is still served
+                h2 = _nbd(srv.uri)                          # and new clients are
+                assert h2.pread(4, 0) == b"KKKK"
+                for x in (h, h2):
+                    x.shutdown()
+                wait_until(lambda: BROKE in srv.stderr(), timeout=10,
+                           what=f"the log line (round {rnd})")
+            text = srv.stderr()                             # the server has stopped
+            assert text.count(BROKE) == 1, (rnd, text)
+            line = next(l for l in text.splitlines() if BROKE in l)
+            assert uri in line and line.endswith(
+                "; requests that need the backing fail with EIO"), line

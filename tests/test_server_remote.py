@@ -105,7 +105,7 @@ def test_command_backing_from_the_command_line(tmp_path, form):
 @pytest.mark.parametrize("args, words", [
     (["disk.img", "--", "nbdkit", "memory", "1M"], "not both"),
     (["--"], "is empty"),
-    (["--", "/nonexistent/server"], "cannot serve /nonexistent/server"),
+    (["--", "/nonexistent/server"], "the backing command /nonexistent/server: command not found"),
 ])
 def test_command_backing_errors(tmp_path, args, words):
     r = subprocess.run([sys.executable, "-P", "-m", "cow.server", *args],
