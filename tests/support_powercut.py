@@ -25,6 +25,11 @@ to .fuse_hidden* in the real folder until closed (libfuse's way).  Every file is
 direct_io: the kernel keeps no page cache of its
 own for it, so what a reader sees after a cut is what the cut left.
 
+The cut can also come at an exact moment: arm(n) freezes the n-th change or sync from then on,
+before it takes effect, until the cut (which loses it).  From a cut until power_on(), every
+change and sync fails with EIO, so that nothing a killed process still had in flight lands
+after the cut.
+
 Run as `python support_powercut.py REAL MOUNT CONTROL_SOCKET`; `PowerCutFS` (a context
 manager) starts it, waits for the mount, sends commands and unmounts."""
 
@@ -56,8 +61,25 @@ class Dirty:
 class State:
     def __init__(self):
         self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.dirty = {}                 # (st_dev, st_ino) of the real file -> Dirty
         self.stats = {"writes": 0, "syncs": 0, "punches": 0, "cuts": 0}
+        self.off = False                # cut, and not yet powered on: every change fails
+        self.freeze_in = 0              # >0: the change or sync that brings it to 0 waits
+        self.freeze_kind = None         # counting only "change"s or "sync"s, or (None) both
+        self.frozen = False             # ... and is waiting for the cut (it never happens)
+
+    def _enter(self, kind):
+        """Under the lock, before a change or a sync (kind): EIO once the power is off; the
+        armed one freezes until the cut, then fails."""
+        if not self.off and self.freeze_in > 0 and self.freeze_kind in (None, kind):
+            self.freeze_in -= 1
+            if self.freeze_in == 0:
+                self.frozen = True
+                while not self.off:
+                    self.cond.wait()
+        if self.off:
+            raise OSError(errno.EIO, "the power is off")
 
     def _record(self, fd, first, last, size_before):
         """Before a change to sectors [first, last): note their synced values (the first time)."""
@@ -81,6 +103,7 @@ class State:
         first = offset // SECTOR
         last = (offset + count + SECTOR - 1) // SECTOR
         with self.lock:
+            self._enter("change")
             size_before = os.fstat(fd).st_size
             d = self._record(fd, first, last, size_before)
             result = op()
@@ -98,6 +121,7 @@ class State:
     def sync(self, fd):
         st = os.fstat(fd)
         with self.lock:
+            self._enter("sync")
             d = self.dirty.pop((st.st_dev, st.st_ino), None)
             self.stats["syncs"] += 1
             if d is not None:
@@ -133,7 +157,20 @@ class State:
                 os.close(d.fd)
             self.dirty.clear()
             self.stats["cuts"] += 1
-        return {"kept": kept, "lost": lost}
+            frozen, self.frozen, self.freeze_in = self.frozen, False, 0
+            self.off = True
+            self.cond.notify_all()
+        return {"kept": kept, "lost": lost, "frozen": frozen}
+
+    def power_on(self):
+        with self.lock:
+            self.off = False
+        return {}
+
+    def arm(self, n, kind=None):
+        with self.lock:
+            self.freeze_in, self.freeze_kind = n, kind
+        return {}
 
 
 def serve_control(state, path):
@@ -148,9 +185,14 @@ def serve_control(state, path):
                 req = json.loads(line)
                 if "cut" in req:
                     reply = state.cut(req["cut"], req.get("seed", 0))
+                elif "power_on" in req:
+                    reply = state.power_on()
+                elif "arm" in req:
+                    reply = state.arm(req["arm"], req.get("kind"))
                 else:
                     with state.lock:
-                        reply = dict(state.stats, dirty_files=len(state.dirty),
+                        reply = dict(state.stats, frozen=state.frozen,
+                                     dirty_files=len(state.dirty),
                                      dirty_sectors=sum(len(d.sectors)
                                                        for d in state.dirty.values()))
                 f.write(json.dumps(reply) + "\n")
@@ -335,10 +377,25 @@ class PowerCutFS:
         self._f.flush()
         return json.loads(self._f.readline())
 
-    def cut(self, mode, seed=0):
-        """The power cut: whatever used the file system must be dead already (SIGKILL and
-        wait).  mode: "all", "none" or "subset"."""
-        return self._ask({"cut": mode, "seed": seed})
+    def cut(self, mode, seed=0, stay_off=False):
+        """The power cut: mode "all", "none" or "subset".  Whatever used the file system must
+        be dead already (SIGKILL and wait); or killed and not yet reaped, with stay_off: then
+        every change and sync fails with EIO from the cut on (requests of the dying process
+        still in the file system included) until power_on()."""
+        r = self._ask({"cut": mode, "seed": seed})
+        if not stay_off:
+            self.power_on()
+        return r
+
+    def power_on(self):
+        """After a cut, once whatever used the file system has been reaped."""
+        return self._ask({"power_on": 1})
+
+    def arm(self, n, kind=None):
+        """Freeze the n-th change or sync from now (write, truncate, punch; fsync, fdatasync)
+        before it takes effect, until the cut, which loses it: a cut at an exact moment.
+        kind "change" or "sync" counts only those.  stats() says "frozen" once it waits."""
+        return self._ask({"arm": n, "kind": kind})
 
     def stats(self):
         return self._ask({"stats": 1})

@@ -2,6 +2,7 @@
 loses, through the mount, with the system calls the overlay makes."""
 
 import ctypes
+import errno
 import fcntl
 import os
 import struct
@@ -39,7 +40,7 @@ def test_a_write_not_synced_is_gone_after_a_cut(fs):
     assert os.pread(fd, 4096, 0) == b"b" * 4096       # read back before the cut, as cached
     assert os.fstat(fd).st_size == 8100
     os.close(fd)
-    assert fs.cut("all") == {"kept": 0, "lost": 8 + 1}
+    assert fs.cut("all") == {"kept": 0, "lost": 8 + 1, "frozen": False}
     assert (fs.path / "f").read_bytes() == b"a" * 4096
     assert (fs.real_path / "f").read_bytes() == b"a" * 4096
 
@@ -58,7 +59,7 @@ def test_no_cut_loses_nothing(fs):
     fd = new_file(fs, content=b"a" * 4096)
     os.pwrite(fd, b"b" * 4096, 2048)
     os.close(fd)
-    assert fs.cut("none") == {"kept": 8, "lost": 0}
+    assert fs.cut("none") == {"kept": 8, "lost": 0, "frozen": False}
     assert (fs.path / "f").read_bytes() == b"a" * 2048 + b"b" * 4096
 
 
@@ -155,3 +156,36 @@ def test_overlay_creation_link_unlink_and_folder_sync(fs):
     fs.cut("all")
     assert sorted(os.listdir(fs.path)) == ["vm.cow"]
     assert (fs.path / "vm.cow").read_bytes() == b"h" * 4096 + bytes(65536 - 4096)
+
+
+def test_an_armed_cut_freezes_a_write_and_loses_it(fs):
+    """arm(n): the n-th change from then on waits, untouched, until the cut; after the cut
+    every change fails until the power is back."""
+    import threading
+    fd = new_file(fs, content=b"a" * 4096)
+    fs.arm(2)
+    os.pwrite(fd, b"b" * 512, 0)                      # the first: done, not synced
+    result = []
+    t = threading.Thread(target=lambda: result.append(_try(os.pwrite, fd, b"c" * 512, 512)))
+    t.start()
+    for _ in range(200):
+        if fs.stats()["frozen"]:
+            break
+        t.join(0.05)
+    assert fs.stats()["frozen"] and t.is_alive(), "the second write did not freeze"
+    assert fs.cut("none", stay_off=True) == {"kept": 1, "lost": 0, "frozen": True}
+    t.join(10)
+    assert result == [errno.EIO]
+    assert _try(os.pwrite, fd, b"d" * 512, 1024) == errno.EIO
+    assert _try(os.fsync, fd) == errno.EIO
+    fs.power_on()
+    assert os.pread(fd, 4096, 0) == b"b" * 512 + b"a" * 3584
+    os.close(fd)
+
+
+def _try(f, *args):
+    try:
+        f(*args)
+    except OSError as e:
+        return e.errno
+    return 0
