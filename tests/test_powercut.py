@@ -186,9 +186,11 @@ def test_power_cut_under_load_loses_nothing_flushed(fs, tmp_path, block_size):
 
 @pytest.mark.slow
 def test_power_cut_while_the_overlay_is_made(fs, tmp_path):
-    """Cut while `--overlay FILE` creates FILE: FILE is linked into place only after its
-    header and bitmap are synced, so after any cut it is either absent (and made again by the
-    next start) or opens as an empty overlay; never a file that opens with wrong data."""
+    """Cut while `--overlay FILE` creates FILE (half of the cuts frozen at the sync of its
+    header): FILE is linked into place only after its header and bitmap are synced, so after any
+    cut it is either absent (and made again by the next start; a cut between the temporary
+    file's creation and the link leaves that file, .FILE.*.new, behind) or opens as an empty
+    overlay; never a file that opens with wrong data."""
     rng = random.Random(f"{SEED}-create")
     size = 8 * MiB
     disk = tmp_path / "disk.img"
@@ -198,13 +200,22 @@ def test_power_cut_while_the_overlay_is_made(fs, tmp_path):
     for i in range(n):
         ov = fs.path / f"v{i}.cow"
         sock = tmp_path / f"create{i}.sock"
+        armed = i % 2 == 0
+        if armed:                       # at the header's sync
+            fs.arm(1, "sync")
         with open(tmp_path / f"create{i}.log", "wb") as log:
             proc = subprocess.Popen(server_command(disk, "-U", sock, "--overlay", ov),
                                     stdout=log, stderr=subprocess.STDOUT)
-        time.sleep(rng.uniform(0.0, 0.8))
+        if armed:
+            deadline = time.monotonic() + 10
+            while not fs.stats()["frozen"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+        else:
+            time.sleep(rng.uniform(0.0, 0.8))
         proc.send_signal(signal.SIGKILL)
+        fs.cut(rng.choice(MODES), rng.randrange(1 << 30), stay_off=True)
         proc.wait()
-        fs.cut(rng.choice(MODES), rng.randrange(1 << 30))
+        fs.power_on()
         if not ov.exists():
             outcomes["absent"] += 1
         else:
