@@ -120,8 +120,8 @@ def test_power_cut_under_load_loses_nothing_flushed(fs, tmp_path, block_size):
     def load_and_cut(uri, proc):
         armed = rng.random() < 0.8
         if armed:                                   # the cut at an exact change or sync,
-            if rng.random() < 0.5:                  # at a sync above all: the moments where
-                fs.arm(rng.randint(1, 40), "sync")  # order matters
+            if rng.random() < 0.7:                  # at a sync above all: the moments where
+                fs.arm(rng.randint(1, 20), "sync")  # order matters
             else:
                 fs.arm(rng.randint(1, 1500))
         clients = [Client(uri, owned[k], model, ids, rng.random()) for k in range(nthreads)]
