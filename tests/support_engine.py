@@ -4,6 +4,7 @@ SEEK_HOLE or with libnbd, never with the engine), and checks of the engine's ext
 import errno
 import os
 import random
+import re
 
 import nbd
 import pytest
@@ -253,3 +254,32 @@ def engines(tmp_path, nbdkit):
     made = Engines(tmp_path)
     yield made
     made.close()
+
+
+# -- the overlay's system calls, from strace ------------------------------------------------
+
+def overlay_write_calls(trace: str, overlay: str) -> list[list[tuple[int, int, int]]]:
+    """The pwrite64 and splice calls into a file whose path holds ``overlay``, from the text of
+    ``strace -f -y -qq -e trace=pwrite64,splice,write``, as (offset, count asked, result), in
+    groups: a script writes "---\\n" to its stdout after each write it wants checked."""
+    groups, calls = [], []
+    for line in trace.splitlines():
+        if re.search(r'write\(1<[^>]*>, "---\\n"', line):
+            groups.append(calls)
+            calls = []
+            continue
+        fds = [path for _, path in re.findall(r"(\d+)<([^>]*)>", line)]
+        ret = re.search(r"\) = (-?\d+)", line)
+        if ret is None:
+            continue
+        n = int(ret.group(1))
+        # pwrite64(7</dir/vm.cow>, "..."..., 1000, 65536) = 1000
+        m = re.search(r"pwrite64\(\d+<[^>]*>(?:\(deleted\))?, .*, (\d+), (\d+)\) = ", line)
+        if m and overlay in fds[0]:
+            calls.append((int(m.group(2)), int(m.group(1)), n))
+        # splice(5<pipe:[1]>, NULL, 7</dir/vm.cow>, [66536], 64536, SPLICE_F_MOVE) = 64536
+        m = re.search(r"splice\(\d+<[^>]*>, NULL, \d+<[^>]*>(?:\(deleted\))?, \[(\d+)\], "
+                      r"(\d+), ", line)
+        if m and len(fds) > 1 and overlay in fds[1]:
+            calls.append((int(m.group(1)), int(m.group(2)), n))
+    return groups

@@ -20,7 +20,6 @@ Times here are limits on waits for events (generous), never performance assertio
 from __future__ import annotations
 
 import os
-import re
 import resource
 import socket
 import struct
@@ -32,6 +31,7 @@ import time
 import nbd
 import pytest
 
+from support_engine import overlay_write_calls
 from support_reliability import (
     CMD_READ, CMD_WRITE, EIO, RawClient, fd_count, run_server, thread_count, wait_until,
 )
@@ -347,24 +347,7 @@ def test_a_short_write_into_the_overlay_goes_on_from_the_sector_boundary(tmp_pat
                           str(overlays), str(limit)],
                          check=True, capture_output=True, text=True, timeout=120).stdout
     assert "spliced errno 27" in out and "pwrite errno 27" in out, out     # EFBIG
-    groups, calls = [], []
-    for line in trace.read_text().splitlines():
-        if re.search(r'write\(1<[^>]*>, "---\\n"', line):
-            groups.append(calls)
-            calls = []
-            continue
-        fds = [path for _, path in re.findall(r"(\d+)<([^>]*)>", line)]
-        ret = re.search(r"\) = (-?\d+)", line)
-        if ret is None:
-            continue
-        n = int(ret.group(1))
-        m = re.search(r"pwrite64\(\d+<[^>]*>(?:\(deleted\))?, .*, (\d+), (\d+)\) = ", line)
-        if m and str(overlays) in fds[0]:
-            calls.append((int(m.group(2)), int(m.group(1)), n))
-        m = re.search(r"splice\(\d+<[^>]*>, NULL, \d+<[^>]*>(?:\(deleted\))?, \[(\d+)\], "
-                      r"(\d+), ", line)
-        if m and len(fds) > 1 and str(overlays) in fds[1]:
-            calls.append((int(m.group(1)), int(m.group(2)), n))
+    groups = overlay_write_calls(trace.read_text(), str(overlays))
     assert len(groups) == 2, trace.read_text()[-3000:]
     for name, group in zip(("spliced", "pwrite"), groups):
         short = [i for i, (pos, asked, n) in enumerate(group)

@@ -14,7 +14,6 @@ request is understood.  Nothing here is timed."""
 
 import os
 import random
-import re
 import socket
 import struct
 import subprocess
@@ -26,6 +25,7 @@ import pytest
 
 from cow import protocol as P
 from cow.engine import Engine
+from support_engine import overlay_write_calls
 from support_server import RawClient, start_server
 
 MiB = 1024 * 1024
@@ -565,30 +565,11 @@ def test_spliced_write_ends_each_system_call_on_a_sector_boundary(tmp_path):
     subprocess.run(["strace", "-f", "-y", "-qq", "-e", "trace=pwrite64,splice,write", "-o",
                     str(trace), sys.executable, "-P", str(script), str(backing), str(overlay)],
                    check=True, stdout=subprocess.DEVNULL, timeout=120)
-    groups, calls = [], []
-    for line in trace.read_text().splitlines():
-        if re.search(r'write\(1<[^>]*>, "---\\n"', line):
-            groups.append(calls)
-            calls = []
-            continue
-        fds = [path for _, path in re.findall(r"(\d+)<([^>]*)>", line)]
-        ret = re.search(r"\) = (\d+)$", line)
-        if ret is None:
-            continue
-        n = int(ret.group(1))
-        # pwrite64(7</dir/vm.cow>, "..."..., 1000, 65536) = 1000
-        m = re.search(r"pwrite64\(\d+<[^>]*>(?:\(deleted\))?, .*, \d+, (\d+)\) = ", line)
-        if m and "vm.cow" in fds[0]:
-            calls.append((int(m.group(1)), n))
-        # splice(5<pipe:[1]>, NULL, 7</dir/vm.cow>, [66536], 64536, SPLICE_F_MOVE) = 64536
-        m = re.search(r"splice\(\d+<[^>]*>, NULL, \d+<[^>]*>(?:\(deleted\))?, \[(\d+)\], ",
-                      line)
-        if m and "vm.cow" in fds[1]:
-            calls.append((int(m.group(1)), n))
+    groups = overlay_write_calls(trace.read_text(), "vm.cow")
     assert len(groups) == 3, trace.read_text()[-2000:]
     for i, group in enumerate(groups):
         assert len(group) > 1, f"write {i}: one system call only, nothing checked: {group}"
-        torn = [(pos, n) for pos, n in group[:-1] if (pos + n) % 512]
+        torn = [(pos, n) for pos, _, n in group[:-1] if (pos + n) % 512]
         assert not torn, f"write {i}: calls that end inside a sector: {torn} of {group}"
 
 
