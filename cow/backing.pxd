@@ -33,10 +33,26 @@ cdef struct piece_t:
     uint64_t offset
 
 
-# A backing is broken once any of its connections breaks (they all go to one server): every
-# request that needs it fails with EIO from then on, and one line on stderr says so, whichever
-# thread found out first (backing.pyx: conn_broke).
-cdef struct broken_t:
+# What the connections of one NBD backing share (they all go to one server), with the thread that
+# opens them (backing.pyx: manage): extra connections as load needs them, up to a limit, each
+# connected in that thread with a bounded wait for its handshake, never on an engine thread.
+cdef struct shared_t:
+    conn_t *conns           # max_conns slots; [0, nr_conns) have been used
+    int max_conns           # the limit (Backing(connections=N))
+    int nr_conns            # atomic: slots in use
+    int cap                 # atomic: most connections to have (max_conns, until the server took
+                            # no more: then those it took)
+    int want                # atomic: a submitter asked for one more connection
+    const char *uri         # connect here: an NBD URI, or NULL ...
+    const char *sock        # ... a command's listening socket
+    uint64_t size           # the backing's size at open: every connection must show it
+    int wake                # eventfd: wakes the thread
+    int stop                # atomic: close() asks the thread to return
+    bint started
+    pthread_t thread
+    # A backing is broken once any of its connections breaks: every request that needs it fails
+    # with EIO from then on, and one line on stderr says so, whichever thread found out first
+    # (backing.pyx: conn_broke).
     int claimed             # atomic: taken by the first thread to report; it writes error
     int broken              # atomic: error is written; requests fail at once
     const char *what        # the backing's description, for the log line
@@ -54,9 +70,11 @@ cdef struct conn_t:
     pthread_t thread
     bint started
     int stop                # atomic: close() asks the dispatcher to return
+    int live                # atomic: connected, its dispatcher running: pick() may choose it
     int dead                # atomic: this connection broke
+    int users               # atomic: submitters between pick() and release()
     int in_flight           # atomic: requests submitted and not completed (for balancing)
-    broken_t *backing       # the backing's state, shared by its connections
+    shared_t *backing       # the backing's state, shared by its connections
 
 
 # Requests submitted together and finished together (see backing.pyx): `done` runs once, after
@@ -78,8 +96,7 @@ cdef int batch_status(batch_t *w) noexcept nogil
 
 cdef class Backing:
     cdef int fd                         # a file or block device, else -1
-    cdef conn_t *conns                  # NBD: nr_conns handles
-    cdef int nr_conns
+    cdef conn_t *conns                  # NBD: shared.max_conns slots
     cdef int calls                      # atomic: calls in progress (close waits for them)
     cdef pthread_mutex_t start_lock
     cdef int dispatch_pid               # atomic: the process whose dispatchers run
@@ -89,8 +106,11 @@ cdef class Backing:
     cdef uint64_t min_block             # NBD: requests aligned to this (1: no constraint)
     cdef bint base_allocation           # NBD: the server describes holes
     cdef bint nbd_cache                 # NBD: the server takes NBD_CMD_CACHE
-    cdef bytes what_c                   # description, kept alive for broken_t.what
-    cdef broken_t broken                # shared by the connections
+    cdef bytes what_c                   # description, kept alive for shared_t.what
+    cdef bytes uri_c                    # ... the URI, for shared_t.uri
+    cdef bytes sock_c                   # ... a command's socket path, for shared_t.sock
+    cdef object sock_dir                # a command: the folder of its socket (removed at close)
+    cdef shared_t shared                # shared by the connections
     cdef object proc_pid                # a command: its pid while it runs, else None
     cdef int proc_owner                 # ... the process that started it (and stops it)
     cdef double start_timeout           # a command: seconds to serve NBD after its start
@@ -101,10 +121,10 @@ cdef class Backing:
 
     cdef int _connect(self, nbd_handle *h, uri) except? -2
     cdef _connect_command(self, nbd_handle *h, double timeout)
-    cdef _prepare_dispatcher(self, conn_t *c)
     cdef int start_dispatchers(self) noexcept nogil
     cdef void _release(self) noexcept
     cdef conn_t *pick(self) noexcept nogil
+    cdef int nr_live(self) noexcept nogil
     cdef uint64_t clip(self, piece_t *p) noexcept nogil
     cdef int submit_read(self, batch_t *w, uint8_t *buf, uint64_t count,
                          uint64_t offset) noexcept nogil

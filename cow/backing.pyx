@@ -13,9 +13,15 @@ Three kinds, one interface (`cow/backing.pxd`), none of which knows about blocks
 Over NBD, requests are asynchronous: every engine thread submits its own with nbd_aio_*
 (any number in flight on one handle, each thread waiting only for its own), and one
 dispatcher thread per handle, a plain pthread that never touches Python, polls the socket and
-runs libnbd's state machine, which completes the requests.  Extra handles are opened only where
-the server advertises multi-conn (it then promises that they all see the same data); each
-request goes to the least busy one.  When a connection breaks, libnbd fails every request in
+runs libnbd's state machine, which completes the requests.  Each request goes to the least busy
+handle.  The backing is only read, so there is no cache to keep coherent between connections:
+whether or not the server advertises multi-conn, extra handles are opened as load needs them (a
+request finds every live handle busy and fewer than the limit open), up to a limit, by one more
+thread of the backing (manage), never by an engine thread: many servers serve one request at a
+time per connection (nbdkit's curl, ssh and vddk plugins), so parallelism needs connections.
+An extra connection the server refuses, or does not greet within EXTRA_TIMEOUT (qemu-nbd
+without --shared accepts a second one and never greets it), ends the opening of more: the
+backing goes on through those it has, and one line on stderr says so.  When a connection breaks, libnbd fails every request in
 flight on it and the whole backing is broken: later requests fail at once, and one line on
 stderr says what broke, once, whichever thread finds out first (the dispatcher, a submission,
 a completion...: see conn_broke).
@@ -31,6 +37,7 @@ from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy, strncpy, strerror
 from posix.types cimport off_t
 from posix.unistd cimport usleep
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 from cow.clib cimport *
 
@@ -47,7 +54,12 @@ cdef enum:
     NBD_CHUNK = 32 * 1024 * 1024    # largest read request we send
     MAX_CONNECTIONS = 64
     STATUS_MAX = 0x80000000         # largest block status request we send
+    EXTRA_TIMEOUT_MS = 5000         # an extra connection's handshake must end within this
 
+
+# Most connections to one NBD backing, unless Backing(connections=N) says otherwise (see the
+# README's "Over a remote backing" for the measurements behind it).
+DEFAULT_CONNECTIONS = 8
 
 # A backing command must finish the NBD handshake within this many seconds of being started
 # (nbdkit's plugins connect to their remote at the handshake: curl, ssh, vddk...), else it is
@@ -276,7 +288,7 @@ cdef void conn_broke(conn_t *c, const char *cause) noexcept nogil:
 
     cause: libnbd's message where the caller's own call failed, else NULL: then what our
     duplicate of the socket shows says it (the server closed it, a reset...)."""
-    cdef broken_t *b = c.backing
+    cdef shared_t *b = c.backing
     cdef uint64_t one = 1
     cdef char peeked
     cdef ssize_t r
@@ -296,6 +308,7 @@ cdef void conn_broke(conn_t *c, const char *cause) noexcept nogil:
         cow_atomic_store(&b.broken, 1)
         fprintf(stderr, b"cow: the backing connection broke (%s): %s; requests that need "
                         b"the backing fail with EIO\n", b.what, b.error)
+    cow_atomic_cas(&c.live, 1, 0)      # pick() no longer chooses it
     if cow_atomic_cas(&c.dead, 0, 1):
         # libnbd closed its own socket; ours ends the connection, and the dispatcher stops.
         shutdown(c.fd, SHUT_RDWR)
@@ -316,6 +329,11 @@ cdef void kick(conn_t *c) noexcept nogil:
         conn_broke(c, NULL)
     elif nbd_aio_get_direction(c.h) & LIBNBD_AIO_DIRECTION_WRITE:
         write(c.wake, &one, 8)
+
+
+cdef inline void release(conn_t *c) noexcept nogil:
+    """A submitter is done with the handle pick() gave it."""
+    cow_atomic_add(&c.users, -1)
 
 
 cdef void *dispatch(void *arg) noexcept nogil:
@@ -367,6 +385,175 @@ cdef void *dispatch(void *arg) noexcept nogil:
     return NULL
 
 
+# ---------------------------------------------------------------------------------------------
+# NBD: opening connections, in the backing's own thread.
+
+cdef int64_t now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000
+
+
+cdef nbd_handle *new_handle() noexcept nogil:
+    """A libnbd handle set up as every backing connection is (NULL: libnbd's error)."""
+    cdef nbd_handle *h = nbd_create()
+    if h == NULL:
+        return NULL
+    nbd_set_handle_name(h, b"cow-backing")
+    # No zero-fill of every read buffer (12% of the server's CPU streaming from a slow
+    # backing): a failed read is never used, and a successful one is whole unless the
+    # server breaks the protocol, when the buffer's older bytes (data this process read
+    # for the same disk) would show instead of zeroes.
+    nbd_set_pread_initialize(h, False)
+    nbd_add_meta_context(h, b"base:allocation")
+    return h
+
+
+cdef int connect_bounded(shared_t *s, nbd_handle *h, int64_t timeout_ms, char *why,
+                         size_t why_len) noexcept nogil:
+    """Connect h to the backing (its URI, or its command's socket) and finish the handshake within
+    timeout_ms (polling, so that a server that accepts and never greets cannot hold it, nor
+    close() wait for it): 0, or -1 with why filled in."""
+    cdef int64_t deadline = now_ms() + timeout_ms, left
+    cdef pollfd p
+    cdef unsigned direction
+    cdef int r
+    if s.uri != NULL:
+        r = nbd_aio_connect_uri(h, s.uri)
+    else:
+        r = nbd_aio_connect_unix(h, s.sock)
+    while r != -1 and nbd_aio_is_connecting(h):
+        left = deadline - now_ms()
+        if left <= 0:
+            snprintf(why, why_len, b"no NBD greeting within %d s", <int>(timeout_ms // 1000))
+            return -1
+        if cow_atomic_load(&s.stop):
+            snprintf(why, why_len, b"closing")
+            return -1
+        direction = nbd_aio_get_direction(h)
+        p.fd = nbd_aio_get_fd(h)
+        p.events = 0
+        if direction & LIBNBD_AIO_DIRECTION_READ:
+            p.events |= POLLIN
+        if direction & LIBNBD_AIO_DIRECTION_WRITE:
+            p.events |= POLLOUT
+        p.revents = 0
+        if p.fd < 0:
+            break
+        r = poll(&p, 1, <int>(left if left < 100 else 100))
+        if r <= 0:
+            r = 0
+            continue
+        if p.revents & (POLLIN | POLLHUP | POLLERR | POLLNVAL):
+            r = nbd_aio_notify_read(h)
+        elif p.revents & POLLOUT:
+            r = nbd_aio_notify_write(h)
+    if r == -1 or not nbd_aio_is_ready(h):
+        snprintf(why, why_len, b"%s", nbd_get_error() if nbd_get_error() != NULL
+                 else <const char *>b"the connection closed during the handshake")
+        return -1
+    if <uint64_t>nbd_get_size(h) != s.size:
+        snprintf(why, why_len, b"came back as another disk (size %lld, was %llu)",
+                 <long long>nbd_get_size(h), <unsigned long long>s.size)
+        return -1
+    return 0
+
+
+cdef int conn_prepare(conn_t *c) noexcept nogil:
+    """The descriptors of a connected handle's dispatcher: 0 or -errno."""
+    # Our own duplicate of libnbd's socket, for the dispatcher (see dispatch).
+    c.fd = fcntl(nbd_aio_get_fd(c.h), F_DUPFD_CLOEXEC, 0)
+    if c.fd < 0:
+        return -(errno or EIO)
+    c.wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+    if c.wake < 0:
+        return -errno
+    return 0
+
+
+cdef int conn_start(conn_t *c) noexcept nogil:
+    """Start the dispatcher of a prepared connection, then let pick() choose it."""
+    cdef int rc = pthread_create(&c.thread, NULL, dispatch, c)
+    if rc != 0:
+        return -rc
+    c.started = True
+    cow_atomic_store(&c.live, 1)
+    return 0
+
+
+cdef void conn_close(conn_t *c, bint polite) noexcept nogil:
+    """Stop a connection's dispatcher (if it runs in this process) and close its handle."""
+    cdef uint64_t one = 1
+    if c.started:
+        cow_atomic_store(&c.stop, 1)
+        write(c.wake, &one, 8)
+        pthread_join(c.thread, NULL)
+        c.started = False
+    if c.h != NULL:
+        if polite and not c.dead:
+            nbd_aio_disconnect(c.h, 0)
+        nbd_close(c.h)
+        c.h = NULL
+    if c.fd >= 0:
+        close(c.fd)
+        c.fd = -1
+    if c.wake >= 0:
+        close(c.wake)
+        c.wake = -1
+
+
+cdef void add_connection(shared_t *s) noexcept nogil:
+    """One more connection, asked for by pick(): connected here with a bounded wait; one that the
+    server refuses, or never greets, ends the opening of more (one line says so)."""
+    cdef char why[256]
+    cdef conn_t *c
+    cdef nbd_handle *h
+    cdef int n = cow_atomic_load(&s.nr_conns)
+    if n >= cow_atomic_load(&s.cap) or n >= s.max_conns:
+        return
+    h = new_handle()
+    if h == NULL:
+        return
+    why[0] = 0
+    if connect_bounded(s, h, EXTRA_TIMEOUT_MS, why, sizeof(why)) == 0:
+        c = &s.conns[n]
+        c.h = h
+        c.backing = s
+        c.fd = c.wake = -1
+        if conn_prepare(c) == 0 and conn_start(c) == 0:
+            cow_atomic_store(&s.nr_conns, n + 1)
+            return
+        conn_close(c, True)
+        strncpy(why, strerror(errno), sizeof(why) - 1)
+    else:
+        nbd_close(h)
+    if cow_atomic_load(&s.stop):
+        return
+    cow_atomic_store(&s.cap, n)
+    fprintf(stderr, b"cow: the backing %s took no extra connection (%s): serving through %d\n",
+            s.what, why, n)
+
+
+cdef void *manage(void *arg) noexcept nogil:
+    """The backing's own thread: opens the connections pick() asks for, until close()."""
+    cdef shared_t *s = <shared_t *>arg
+    cdef pollfd p
+    cdef uint64_t junk
+    p.fd = s.wake
+    p.events = POLLIN
+    while not cow_atomic_load(&s.stop):
+        p.revents = 0
+        if poll(&p, 1, -1) < 0 and errno != EINTR:
+            break
+        read(s.wake, &junk, 8)
+        if cow_atomic_load(&s.stop):
+            break
+        if cow_atomic_load(&s.want):
+            add_connection(s)
+            cow_atomic_store(&s.want, 0)
+    return NULL
+
+
 cdef struct extents_ctx:
     runs_t *runs
     uint64_t pos        # next byte not yet described
@@ -401,22 +588,22 @@ cdef int on_extent(void *user_data, const char *metacontext, uint64_t offset,
 # ---------------------------------------------------------------------------------------------
 
 cdef class Backing:
-    """The read-only backing: Backing(source, connections=4).
+    """The read-only backing: Backing(source, connections=DEFAULT_CONNECTIONS).
 
     source: a file or block device path, an NBD URI, or a command (a list: argv) that serves NBD
-    on systemd socket activation.  connections: most libnbd handles for an NBD export that
-    advertises multi-conn (one otherwise, and one for a command).  start_timeout: seconds a
-    command has to finish the NBD handshake (default START_TIMEOUT)."""
+    on systemd socket activation.  connections: most libnbd handles to an NBD backing (one is
+    opened at once, more as load needs them).  start_timeout: seconds a command has to finish
+    the NBD handshake (default START_TIMEOUT)."""
 
     def __cinit__(self, *args, **kwargs):
         pthread_mutex_init(&self.start_lock, NULL)
         self.fd = -1
         self.conns = NULL
-        self.nr_conns = 0
+        self.shared.wake = -1
         self.min_block = 1
         self.max_request = UINT64_MAX
 
-    def __init__(self, source, *, int connections=4, start_timeout=None):
+    def __init__(self, source, *, int connections=DEFAULT_CONNECTIONS, start_timeout=None):
         if self.description is not None:
             raise RuntimeError("Backing is already initialised")
         if connections < 1 or connections > MAX_CONNECTIONS:
@@ -434,12 +621,12 @@ cdef class Backing:
             self.description = source
             self.is_nbd = is_nbd_uri(source)
         self.what_c = self.description.encode(errors="replace")
-        self.broken.what = self.what_c
+        self.shared.what = self.what_c
         self.start_timeout = START_TIMEOUT if start_timeout is None else start_timeout
         if self.start_timeout <= 0:
             raise ValueError(f"invalid start_timeout {start_timeout}: expected seconds > 0")
         if self.command is not None:
-            self._open_nbd(None, 1)
+            self._open_nbd(None, connections)
         elif self.is_nbd:
             self._open_nbd(source, connections)
         else:
@@ -466,57 +653,49 @@ cdef class Backing:
             raise ValueError(f"cow: backing {path!r} is not a regular file or block device")
 
     def _open_nbd(self, uri, int nconn):
+        """Connect the first handle (the others are opened as load needs them: see manage)."""
         cdef conn_t *c
         cdef int64_t size, maxreq, minblk
-        cdef int rc, i
+        cdef int rc
         self.conns = <conn_t *>calloc(nconn, sizeof(conn_t))
         if self.conns == NULL:
             raise MemoryError()
-        for i in range(nconn):
-            c = &self.conns[i]
-            c.wake = -1
-            c.fd = -1
-            c.backing = &self.broken
-            c.h = nbd_create()
-            if c.h == NULL:
-                raise OSError(nbd_get_errno() or EIO, f"cow: libnbd: {_nbd_message()}")
-            self.nr_conns = i + 1
-            nbd_set_handle_name(c.h, b"cow-backing")
-            # No zero-fill of every read buffer (12% of the server's CPU streaming from a slow
-            # backing): a failed read is never used, and a successful one is whole unless the
-            # server breaks the protocol, when the buffer's older bytes (data this process read
-            # for the same disk) would show instead of zeroes.
-            nbd_set_pread_initialize(c.h, False)
-            nbd_add_meta_context(c.h, b"base:allocation")
-            rc = self._connect(c.h, uri)
-            if rc == -1:
-                if i == 0:
-                    raise OSError(nbd_get_errno() or EIO,
-                                  f"cow: cannot connect to backing {self.description}: "
-                                  f"{_nbd_message()}")
-                # A server that takes fewer connections still serves us through the ones we have.
-                nbd_close(c.h)
-                c.h = NULL
-                self.nr_conns = i
-                break
-            if i == 0:
-                size = nbd_get_size(c.h)
-                if size < 0:
-                    raise OSError(nbd_get_errno() or EIO,
-                                  f"cow: size of backing {self.description}: {_nbd_message()}")
-                self.c_size = size
-                self.base_allocation = nbd_can_meta_context(c.h, b"base:allocation") == 1
-                self.nbd_cache = nbd_can_cache(c.h) == 1
-                minblk = nbd_get_block_size(c.h, LIBNBD_SIZE_MINIMUM)
-                self.min_block = minblk if minblk > 1 and (minblk & (minblk - 1)) == 0 else 1
-                maxreq = nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM)
-                self.max_request = maxreq if 0 < maxreq < NBD_CHUNK else NBD_CHUNK
-                # Extra connections only where the server says they see the same data.
-                if nbd_can_multi_conn(c.h) != 1:
-                    nconn = 1
-                    break
-        for i in range(self.nr_conns):
-            self._prepare_dispatcher(&self.conns[i])
+        self.shared.conns = self.conns
+        self.shared.max_conns = nconn
+        self.shared.cap = nconn
+        for rc in range(nconn):
+            self.conns[rc].fd = self.conns[rc].wake = -1
+            self.conns[rc].backing = &self.shared
+        self.shared.wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
+        if self.shared.wake < 0:
+            raise OSError(errno, f"cow: eventfd: {os.strerror(errno)}")
+        if uri is not None:
+            self.uri_c = uri.encode()
+            self.shared.uri = self.uri_c
+        c = &self.conns[0]
+        c.h = new_handle()
+        if c.h == NULL:
+            raise OSError(nbd_get_errno() or EIO, f"cow: libnbd: {_nbd_message()}")
+        self.shared.nr_conns = 1
+        rc = self._connect(c.h, uri)
+        if rc == -1:
+            raise OSError(nbd_get_errno() or EIO,
+                          f"cow: cannot connect to backing {self.description}: "
+                          f"{_nbd_message()}")
+        size = nbd_get_size(c.h)
+        if size < 0:
+            raise OSError(nbd_get_errno() or EIO,
+                          f"cow: size of backing {self.description}: {_nbd_message()}")
+        self.c_size = self.shared.size = size
+        self.base_allocation = nbd_can_meta_context(c.h, b"base:allocation") == 1
+        self.nbd_cache = nbd_can_cache(c.h) == 1
+        minblk = nbd_get_block_size(c.h, LIBNBD_SIZE_MINIMUM)
+        self.min_block = minblk if minblk > 1 and (minblk & (minblk - 1)) == 0 else 1
+        maxreq = nbd_get_block_size(c.h, LIBNBD_SIZE_MAXIMUM)
+        self.max_request = maxreq if 0 < maxreq < NBD_CHUNK else NBD_CHUNK
+        rc = conn_prepare(c)
+        if rc < 0:
+            raise OSError(-rc, f"cow: libnbd socket: {os.strerror(-rc)}")
 
     cdef int _connect(self, nbd_handle *h, uri) except? -2:
         cdef bytes buri
@@ -544,8 +723,11 @@ cdef class Backing:
             name = f"{shlex.quote(self.command[0])}: " if len(self.command) > 1 else ""
             raise CommandError(problem[0], f"the backing command {what}: {name}{problem[1]}")
         tmpdir = tempfile.mkdtemp(prefix="cow-backing-")
+        self.sock_dir = tmpdir      # kept while the command runs: more connections go there
         try:
             path = os.path.join(tmpdir, "nbd.sock")
+            self.sock_c = os.fsencode(path)
+            self.shared.sock = self.sock_c
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
                 listener.bind(path)
                 listener.listen(16)
@@ -594,9 +776,13 @@ cdef class Backing:
                 self._command_failed(message or _nbd_message())
         except BaseException:
             self.stop_command()     # also on Ctrl-C: nothing is left running
+            self._remove_sock_dir()
             raise
-        finally:
-            shutil.rmtree(tmpdir, ignore_errors=True)
+
+    def _remove_sock_dir(self):
+        if self.sock_dir is not None and self.proc_owner == getpid():
+            shutil.rmtree(self.sock_dir, ignore_errors=True)
+        self.sock_dir = None
 
     def _command_failed(self, message):
         """The command closed its socket, exited, or spoke no NBD: say which, as CommandError
@@ -653,32 +839,26 @@ cdef class Backing:
             pass
         self.proc_pid = None
 
-    cdef _prepare_dispatcher(self, conn_t *c):
-        # Our own duplicate of libnbd's socket, for the dispatcher (see dispatch).
-        c.fd = fcntl(nbd_aio_get_fd(c.h), F_DUPFD_CLOEXEC, 0)
-        if c.fd < 0:
-            raise OSError(nbd_get_errno() or errno or EIO,
-                          f"cow: libnbd socket: {_nbd_message()}")
-        c.wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)
-        if c.wake < 0:
-            raise OSError(errno, f"cow: eventfd: {os.strerror(errno)}")
-
     cdef int start_dispatchers(self) noexcept nogil:
-        """Start the dispatcher threads in this process, at its first request.  Not at open:
-        nbdkit forks after loading a plugin (to daemonize, or for --run), and threads do not
-        survive a fork; the process that serves starts its own."""
+        """Start the threads in this process, at its first request: the dispatchers of the
+        connections open, and the thread that opens more.  Not at open: nbdkit forks after
+        loading a plugin (to daemonize, or for --run), and threads do not survive a fork; the
+        process that serves starts its own."""
         cdef int i, rc = 0, pid = getpid()
         if cow_atomic_load(&self.dispatch_pid) == pid:
             return 0
         pthread_mutex_lock(&self.start_lock)
         if self.dispatch_pid != pid:
-            for i in range(self.nr_conns):
-                rc = pthread_create(&self.conns[i].thread, NULL, dispatch, &self.conns[i])
-                if rc != 0:
-                    break
-                self.conns[i].started = True
+            for i in range(self.shared.nr_conns):
+                if self.conns[i].h != NULL and not self.conns[i].dead:
+                    rc = conn_start(&self.conns[i])
+                    if rc != 0:
+                        break
             if rc == 0:
-                cow_atomic_store(&self.dispatch_pid, pid)
+                rc = pthread_create(&self.shared.thread, NULL, manage, &self.shared)
+                if rc == 0:
+                    self.shared.started = True
+                    cow_atomic_store(&self.dispatch_pid, pid)
         pthread_mutex_unlock(&self.start_lock)
         return -rc
 
@@ -686,41 +866,40 @@ cdef class Backing:
         cdef uint64_t one = 1
         cdef conn_t *c
         cdef int i
+        cdef bint ours
         if self.fd >= 0:
             close(self.fd)
             self.fd = -1
         if self.conns == NULL:
             return
-        for i in range(self.nr_conns):
+        ours = self.dispatch_pid == getpid()
+        if self.shared.started and ours:
+            cow_atomic_store(&self.shared.stop, 1)
+            write(self.shared.wake, &one, 8)
+            with nogil:
+                pthread_join(self.shared.thread, NULL)
+            self.shared.started = False
+        for i in range(self.shared.nr_conns):
             c = &self.conns[i]
-            if c.started and self.dispatch_pid == getpid():
-                cow_atomic_store(&c.stop, 1)
-                write(c.wake, &one, 8)
-                with nogil:
-                    pthread_join(c.thread, NULL)
-                c.started = False
-            if c.h != NULL:
-                # Say goodbye, unless the connection is dead or served by another process
-                # (a copy of this one made by fork).
-                if not c.dead and self.dispatch_pid in (0, getpid()):
-                    nbd_aio_disconnect(c.h, 0)
-                with nogil:
-                    nbd_close(c.h)
-                c.h = NULL
-            if c.fd >= 0:
-                close(c.fd)
-                c.fd = -1
-            if c.wake >= 0:
-                close(c.wake)
-                c.wake = -1
+            if not ours:
+                c.started = False       # threads of another process (this one's parent)
+            # Say goodbye, unless the connection is dead or served by another process
+            # (a copy of this one made by fork).
+            with nogil:
+                conn_close(c, self.dispatch_pid in (0, getpid()))
+        if self.shared.wake >= 0:
+            close(self.shared.wake)
+            self.shared.wake = -1
         free(self.conns)
         self.conns = NULL
-        self.nr_conns = 0
+        self.shared.conns = NULL
+        self.shared.nr_conns = 0
         try:
             self.stop_command()     # a command backing: stopped once its connection is closed
         except Exception as e:      # noqa: BLE001 - at close: say it, go on closing
             fprintf(stderr, b"cow: stopping the backing command: %s\n",
                     str(e).encode(errors="replace"))
+        self._remove_sock_dir()
 
     def __dealloc__(self):
         self._release()
@@ -748,14 +927,19 @@ cdef class Backing:
 
     @property
     def connections(self):
-        """libnbd handles in use (0 for a file)."""
-        return self.nr_conns
+        """libnbd handles open and working (0 for a file)."""
+        return self.nr_live() if self.conns != NULL else 0
+
+    @property
+    def max_connections(self):
+        """Most libnbd handles this backing opens (0 for a file)."""
+        return self.shared.max_conns if self.conns != NULL else 0
 
     @property
     def error(self):
         """What broke the NBD backing's connection, or None while it works."""
-        if cow_atomic_load(&self.broken.broken):
-            return self.broken.error.decode(errors="replace")
+        if cow_atomic_load(&self.shared.broken):
+            return self.shared.error.decode(errors="replace")
         return None
 
     @property
@@ -788,20 +972,45 @@ cdef class Backing:
     # -- the C interface ---------------------------------------------------------------------
 
     cdef conn_t *pick(self) noexcept nogil:
-        """The least busy live handle, or NULL when every one has broken (or no dispatcher
-        could start)."""
-        cdef conn_t *best = NULL
-        cdef int i, load, best_load = 0
-        if cow_atomic_load(&self.broken.broken) or self.start_dispatchers() < 0:
+        """The least busy live handle, held for submitting until release(); NULL when every one
+        has broken (or no thread could start).  When every live handle has requests in flight
+        and fewer than the limit are open, asks the backing's thread for one more."""
+        cdef conn_t *best
+        cdef uint64_t one = 1
+        cdef int i, n, live, load, best_load, tries
+        if cow_atomic_load(&self.shared.broken) or self.start_dispatchers() < 0:
             return NULL
-        for i in range(self.nr_conns):
-            if cow_atomic_load(&self.conns[i].dead):
-                continue
-            load = cow_atomic_load(&self.conns[i].in_flight)
-            if best == NULL or load < best_load:
-                best = &self.conns[i]
-                best_load = load
-        return best
+        for tries in range(8):
+            best = NULL
+            best_load = live = 0
+            n = cow_atomic_load(&self.shared.nr_conns)
+            for i in range(n):
+                if not cow_atomic_load(&self.conns[i].live):
+                    continue
+                live += 1
+                load = cow_atomic_load(&self.conns[i].in_flight)
+                if best == NULL or load < best_load:
+                    best = &self.conns[i]
+                    best_load = load
+            if best == NULL:
+                return NULL
+            if best_load > 0 and n < cow_atomic_load(&self.shared.cap) and \
+                    n < self.shared.max_conns and cow_atomic_cas(&self.shared.want, 0, 1):
+                write(self.shared.wake, &one, 8)
+            # Held before it is checked again: the backing's thread closes a handle that
+            # broke only once no submitter holds it.
+            cow_atomic_add(&best.users, 1)
+            if cow_atomic_load(&best.live):
+                return best
+            cow_atomic_add(&best.users, -1)
+        return NULL
+
+    cdef int nr_live(self) noexcept nogil:
+        cdef int i, live = 0
+        for i in range(cow_atomic_load(&self.shared.nr_conns)):
+            if self.conns[i].h != NULL and not cow_atomic_load(&self.conns[i].dead):
+                live += 1
+        return live
 
     cdef int read(self, uint8_t *buf, uint64_t count, uint64_t offset) noexcept nogil:
         """Read count bytes at offset; bytes past the end of the backing read as zeroes."""
@@ -848,6 +1057,7 @@ cdef class Backing:
             if r < 0:
                 break
         kick(c)
+        release(c)
         i = waiter_wait(&t)
         if r == 0:
             r = i
@@ -893,6 +1103,7 @@ cdef class Backing:
             if k and self.submit_read(w, pieces[i].buf, k, pieces[i].offset) < 0:
                 break
         kick(c)
+        release(c)
         if w.submitted == 0:    # nothing in flight, so no callback will come: done here
             i = batch_status(w)
             free(w)
@@ -992,6 +1203,7 @@ cdef class Backing:
                                     LIBNBD_CMD_FLAG_REQ_ONE if runs.req_one else 0) == -1:
                 batch_refused(&t.w)
             kick(c)
+            release(c)
             rc = waiter_wait(&t)
             if rc < 0:
                 return rc
@@ -1023,6 +1235,7 @@ cdef class Backing:
                          completion_for(&t.w), 0) == -1:
             batch_refused(&t.w)
         kick(c)
+        release(c)
         waiter_wait(&t)
         cow_atomic_add(&self.calls, -1)
 

@@ -37,6 +37,7 @@ DEFAULT_PAYLOAD_TIMEOUT = 60.0  # cow.server.DEFAULT_PAYLOAD_TIMEOUT
 LARGE_REQUEST = 128 * 1024  # cow.server.LARGE_REQUEST
 LARGE_WORKERS = 8  # cow.server.LARGE_WORKERS
 MAX_QUEUED_PER_CONNECTION = 64  # cow.server.MAX_QUEUED_PER_CONNECTION
+DEFAULT_BACKING_CONNECTIONS = 8  # cow.backing.DEFAULT_CONNECTIONS
 
 log = logging.getLogger("cow.cli")
 
@@ -130,6 +131,16 @@ def _seconds(value: str) -> float:
         n = -1.0
     if not n >= 0 or n == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, not {value!r}")
+    return n
+
+
+def _backing_connections(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"expected a number from 1 to 64, not {value!r}")
     return n
 
 
@@ -236,6 +247,15 @@ def build_parser() -> argparse.ArgumentParser:
                           "that must wait for it go to workers, started as needed (default: "
                           f"{MAX_QUEUED_PER_CONNECTION} over an NBD backing, one per request in "
                           f"flight; {LARGE_WORKERS} over a file)")
+    remote = p.add_argument_group("an NBD backing (a URI, or a command after --)")
+    remote.add_argument("--backing-connections", type=_backing_connections, metavar="N",
+                        default=DEFAULT_BACKING_CONNECTIONS,
+                        help="most connections to the backing, 1 to 64: one is opened at start, "
+                             "more while every open one has requests in flight, whether or not "
+                             "the backing advertises multi-conn (it is only read). A backing "
+                             "that refuses one more, or does not greet it within 5 s, is served "
+                             "through those it took. e.g. --backing-connections 1 for a server "
+                             f"that must see one client (default {DEFAULT_BACKING_CONNECTIONS})")
     cow = p.add_argument_group("copy-on-write (the names of nbdkit's cow filter)")
     cow.add_argument("--cow-block-size", metavar="SIZE",
                      help="overlay block size, a power of two from 4K to 4M, e.g. "
@@ -477,7 +497,8 @@ def _check_views_options(args) -> None:
 def _engine_kwargs(args) -> dict:
     from cow.engine import parse_block_size, parse_size
     kw = dict(cow_on_read=args.cow_on_read, cow_on_cache=args.cow_on_cache,
-              lock_mode=args.lock_mode, tmpdir=args.tmpdir)
+              lock_mode=args.lock_mode, tmpdir=args.tmpdir,
+              nbd_connections=args.backing_connections)
     if args.cow_block_size is not None:
         try:
             kw["block_size"] = parse_block_size(args.cow_block_size)
@@ -644,7 +665,8 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
         if why:
             raise _StartupError(f"--overlay-dir {directory}: {why}")
     try:
-        shared = Backing(backing, connections=kwargs.pop("nbd_connections", 4))
+        shared = Backing(backing, connections=kwargs.pop("nbd_connections",
+                                                         DEFAULT_BACKING_CONNECTIONS))
     except CommandError as e:
         raise _StartupError(_command_error(e, backing)) from None
     except OSError as e:

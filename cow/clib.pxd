@@ -136,6 +136,7 @@ cdef extern from "<stdio.h>" nogil:
         pass
     FILE *stderr
     int fprintf(FILE *stream, const char *fmt, ...)
+    int snprintf(char *buf, size_t size, const char *fmt, ...)
 
 
 cdef extern from "<errno.h>" nogil:
@@ -163,6 +164,8 @@ cdef extern from "<libnbd.h>" nogil:
     int nbd_add_meta_context(nbd_handle *h, const char *name)
     int nbd_connect_uri(nbd_handle *h, const char *uri)
     int nbd_aio_connect_socket(nbd_handle *h, int sock)
+    int nbd_aio_connect_uri(nbd_handle *h, const char *uri)
+    int nbd_aio_connect_unix(nbd_handle *h, const char *unixsocket)
     int64_t nbd_get_size(nbd_handle *h)
     int64_t nbd_get_block_size(nbd_handle *h, int size_type)
     int nbd_can_meta_context(nbd_handle *h, const char *name)

@@ -49,6 +49,7 @@ from cow.backing cimport Backing, runs_t, runs_add, runs_full, runs_free, piece_
 import os
 
 from cow import overlayfile
+from cow.backing import DEFAULT_CONNECTIONS
 
 include "bitmap.pxi"
 include "overlay.pxi"
@@ -405,7 +406,7 @@ cdef class Engine(BlockCore):
 
     def __init__(self, backing, *, block_size=None, cow_on_read=False,
                  bint cow_on_cache=False, str lock_mode="fine", tmpdir=None,
-                 overlay_max_size=None, int nbd_connections=4, overlay=None,
+                 overlay_max_size=None, nbd_connections=None, overlay=None,
                  bint readonly=False, str backing_changed="refuse"):
         if self.bm_ready:
             raise RuntimeError("Engine is already initialised")
@@ -428,7 +429,9 @@ cdef class Engine(BlockCore):
         if backing_changed not in overlayfile.BACKING_CHANGED_CHOICES:
             raise ValueError(f"invalid backing_changed {backing_changed!r}: expected 'refuse' or "
                              f"'accept'")
-        if nbd_connections < 1 or nbd_connections > 64:
+        if nbd_connections is None:
+            nbd_connections = DEFAULT_CONNECTIONS
+        if not isinstance(nbd_connections, int) or not 1 <= nbd_connections <= 64:
             raise ValueError(f"invalid nbd_connections {nbd_connections}: expected 1 to 64")
         cap = None
         if overlay_max_size is not None:

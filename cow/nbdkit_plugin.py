@@ -3,7 +3,7 @@
     nbdkit python PATH-TO-THIS-FILE file=BACKING | uri=nbd://...
                  [cow-block-size=N] [cow-on-read=false|true|/PATH] [cow-on-cache=false|true]
                  [overlay=FILE | overlay-dir=DIR [max-exports=N] [list-views=false|true]]
-                 [overlay-backing-changed=...]
+                 [overlay-backing-changed=...] [backing-connections=N]
 
 `python -m cow.nbdkit --print-plugin-path` prints PATH-TO-THIS-FILE.  The parameters have the names,
 defaults and meanings of nbdkit's cow filter (nbdkit-cow-filter(1)).  One engine, created at start-up,
@@ -17,7 +17,9 @@ its first connection and flushed and closed after its last one, the connection's
 view's engine, and max-exports=N caps the views (default 128, cow.views.DEFAULT_MAX_VIEWS; 0: no
 cap).  A listing shows no view unless list-views=true: a view's name is all a client needs to open
 it.  nbdkit opens the plugin for NBD_OPT_INFO as for NBD_OPT_GO, so a view this shim made is removed
-again when it closes with nothing written to it.
+again when it closes with nothing written to it.  backing-connections=N: most connections to an NBD
+backing (1 to 64, default cow.backing.DEFAULT_CONNECTIONS), opened as load needs them, as python -m
+cow.server --backing-connections N.
 
 nbdkit runs this file as `__main__` with neither its folder nor any virtual environment on sys.path,
 so it imports nothing relative: it adds the site-packages folder of the environment it belongs to
@@ -117,7 +119,8 @@ class ConfigError(Exception):
 
 
 _PARAMETERS = ("file", "uri", "cow-block-size", "cow-on-read", "cow-on-cache", "overlay",
-               "overlay-backing-changed", "overlay-dir", "max-exports", "list-views")
+               "overlay-backing-changed", "overlay-dir", "max-exports", "list-views",
+               "backing-connections")
 _TRUE = ("1", "true", "t", "yes", "y", "on")
 _FALSE = ("0", "false", "f", "no", "n", "off")
 
@@ -219,6 +222,15 @@ def _engine_arguments(params):
         kwargs["backing_changed"] = changed
     elif "overlay-backing-changed" in params:
         raise ConfigError("overlay-backing-changed= goes with overlay=FILE or overlay-dir=DIR")
+    if "backing-connections" in params:
+        value = params["backing-connections"]
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= 64:
+            raise ConfigError(f"backing-connections={value}: expected a number from 1 to 64")
+        kwargs["nbd_connections"] = n
     return backing, kwargs
 
 
@@ -267,7 +279,8 @@ def _open_views(backing, kwargs):
     why = directory_problem(folder, create=True)
     if why:
         raise ConfigError(f"overlay-dir={_params['overlay-dir']}: {why}")
-    _backing = Backing(backing)
+    _backing = Backing(backing, **({"connections": kwargs["nbd_connections"]}
+                                   if "nbd_connections" in kwargs else {}))
     _backing_lock_fd = overlayfile.hold_backing(_backing)
     probe = {k: v for k, v in kwargs.items() if k != "backing_changed"}
     Engine(_backing, tmpdir=folder, **probe).close()

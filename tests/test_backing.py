@@ -59,11 +59,11 @@ def slow_backing(nbdkit, log, *, multi_conn=False, delay="300ms", plugin=("memor
 
 @pytest.mark.parametrize("threads", [32])
 def test_dozens_of_reads_in_flight_on_one_connection(engines, nbdkit, tmp_path, threads):
-    """The backing does not advertise multi-conn, so there is one libnbd handle; every engine
-    thread's read is in flight on it at once, and each gets its own data."""
+    """One libnbd handle (nbd_connections=1): every engine thread's read is in flight on it at
+    once, and each gets its own data."""
     log = tmp_path / "backing.log"
     uri = slow_backing(nbdkit, log, plugin=("pattern", "64M"))
-    eng = engines(uri, block_size="64K")
+    eng = engines(uri, block_size="64K", nbd_connections=1)
     bs = eng.block_size
     results = [None] * threads
 
@@ -82,15 +82,18 @@ def test_dozens_of_reads_in_flight_on_one_connection(engines, nbdkit, tmp_path, 
     assert max_in_flight(log) >= threads * 3 // 4, "backing reads waited for each other"
 
 
-def test_extra_connections_only_with_multi_conn(nbdkit, tmp_path):
+def test_one_connection_at_open_more_as_load_needs_them(nbdkit, tmp_path):
+    """Extra connections are opened as load needs them, multi-conn or not (see
+    test_backing_connections.py): at open there is one."""
     with_mc = slow_backing(nbdkit, tmp_path / "a.log", multi_conn=True, delay="0")
     without = slow_backing(nbdkit, tmp_path / "b.log", delay="0")
     with Backing(with_mc, connections=4) as b:
-        assert b.connections == 4 and b.is_nbd and b.size == 64 * MiB
+        assert b.connections == 1 and b.max_connections == 4
+        assert b.is_nbd and b.size == 64 * MiB
     with Backing(without, connections=4) as b:
-        assert b.connections == 1
+        assert b.connections == 1 and b.max_connections == 4
     with Backing(with_mc, connections=1) as b:
-        assert b.connections == 1
+        assert b.connections == 1 and b.max_connections == 1
 
 
 def test_copy_up_holds_up_only_its_own_block(engines, nbdkit, tmp_path):

@@ -35,12 +35,12 @@ def connect(uri):
 
 
 def test_client_queue_depth_becomes_backing_reads_in_flight(nbdkit, tmp_path):
-    """4 connections with 16 reads each in flight, over a backing without multi-conn (one
-    libnbd handle): the backing sees nearly all 64 at once."""
+    """4 connections with 16 reads each in flight, over one libnbd handle
+    (--backing-connections 1): the backing sees nearly all 64 at once."""
     log = tmp_path / "backing.log"
     back = nbdkit("-t", "128", "--filter=log", "--filter=multi-conn", "--filter=delay",
                   "pattern", "64M", f"logfile={log}", "rdelay=500ms", "multi-conn-mode=disable")
-    with start_server(back, tmp_path=tmp_path) as (uri, _):
+    with start_server(back, "--backing-connections", "1", tmp_path=tmp_path) as (uri, _):
         handles = [connect(uri) for _ in range(4)]
         bufs = []
         for k, h in enumerate(handles):
@@ -164,15 +164,15 @@ def test_backing_killed_mid_copy(tmp_path):
 
 
 def test_shim_keeps_a_slow_backing_busy(nbdkit, tmp_path):
-    """The nbdkit shim over a backing without multi-conn: nbdkit's threads each wait for their
-    own backing read, all on the engine's one libnbd handle, so a client's 16 reads in flight
-    are (nearly) all in flight at the backing."""
+    """The nbdkit shim over one backing connection (backing-connections=1): nbdkit's threads
+    each wait for their own backing read, all on the engine's one libnbd handle, so a client's 16
+    reads in flight are (nearly) all in flight at the backing."""
     from support_shim import run_shim
 
     log = tmp_path / "backing.log"
     back = nbdkit("-t", "64", "--filter=log", "--filter=multi-conn", "--filter=delay",
                   "pattern", "64M", f"logfile={log}", "rdelay=500ms", "multi-conn-mode=disable")
-    with run_shim(back, tmp_path / "shim.sock") as server:
+    with run_shim(back, tmp_path / "shim.sock", "backing-connections=1") as server:
         h = connect(server.uri)
         bufs = [(i * 65536, nbd.Buffer(65536)) for i in range(16)]
         cookies = [h.aio_pread(b, off) for off, b in bufs]
