@@ -1,9 +1,12 @@
 # The backing's C-level interface (cow/backing.pyx implements it; cow/engine.pyx uses it).
 # Declarations only.
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 
 from cow.clib cimport nbd_handle, pthread_t, pthread_mutex_t, pthread_cond_t
+
+cdef struct req_t
+cdef struct batch_t
 
 
 # Extent kinds, as NBD's base:allocation flags: 0 data, NBD_STATE_HOLE | NBD_STATE_ZERO.
@@ -34,8 +37,9 @@ cdef struct piece_t:
 
 
 # What the connections of one NBD backing share (they all go to one server), with the thread that
-# opens them (backing.pyx: manage): extra connections as load needs them, up to a limit, each
-# connected in that thread with a bounded wait for its handshake, never on an engine thread.
+# opens them (backing.pyx: manage): extra connections as load needs them, up to a limit, and a
+# connection that broke again, with backoff, each connected in that thread with a bounded wait
+# for its handshake, never on an engine thread.
 cdef struct shared_t:
     conn_t *conns           # max_conns slots; [0, nr_conns) have been used
     int max_conns           # the limit (Backing(connections=N))
@@ -50,13 +54,21 @@ cdef struct shared_t:
     int stop                # atomic: close() asks the thread to return
     bint started
     pthread_t thread
-    # A backing is broken once any of its connections breaks: every request that needs it fails
-    # with EIO from then on, and one line on stderr says so, whichever thread found out first
-    # (backing.pyx: conn_broke).
+    void *owner             # the Backing (borrowed; NULL once it closes): restarts a command
+    # An outage: from a connection breaking (backing.pyx: conn_broke, whichever thread found out
+    # first says so, once) until the thread connects again.  Meanwhile reads that need the
+    # backing wait (their requests parked, or their caller waiting) up to wait_ms; past it they
+    # fail with EIO, and later ones at once, until it is back.
     int claimed             # atomic: taken by the first thread to report; it writes error
-    int broken              # atomic: error is written; requests fail at once
-    const char *what        # the backing's description, for the log line
+    int broken              # atomic: error is written: the backing is down
+    int gave_up             # atomic: down for longer than wait_ms: reads fail at once
+    int64_t down_since      # when it broke (monotonic ms), written before broken
+    int64_t wait_ms         # how long reads wait for it to come back
+    const char *what        # the backing's description, for the log lines
     char error[512]         # what broke it
+    pthread_mutex_t m       # guards parked; with cond, callers waiting for a connection
+    pthread_cond_t cond
+    req_t *parked           # reads whose connection died, to submit again
 
 # One libnbd handle and the thread that drives it: engine threads submit requests with
 # nbd_aio_* from any thread; the dispatcher polls the socket and runs libnbd's state machine,
@@ -79,17 +91,26 @@ cdef struct conn_t:
 
 # Requests submitted together and finished together (see backing.pyx): `done` runs once, after
 # the last of them.
-cdef struct batch_t
 ctypedef void (*batch_done_fn)(batch_t *w) noexcept nogil
 
 cdef struct batch_t:
-    int pending             # atomic: requests in flight, plus the submitter's hold
+    int pending             # atomic: requests not finished, plus the submitter's hold
     int error               # atomic: the first failure's errno
-    conn_t *conn
+    int lost                # atomic: a request not retried failed as its connection died
     batch_done_fn done
     void *arg
     bint finished           # for a synchronous waiter
-    int submitted           # requests libnbd took (the submitter's count)
+
+# One request of a batch, as sent to the server: a read is kept until it has its answer, and sent
+# again on another connection if its connection dies first (reads are idempotent).
+cdef struct req_t:
+    batch_t *w
+    conn_t *conn            # where it is in flight
+    uint8_t *buf
+    uint64_t count
+    uint64_t offset
+    bint retry              # a read: parked and sent again when its connection dies
+    req_t *next             # in shared_t.parked
 
 cdef int batch_status(batch_t *w) noexcept nogil
 
@@ -126,10 +147,11 @@ cdef class Backing:
     cdef conn_t *pick(self) noexcept nogil
     cdef int nr_live(self) noexcept nogil
     cdef uint64_t clip(self, piece_t *p) noexcept nogil
-    cdef int submit_read(self, batch_t *w, uint8_t *buf, uint64_t count,
-                         uint64_t offset) noexcept nogil
-    cdef int submit_unaligned(self, batch_t *w, piece_t *p, uint64_t k,
-                              uint8_t **bounce) noexcept nogil
+    cdef int nr_reqs(self, piece_t *pieces, int n) noexcept nogil
+    cdef int fill_reqs(self, batch_t *w, req_t *reqs, piece_t *pieces, int n,
+                       uint8_t **bounce) noexcept nogil
+    cdef void start_reqs(self, batch_t *w, req_t *reqs, int nreq) noexcept nogil
+    cdef bint fails_at_once(self) noexcept nogil
     cdef int nbd_extents(self, runs_t *runs, uint64_t pos, uint64_t end) noexcept nogil
 
     # The interface the engine uses.

@@ -31,13 +31,13 @@ Every C-level method is `noexcept nogil` and returns 0 or -errno; a failed NBD r
 """
 
 from libc.errno cimport errno, EIO, ENOMEM, ENXIO, EINTR, EINVAL, EAGAIN, ECHILD, EPROTO, \
-    ETIMEDOUT, ENOENT, EACCES
+    ETIMEDOUT, ENOENT, EACCES, ENOTCONN
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, UINT64_MAX
 from libc.stdlib cimport malloc, calloc, realloc, free
-from libc.string cimport memset, memcpy, strncpy, strerror
+from libc.string cimport memset, memcpy, strncpy, strncmp, strerror
 from posix.types cimport off_t
 from posix.unistd cimport usleep
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC, CLOCK_REALTIME
 
 from cow.clib cimport *
 
@@ -55,11 +55,18 @@ cdef enum:
     MAX_CONNECTIONS = 64
     STATUS_MAX = 0x80000000         # largest block status request we send
     EXTRA_TIMEOUT_MS = 5000         # an extra connection's handshake must end within this
+    RECONNECT_TIMEOUT_MS = 10000    # ... and a connection to a backing that was down
+    BACKOFF_FIRST_MS = 100          # a backing that broke: tried again after this, then twice
+    BACKOFF_MAX_MS = 2000           # as long each time, up to this
 
 
 # Most connections to one NBD backing, unless Backing(connections=N) says otherwise (see the
 # README's "Over a remote backing" for the measurements behind it).
 DEFAULT_CONNECTIONS = 8
+
+# Reads that need an NBD backing that is down wait this many seconds for it to come back, then
+# fail with EIO (Backing(wait=...) overrides it).
+DEFAULT_WAIT = 30.0
 
 # A backing command must finish the NBD handshake within this many seconds of being started
 # (nbdkit's plugins connect to their remote at the handshake: curl, ssh, vddk...), else it is
@@ -182,20 +189,23 @@ cdef int file_extents(int fd, runs_t *runs, uint64_t pos, uint64_t end) noexcept
 # NBD: requests in flight, and the dispatcher that completes them.
 
 # A batch: requests submitted together and finished together.  `pending` counts the requests
-# in flight plus one held by the submitter until it has submitted them all, so that `done` runs
-# exactly once, after the last of them, from whichever thread finishes it: the dispatcher
-# (libnbd's completion callback) or the submitter (when libnbd refused a submission or the
-# last reply came before the submitter let go).  A synchronous caller's batch lives on its
-# stack and `done` wakes it; an asynchronous one is allocated and `done` hands it on.
+# not finished plus one held by the submitter until it has submitted them all, so that `done`
+# runs exactly once, after the last of them, from whichever thread finishes it: the dispatcher
+# (libnbd's completion callback), the backing's thread (a parked request failed), or the
+# submitter (when libnbd refused a submission or the last reply came before the submitter let
+# go).  A synchronous caller's batch lives on its stack and `done` wakes it; an asynchronous one
+# is allocated and `done` hands it on.  Each request is a req_t: a read whose connection dies
+# before its answer (libnbd retires it with ENOTCONN; an error reply from the server stays an
+# error) is parked for the backing's thread, which sends it again once a connection is up, or
+# fails it once the backing has been down longer than its wait.
 
-cdef void batch_init(batch_t *w, conn_t *conn, batch_done_fn done, void *arg) noexcept nogil:
+cdef void batch_init(batch_t *w, batch_done_fn done, void *arg) noexcept nogil:
     w.pending = 1
     w.error = 0
-    w.conn = conn
+    w.lost = 0
     w.done = done
     w.arg = arg
     w.finished = False
-    w.submitted = 0
 
 
 cdef int nbd_status(int err) noexcept nogil:
@@ -217,33 +227,67 @@ cdef void batch_end_one(batch_t *w, int err) noexcept nogil:
         w.done(w)
 
 
+cdef void park(shared_t *s, req_t *r) noexcept nogil:
+    """A read whose connection died: the backing's thread sends it again (or fails it); at
+    close, it fails now."""
+    cdef uint64_t one = 1
+    pthread_mutex_lock(&s.m)
+    if cow_atomic_load(&s.stop):
+        pthread_mutex_unlock(&s.m)
+        batch_end_one(r.w, ENOTCONN)
+        return
+    r.next = s.parked
+    s.parked = r
+    pthread_mutex_unlock(&s.m)
+    write(s.wake, &one, 8)
+
+
 cdef int on_complete(void *user_data, int *error) noexcept nogil:
-    """libnbd's completion callback (dispatcher thread, handle lock held): count down."""
-    cdef batch_t *w = <batch_t *>user_data
-    cow_atomic_add(&w.conn.in_flight, -1)
-    batch_end_one(w, error[0])
+    """libnbd's completion callback (dispatcher thread, handle lock held): count down, or park a
+    read whose connection died."""
+    cdef req_t *r = <req_t *>user_data
+    cdef conn_t *c = r.conn
+    cdef int err = error[0]
+    if err == ENOTCONN:
+        if r.retry:
+            park(c.backing, r)
+            cow_atomic_add(&c.in_flight, -1)
+            return 1
+        cow_atomic_store(&r.w.lost, 1)
+    cow_atomic_add(&c.in_flight, -1)
+    batch_end_one(r.w, err)
     return 1        # retire the command: nobody asks for it by cookie
 
 
-cdef inline nbd_completion_callback completion_for(batch_t *w) noexcept nogil:
+cdef inline nbd_completion_callback completion_for(req_t *r) noexcept nogil:
     cdef nbd_completion_callback cb
     cb.callback = on_complete
-    cb.user_data = w
+    cb.user_data = r
     cb.free = NULL
     return cb
 
 
-cdef inline void batch_submitted(batch_t *w) noexcept nogil:
-    """Before a submission: one more request to wait for."""
-    cow_atomic_add(&w.pending, 1)
-    cow_atomic_add(&w.conn.in_flight, 1)
-
-
-cdef inline void batch_refused(batch_t *w) noexcept nogil:
-    """libnbd refused a submission (no callback will come): count it down as failed."""
+cdef void refused(req_t *r) noexcept nogil:
+    """libnbd refused a submission (no callback will come): a read on a connection that died is
+    parked, anything else fails."""
     cdef int e = nbd_get_errno()
-    cow_atomic_add(&w.conn.in_flight, -1)
-    batch_end_one(w, e if e else EIO)
+    cdef conn_t *c = r.conn
+    if handle_dead(c.h):
+        if r.retry:
+            park(c.backing, r)
+            cow_atomic_add(&c.in_flight, -1)
+            return
+        cow_atomic_store(&r.w.lost, 1)
+    cow_atomic_add(&c.in_flight, -1)
+    batch_end_one(r.w, e if e else EIO)
+
+
+cdef void submit_req(req_t *r, conn_t *c) noexcept nogil:
+    """Send a read (already counted in its batch's pending) on c, held by the caller."""
+    r.conn = c
+    cow_atomic_add(&c.in_flight, 1)
+    if nbd_aio_pread(c.h, r.buf, r.count, r.offset, completion_for(r), 0) == -1:
+        refused(r)
 
 
 # Synchronous callers: a mutex and a condition, on the caller's stack, beside the batch.
@@ -261,10 +305,10 @@ cdef void waiter_done(batch_t *w) noexcept nogil:
     pthread_mutex_unlock(&t.m)
 
 
-cdef void waiter_init(waiter_t *t, conn_t *conn) noexcept nogil:
+cdef void waiter_init(waiter_t *t) noexcept nogil:
     pthread_mutex_init(&t.m, NULL)
     pthread_cond_init(&t.cond, NULL)
-    batch_init(&t.w, conn, waiter_done, t)
+    batch_init(&t.w, waiter_done, t)
 
 
 cdef int waiter_wait(waiter_t *t) noexcept nogil:
@@ -282,9 +326,10 @@ cdef int waiter_wait(waiter_t *t) noexcept nogil:
 cdef void conn_broke(conn_t *c, const char *cause) noexcept nogil:
     """The connection c is dead (libnbd says so, or failed it).  Every path that finds a dead
     connection comes here: the dispatcher, a submission (a read started for the ReadQueue or
-    waited for, block status, cache), whichever comes first.  The first for the whole backing
-    writes what broke and prints the one line; every call marks c dead and wakes its
-    dispatcher, which then stops.  Nothing is said when close() ends the connection.
+    waited for, block status, cache), whichever comes first.  The first of an outage writes
+    what broke, starts its clock and prints the one line; every call marks c dead, wakes its
+    dispatcher, which then stops, and the backing's thread, which connects again.  Nothing is
+    said when close() ends the connection.
 
     cause: libnbd's message where the caller's own call failed, else NULL: then what our
     duplicate of the socket shows says it (the server closed it, a reset...)."""
@@ -294,7 +339,7 @@ cdef void conn_broke(conn_t *c, const char *cause) noexcept nogil:
     cdef ssize_t r
     if cow_atomic_load(&c.stop):
         return
-    if cow_atomic_cas(&b.claimed, 0, 1):
+    if not cow_atomic_load(&b.stop) and cow_atomic_cas(&b.claimed, 0, 1):
         if cause == NULL:
             r = recv(c.fd, &peeked, 1, MSG_PEEK | MSG_DONTWAIT)
             if r == 0:
@@ -305,14 +350,22 @@ cdef void conn_broke(conn_t *c, const char *cause) noexcept nogil:
                 cause = "libnbd found the connection unusable"
         strncpy(b.error, cause, 511)
         b.error[511] = 0
+        b.down_since = now_ms()
         cow_atomic_store(&b.broken, 1)
-        fprintf(stderr, b"cow: the backing connection broke (%s): %s; requests that need "
-                        b"the backing fail with EIO\n", b.what, b.error)
+        if b.wait_ms > 0:
+            fprintf(stderr, b"cow: the backing connection broke (%s): %s; reconnecting, "
+                            b"requests that need the backing wait up to %g s\n", b.what, b.error,
+                    b.wait_ms / 1000.0)
+        else:
+            fprintf(stderr, b"cow: the backing connection broke (%s): %s; reconnecting, "
+                            b"requests that need the backing fail with EIO until it is back\n",
+                    b.what, b.error)
     cow_atomic_cas(&c.live, 1, 0)      # pick() no longer chooses it
     if cow_atomic_cas(&c.dead, 0, 1):
         # libnbd closed its own socket; ours ends the connection, and the dispatcher stops.
         shutdown(c.fd, SHUT_RDWR)
         write(c.wake, &one, 8)
+        write(b.wake, &one, 8)
 
 
 cdef inline bint handle_dead(nbd_handle *h) noexcept nogil:
@@ -502,55 +555,310 @@ cdef void conn_close(conn_t *c, bint polite) noexcept nogil:
         c.wake = -1
 
 
+cdef int live_count(shared_t *s) noexcept nogil:
+    cdef int i, live = 0
+    for i in range(cow_atomic_load(&s.nr_conns)):
+        if cow_atomic_load(&s.conns[i].live):
+            live += 1
+    return live
+
+
+cdef conn_t *pick_conn(shared_t *s) noexcept nogil:
+    """The least busy live handle, held for submitting until release(); NULL when none is live.
+    When every live handle has requests in flight and fewer than the limit are open, asks the
+    backing's thread for one more."""
+    cdef conn_t *best
+    cdef uint64_t one = 1
+    cdef int i, n, live, load, best_load, tries
+    for tries in range(8):
+        best = NULL
+        best_load = live = 0
+        n = cow_atomic_load(&s.nr_conns)
+        for i in range(n):
+            if not cow_atomic_load(&s.conns[i].live):
+                continue
+            live += 1
+            load = cow_atomic_load(&s.conns[i].in_flight)
+            if best == NULL or load < best_load:
+                best = &s.conns[i]
+                best_load = load
+        if best == NULL:
+            return NULL
+        if best_load > 0 and live < cow_atomic_load(&s.cap) and live < s.max_conns and \
+                not cow_atomic_load(&s.broken) and cow_atomic_cas(&s.want, 0, 1):
+            write(s.wake, &one, 8)
+        # Held before it is checked again: the backing's thread closes a handle that broke only
+        # once no submitter holds it (both sides are atomic read-modify-writes, so neither
+        # misses the other).
+        cow_atomic_add(&best.users, 1)
+        if cow_atomic_load(&best.live):
+            return best
+        cow_atomic_add(&best.users, -1)
+    return NULL
+
+
+cdef bint wait_for_connection(shared_t *s) noexcept nogil:
+    """A caller that needs the backing while no connection is live waits for one (or for the
+    backing to give up, or close): True if one may be live now."""
+    cdef timespec ts
+    cdef bint ok
+    if s.wait_ms <= 0:
+        return False
+    pthread_mutex_lock(&s.m)
+    while not cow_atomic_load(&s.stop) and not cow_atomic_load(&s.gave_up) and \
+            live_count(s) == 0:
+        clock_gettime(CLOCK_REALTIME, &ts)
+        ts.tv_nsec += 200 * 1000000
+        if ts.tv_nsec >= 1000000000:
+            ts.tv_sec += 1
+            ts.tv_nsec -= 1000000000
+        pthread_cond_timedwait(&s.cond, &s.m, &ts)
+    ok = not cow_atomic_load(&s.stop) and not cow_atomic_load(&s.gave_up)
+    pthread_mutex_unlock(&s.m)
+    return ok
+
+
+cdef void announce(shared_t *s) noexcept nogil:
+    """Wake the callers waiting for a connection (one is up, or the backing gave up)."""
+    pthread_mutex_lock(&s.m)
+    pthread_cond_broadcast(&s.cond)
+    pthread_mutex_unlock(&s.m)
+
+
+cdef conn_t *free_slot(shared_t *s) noexcept nogil:
+    """A slot for one more connection (one whose connection was closed, or a new one), or NULL."""
+    cdef int i, n = cow_atomic_load(&s.nr_conns)
+    for i in range(n):
+        if s.conns[i].h == NULL:
+            return &s.conns[i]
+    if n < s.max_conns:
+        return &s.conns[n]
+    return NULL
+
+
+cdef int install(shared_t *s, conn_t *c, nbd_handle *h) noexcept nogil:
+    """Put a connected handle in slot c and start its dispatcher: 0, or -errno (h closed)."""
+    cdef int rc, i = c - s.conns
+    c.h = h
+    c.backing = s
+    c.fd = c.wake = -1
+    c.stop = c.dead = 0         # (users and in_flight are 0: see reclaim)
+    rc = conn_prepare(c)
+    if rc == 0:
+        rc = conn_start(c)
+    if rc < 0:
+        conn_close(c, True)
+        return rc
+    if i >= cow_atomic_load(&s.nr_conns):
+        cow_atomic_store(&s.nr_conns, i + 1)
+    return 0
+
+
+cdef void reclaim(shared_t *s) noexcept nogil:
+    """Close the connections that broke, once nothing is in flight on them and no submitter
+    holds them: their slots take new connections."""
+    cdef conn_t *c
+    cdef int i
+    for i in range(cow_atomic_load(&s.nr_conns)):
+        c = &s.conns[i]
+        if c.h != NULL and cow_atomic_load(&c.dead) and cow_atomic_load(&c.users) == 0 and \
+                cow_atomic_load(&c.in_flight) == 0:
+            conn_close(c, False)
+
+
+cdef bint has_dead(shared_t *s) noexcept nogil:
+    cdef int i
+    for i in range(cow_atomic_load(&s.nr_conns)):
+        if s.conns[i].h != NULL and cow_atomic_load(&s.conns[i].dead):
+            return True
+    return False
+
+
 cdef void add_connection(shared_t *s) noexcept nogil:
     """One more connection, asked for by pick(): connected here with a bounded wait; one that the
     server refuses, or never greets, ends the opening of more (one line says so)."""
     cdef char why[256]
     cdef conn_t *c
     cdef nbd_handle *h
-    cdef int n = cow_atomic_load(&s.nr_conns)
-    if n >= cow_atomic_load(&s.cap) or n >= s.max_conns:
+    cdef int n = live_count(s), rc
+    if n >= cow_atomic_load(&s.cap) or n >= s.max_conns or cow_atomic_load(&s.broken):
+        return
+    c = free_slot(s)
+    if c == NULL:
         return
     h = new_handle()
     if h == NULL:
         return
     why[0] = 0
     if connect_bounded(s, h, EXTRA_TIMEOUT_MS, why, sizeof(why)) == 0:
-        c = &s.conns[n]
-        c.h = h
-        c.backing = s
-        c.fd = c.wake = -1
-        if conn_prepare(c) == 0 and conn_start(c) == 0:
-            cow_atomic_store(&s.nr_conns, n + 1)
+        rc = install(s, c, h)
+        if rc == 0:
             return
-        conn_close(c, True)
-        strncpy(why, strerror(errno), sizeof(why) - 1)
+        strncpy(why, strerror(-rc), sizeof(why) - 1)
     else:
         nbd_close(h)
-    if cow_atomic_load(&s.stop):
+    if cow_atomic_load(&s.stop) or cow_atomic_load(&s.broken):
         return
     cow_atomic_store(&s.cap, n)
     fprintf(stderr, b"cow: the backing %s took no extra connection (%s): serving through %d\n",
             s.what, why, n)
 
 
+cdef int revive_command(shared_t *s) noexcept nogil:
+    """A command backing that exited is started again on its socket: -1 (it could not be), 0 (it
+    still runs), 1 (started again).  In Python: the Backing does it."""
+    cdef int rc = -1
+    with gil:
+        if s.owner != NULL:
+            try:
+                rc = (<Backing>s.owner)._revive_command()
+            except BaseException:       # noqa: BLE001 - in the backing's thread: try again later
+                rc = -1
+    return rc
+
+
+cdef bint reconnect(shared_t *s, bint *other_disk) noexcept nogil:
+    """One attempt to connect to a backing that is down: True if a connection is up."""
+    cdef char why[256]
+    cdef nbd_handle *h
+    cdef conn_t *c
+    cdef int64_t timeout = RECONNECT_TIMEOUT_MS
+    cdef int rc
+    c = free_slot(s)
+    if c == NULL:
+        return False
+    if s.sock != NULL:
+        rc = revive_command(s)
+        if rc < 0:
+            return False
+        if rc == 1:
+            with gil:
+                timeout = <int64_t>((<Backing>s.owner).start_timeout * 1000) \
+                    if s.owner != NULL else RECONNECT_TIMEOUT_MS
+    h = new_handle()
+    if h == NULL:
+        return False
+    why[0] = 0
+    if connect_bounded(s, h, timeout, why, sizeof(why)) != 0:
+        nbd_close(h)
+        if strncmp(why, b"came back as another disk", 25) == 0 and not other_disk[0]:
+            other_disk[0] = True
+            fprintf(stderr, b"cow: the backing %s %s: refused; still reconnecting\n", s.what,
+                    why)
+        return False
+    return install(s, c, h) == 0
+
+
+cdef void fail_parked(shared_t *s) noexcept nogil:
+    cdef req_t *r
+    cdef req_t *nxt
+    pthread_mutex_lock(&s.m)
+    r = s.parked
+    s.parked = NULL
+    pthread_mutex_unlock(&s.m)
+    while r != NULL:
+        nxt = r.next
+        batch_end_one(r.w, ENOTCONN)
+        r = nxt
+
+
+cdef void resubmit_parked(shared_t *s) noexcept nogil:
+    """Send the parked reads again, on live connections (those left when none is: kept)."""
+    cdef req_t *r
+    cdef req_t *nxt
+    cdef conn_t *c
+    pthread_mutex_lock(&s.m)
+    r = s.parked
+    s.parked = NULL
+    pthread_mutex_unlock(&s.m)
+    while r != NULL:
+        nxt = r.next
+        c = pick_conn(s)
+        if c == NULL:           # r and those after it go back
+            pthread_mutex_lock(&s.m)
+            while r != NULL:
+                nxt = r.next
+                r.next = s.parked
+                s.parked = r
+                r = nxt
+            pthread_mutex_unlock(&s.m)
+            return
+        submit_req(r, c)
+        kick(c)
+        release(c)
+        r = nxt
+
+
 cdef void *manage(void *arg) noexcept nogil:
-    """The backing's own thread: opens the connections pick() asks for, until close()."""
+    """The backing's own thread, until close(): opens the connections pick() asks for; after a
+    connection broke, connects again with backoff (a command that exited is started again),
+    sends the parked reads again once one is up, and gives up on them once the backing has been
+    down longer than its wait (connecting goes on)."""
     cdef shared_t *s = <shared_t *>arg
     cdef pollfd p
     cdef uint64_t junk
+    cdef int64_t now, next_try = 0, backoff = BACKOFF_FIRST_MS, timeout = -1, give_up_at
+    cdef bint other_disk = False, down = False
     p.fd = s.wake
     p.events = POLLIN
     while not cow_atomic_load(&s.stop):
         p.revents = 0
-        if poll(&p, 1, -1) < 0 and errno != EINTR:
+        if poll(&p, 1, <int>timeout) < 0 and errno != EINTR:
             break
         read(s.wake, &junk, 8)
         if cow_atomic_load(&s.stop):
             break
+        reclaim(s)
+        timeout = -1
+        now = now_ms()
+        if cow_atomic_load(&s.broken):
+            if not down:            # a new outage: first try soon
+                down = True
+                other_disk = False
+                backoff = BACKOFF_FIRST_MS
+                next_try = s.down_since + backoff
+            if now >= next_try:
+                if reconnect(s, &other_disk):
+                    now = now_ms()
+                    fprintf(stderr, b"cow: the backing %s is back, after %.1f s\n", s.what,
+                            (now - s.down_since) / 1000.0)
+                    down = False
+                    cow_atomic_store(&s.gave_up, 0)
+                    cow_atomic_store(&s.broken, 0)
+                    cow_atomic_store(&s.claimed, 0)
+                    announce(s)
+                else:
+                    now = now_ms()
+                    next_try = now + backoff
+                    backoff = backoff * 2 if backoff * 2 < BACKOFF_MAX_MS else BACKOFF_MAX_MS
+            if down:
+                give_up_at = s.down_since + s.wait_ms
+                if not cow_atomic_load(&s.gave_up) and now >= give_up_at and live_count(s) == 0:
+                    cow_atomic_store(&s.gave_up, 1)
+                    if s.wait_ms > 0:
+                        fprintf(stderr, b"cow: the backing %s has been down for %g s: requests "
+                                        b"that need it fail with EIO until it is back\n",
+                                s.what, s.wait_ms / 1000.0)
+                    announce(s)
+                timeout = next_try - now
+                if not cow_atomic_load(&s.gave_up) and give_up_at - now < timeout:
+                    timeout = give_up_at - now
+                if timeout < 10:
+                    timeout = 10
+        if cow_atomic_load(&s.gave_up):
+            fail_parked(s)
+        elif s.parked != NULL:
+            resubmit_parked(s)
+            if s.parked != NULL and timeout < 0:
+                timeout = 100
         if cow_atomic_load(&s.want):
             add_connection(s)
             cow_atomic_store(&s.want, 0)
+        if timeout < 0 and has_dead(s):
+            timeout = 100
+    cow_atomic_store(&s.stop, 1)
+    fail_parked(s)
+    announce(s)
     return NULL
 
 
@@ -593,17 +901,21 @@ cdef class Backing:
     source: a file or block device path, an NBD URI, or a command (a list: argv) that serves NBD
     on systemd socket activation.  connections: most libnbd handles to an NBD backing (one is
     opened at once, more as load needs them).  start_timeout: seconds a command has to finish
-    the NBD handshake (default START_TIMEOUT)."""
+    the NBD handshake (default START_TIMEOUT).  wait: seconds reads wait for an NBD backing
+    that broke to come back before they fail with EIO (default DEFAULT_WAIT; 0: at once)."""
 
     def __cinit__(self, *args, **kwargs):
         pthread_mutex_init(&self.start_lock, NULL)
+        pthread_mutex_init(&self.shared.m, NULL)
+        pthread_cond_init(&self.shared.cond, NULL)
         self.fd = -1
         self.conns = NULL
         self.shared.wake = -1
         self.min_block = 1
         self.max_request = UINT64_MAX
 
-    def __init__(self, source, *, int connections=DEFAULT_CONNECTIONS, start_timeout=None):
+    def __init__(self, source, *, int connections=DEFAULT_CONNECTIONS, start_timeout=None,
+                 wait=None):
         if self.description is not None:
             raise RuntimeError("Backing is already initialised")
         if connections < 1 or connections > MAX_CONNECTIONS:
@@ -625,6 +937,11 @@ cdef class Backing:
         self.start_timeout = START_TIMEOUT if start_timeout is None else start_timeout
         if self.start_timeout <= 0:
             raise ValueError(f"invalid start_timeout {start_timeout}: expected seconds > 0")
+        wait = DEFAULT_WAIT if wait is None else float(wait)
+        if not 0 <= wait < 1e9:
+            raise ValueError(f"invalid wait {wait}: expected seconds >= 0")
+        self.shared.wait_ms = <int64_t>(wait * 1000)
+        self.shared.owner = <void *>self
         if self.command is not None:
             self._open_nbd(None, connections)
         elif self.is_nbd:
@@ -779,6 +1096,26 @@ cdef class Backing:
             self._remove_sock_dir()
             raise
 
+    def _revive_command(self):
+        """In the backing's thread, the backing down: -1, the command cannot be started again
+        (closing); 0, it still runs (connect to its socket again); 1, it had exited and was
+        started again on a new listening socket at the same path."""
+        if self.closing or self.sock_c is None or self.proc_owner != getpid():
+            return -1
+        if self.proc_pid is not None and self.command_status() is None:
+            return 0
+        path = os.fsdecode(self.sock_c)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(path)
+            listener.listen(16)
+            self.proc_pid = spawn_activated(self.command, listener.fileno())
+            self.proc_owner = getpid()
+        return 1
+
     def _remove_sock_dir(self):
         if self.sock_dir is not None and self.proc_owner == getpid():
             shutil.rmtree(self.sock_dir, ignore_errors=True)
@@ -873,8 +1210,9 @@ cdef class Backing:
         if self.conns == NULL:
             return
         ours = self.dispatch_pid == getpid()
+        self.shared.owner = NULL        # the thread no longer calls into this object
+        cow_atomic_store(&self.shared.stop, 1)
         if self.shared.started and ours:
-            cow_atomic_store(&self.shared.stop, 1)
             write(self.shared.wake, &one, 8)
             with nogil:
                 pthread_join(self.shared.thread, NULL)
@@ -904,12 +1242,22 @@ cdef class Backing:
     def __dealloc__(self):
         self._release()
         pthread_mutex_destroy(&self.start_lock)
+        pthread_cond_destroy(&self.shared.cond)
+        pthread_mutex_destroy(&self.shared.m)
 
     def close(self):
         """Close the backing (a command's server stops); waits for calls still running."""
+        cdef uint64_t one = 1
         if self.closing:
             return
         self.closing = True
+        if self.conns != NULL:
+            # Callers waiting for a connection give up; parked reads fail.
+            cow_atomic_store(&self.shared.stop, 1)
+            if self.shared.wake >= 0:
+                write(self.shared.wake, &one, 8)
+            with nogil:
+                announce(&self.shared)
         while cow_atomic_load(&self.calls):
             with nogil:
                 usleep(1000)
@@ -936,8 +1284,13 @@ cdef class Backing:
         return self.shared.max_conns if self.conns != NULL else 0
 
     @property
+    def wait(self):
+        """Seconds reads wait for an NBD backing that broke to come back."""
+        return self.shared.wait_ms / 1000.0
+
+    @property
     def error(self):
-        """What broke the NBD backing's connection, or None while it works."""
+        """What broke the NBD backing's connection, while it is down; None while it works."""
         if cow_atomic_load(&self.shared.broken):
             return self.shared.error.decode(errors="replace")
         return None
@@ -972,38 +1325,18 @@ cdef class Backing:
     # -- the C interface ---------------------------------------------------------------------
 
     cdef conn_t *pick(self) noexcept nogil:
-        """The least busy live handle, held for submitting until release(); NULL when every one
-        has broken (or no thread could start).  When every live handle has requests in flight
-        and fewer than the limit are open, asks the backing's thread for one more."""
-        cdef conn_t *best
-        cdef uint64_t one = 1
-        cdef int i, n, live, load, best_load, tries
-        if cow_atomic_load(&self.shared.broken) or self.start_dispatchers() < 0:
+        """The least busy live handle, held for submitting until release(); NULL when none is
+        live (or no thread could start).  See pick_conn."""
+        if self.start_dispatchers() < 0:
             return NULL
-        for tries in range(8):
-            best = NULL
-            best_load = live = 0
-            n = cow_atomic_load(&self.shared.nr_conns)
-            for i in range(n):
-                if not cow_atomic_load(&self.conns[i].live):
-                    continue
-                live += 1
-                load = cow_atomic_load(&self.conns[i].in_flight)
-                if best == NULL or load < best_load:
-                    best = &self.conns[i]
-                    best_load = load
-            if best == NULL:
-                return NULL
-            if best_load > 0 and n < cow_atomic_load(&self.shared.cap) and \
-                    n < self.shared.max_conns and cow_atomic_cas(&self.shared.want, 0, 1):
-                write(self.shared.wake, &one, 8)
-            # Held before it is checked again: the backing's thread closes a handle that
-            # broke only once no submitter holds it.
-            cow_atomic_add(&best.users, 1)
-            if cow_atomic_load(&best.live):
-                return best
-            cow_atomic_add(&best.users, -1)
-        return NULL
+        return pick_conn(&self.shared)
+
+    cdef bint fails_at_once(self) noexcept nogil:
+        """The backing has been down longer than its wait (or it waits for nothing): reads that
+        need it fail at once, until it is back."""
+        return cow_atomic_load(&self.shared.gave_up) or cow_atomic_load(&self.shared.stop) or \
+            (self.shared.wait_ms <= 0 and cow_atomic_load(&self.shared.broken) and
+             live_count(&self.shared) == 0)
 
     cdef int nr_live(self) noexcept nogil:
         cdef int i, live = 0
@@ -1021,12 +1354,13 @@ cdef class Backing:
         return self.read_pieces(&p, 1)
 
     cdef int read_pieces(self, piece_t *pieces, int n) noexcept nogil:
-        """Read several pieces; over NBD all of them are in flight at once."""
+        """Read several pieces; over NBD all of them are in flight at once.  With the backing
+        down, waits for it (up to its wait), its reads parked for the backing's thread."""
         cdef waiter_t t
-        cdef conn_t *c
         cdef uint8_t **bounce
+        cdef req_t *reqs
         cdef uint64_t k, mask = self.min_block - 1
-        cdef int i, r = 0
+        cdef int i, nreq, r = 0
         cow_atomic_add(&self.calls, 1)
         if self.fd >= 0:
             for i in range(n):
@@ -1037,30 +1371,31 @@ cdef class Backing:
                         break
             cow_atomic_add(&self.calls, -1)
             return r
-        c = self.pick()
-        if c == NULL:
+        nreq = self.nr_reqs(pieces, n)
+        if nreq == 0:
+            for i in range(n):
+                self.clip(&pieces[i])
+            cow_atomic_add(&self.calls, -1)
+            return 0
+        if self.fails_at_once():
             cow_atomic_add(&self.calls, -1)
             return -EIO
         bounce = <uint8_t **>calloc(n, sizeof(uint8_t *))
-        if bounce == NULL:
+        reqs = <req_t *>malloc(nreq * sizeof(req_t))
+        if bounce == NULL or reqs == NULL:
+            free(bounce)
+            free(reqs)
             cow_atomic_add(&self.calls, -1)
             return -ENOMEM
-        waiter_init(&t, c)
-        for i in range(n):
-            k = self.clip(&pieces[i])
-            if k == 0:
-                continue
-            if (pieces[i].offset | k) & mask:
-                r = self.submit_unaligned(&t.w, &pieces[i], k, &bounce[i])
-            else:
-                r = self.submit_read(&t.w, pieces[i].buf, k, pieces[i].offset)
-            if r < 0:
-                break
-        kick(c)
-        release(c)
-        i = waiter_wait(&t)
-        if r == 0:
-            r = i
+        waiter_init(&t)
+        nreq = self.fill_reqs(&t.w, reqs, pieces, n, bounce)
+        if nreq >= 0:
+            self.start_reqs(&t.w, reqs, nreq)
+            r = waiter_wait(&t)
+        else:
+            r = nreq
+            pthread_cond_destroy(&t.cond)
+            pthread_mutex_destroy(&t.m)
         for i in range(n):
             if bounce[i] != NULL:
                 if r == 0:
@@ -1068,21 +1403,25 @@ cdef class Backing:
                            self.clip(&pieces[i]))
                 free(bounce[i])
         free(bounce)
+        free(reqs)
         cow_atomic_add(&self.calls, -1)
         return r
 
     cdef int read_async(self, piece_t *pieces, int n, batch_done_fn done,
                         void *arg) noexcept nogil:
         """Start reading pieces and return at once.  0: started; done(batch) runs once, when
-        all have arrived (or failed: batch_status() says), from the dispatcher thread or from
-        this one; it must be quick, and must free(batch).  Otherwise done never runs: 1, there
-        was nothing to read (past the backing's end: zeroes); -EAGAIN, this backing cannot (a
-        file, or a piece unaligned for a server with a minimum block size): read synchronously
-        instead; -EIO, the backing connection is dead."""
+        all have arrived (or failed: batch_status() says), from the dispatcher thread, the
+        backing's thread or this one; it must be quick, and must free(batch).  Otherwise done
+        never runs: 1, there was nothing to read (past the backing's end: zeroes); -EAGAIN,
+        this backing cannot (a file, or a piece unaligned for a server with a minimum block
+        size): read synchronously instead; -EIO, the backing has been down longer than its
+        wait.  With the backing down (within its wait), the reads are parked for the backing's
+        thread, which sends them once it is back: this never blocks."""
         cdef batch_t *w
-        cdef conn_t *c
+        cdef req_t *reqs
         cdef uint64_t k, mask = self.min_block - 1
-        cdef int i
+        cdef size_t head
+        cdef int i, nreq
         if self.fd >= 0:
             return -EAGAIN
         for i in range(n):
@@ -1091,25 +1430,103 @@ cdef class Backing:
                 k = min(pieces[i].count, self.c_size - pieces[i].offset)
             if (pieces[i].offset | k) & mask:
                 return -EAGAIN
-        c = self.pick()
-        if c == NULL:
+        nreq = self.nr_reqs(pieces, n)
+        if nreq == 0:
+            for i in range(n):
+                self.clip(&pieces[i])
+            return 1
+        if self.fails_at_once():
             return -EIO
-        w = <batch_t *>malloc(sizeof(batch_t))
+        head = (sizeof(batch_t) + 15) & ~(<size_t>15)
+        w = <batch_t *>malloc(head + nreq * sizeof(req_t))
         if w == NULL:
             return -ENOMEM
-        batch_init(w, c, done, arg)
-        for i in range(n):
-            k = self.clip(&pieces[i])
-            if k and self.submit_read(w, pieces[i].buf, k, pieces[i].offset) < 0:
-                break
-        kick(c)
-        release(c)
-        if w.submitted == 0:    # nothing in flight, so no callback will come: done here
-            i = batch_status(w)
-            free(w)
-            return i if i < 0 else 1
+        reqs = <req_t *>(<char *>w + head)     # freed with the batch
+        batch_init(w, done, arg)
+        nreq = self.fill_reqs(w, reqs, pieces, n, NULL)
+        self.start_reqs(w, reqs, nreq)
         batch_end_one(w, 0)     # the submitter's hold: done may run now, here
         return 0
+
+    cdef int nr_reqs(self, piece_t *pieces, int n) noexcept nogil:
+        """How many requests reading pieces takes (the parts past the backing's end are none)."""
+        cdef uint64_t k, start, end, mask = self.min_block - 1
+        cdef int i, nreq = 0
+        for i in range(n):
+            if pieces[i].offset >= self.c_size:
+                continue
+            k = min(pieces[i].count, self.c_size - pieces[i].offset)
+            if k == 0:
+                continue
+            start = pieces[i].offset
+            end = start + k
+            if (start | k) & mask:
+                start &= ~mask
+                end = (end + mask) & ~mask
+                if end > self.c_size:
+                    end = self.c_size
+            nreq += <int>((end - start + self.max_request - 1) // self.max_request)
+        return nreq
+
+    cdef int fill_reqs(self, batch_t *w, req_t *reqs, piece_t *pieces, int n,
+                       uint8_t **bounce) noexcept nogil:
+        """The requests (nr_reqs of them) that read pieces, in requests of at most max_request
+        bytes; past the backing's end, the pieces are zeroed here.  A piece unaligned for a
+        server with a minimum block size is read whole into a bounce buffer (bounce[i], copied
+        out by the caller).  Their number, or -ENOMEM."""
+        cdef uint64_t k, start, end, chunk, mask = self.min_block - 1
+        cdef uint8_t *buf
+        cdef int i, j = 0
+        for i in range(n):
+            k = self.clip(&pieces[i])
+            if k == 0:
+                continue
+            buf = pieces[i].buf
+            start = pieces[i].offset
+            end = start + k
+            if (start | k) & mask:
+                start &= ~mask
+                end = (end + mask) & ~mask
+                if end > self.c_size:
+                    end = self.c_size   # a size not a multiple of the minimum: a short last piece
+                bounce[i] = <uint8_t *>malloc(end - start)
+                if bounce[i] == NULL:
+                    return -ENOMEM
+                buf = bounce[i]
+            while start < end:
+                chunk = end - start
+                if chunk > self.max_request:
+                    chunk = self.max_request
+                reqs[j].w = w
+                reqs[j].conn = NULL
+                reqs[j].buf = buf
+                reqs[j].count = chunk
+                reqs[j].offset = start
+                reqs[j].retry = True
+                reqs[j].next = NULL
+                j += 1
+                buf += chunk
+                start += chunk
+        return j
+
+    cdef void start_reqs(self, batch_t *w, req_t *reqs, int nreq) noexcept nogil:
+        """Send the requests of a batch, all in flight at once on the least busy connection; with
+        none live, park them for the backing's thread."""
+        cdef conn_t *c
+        cdef int i
+        cow_atomic_add(&w.pending, nreq)
+        c = self.pick()
+        if c == NULL:
+            for i in range(nreq):
+                if self.start_dispatchers() < 0:
+                    batch_end_one(w, EIO)           # no thread to send it: fail now
+                else:
+                    park(&self.shared, &reqs[i])
+            return
+        for i in range(nreq):
+            submit_req(&reqs[i], c)
+        kick(c)
+        release(c)
 
     cdef uint64_t clip(self, piece_t *p) noexcept nogil:
         """Zero what lies past the end of the backing; the bytes left to read."""
@@ -1121,36 +1538,6 @@ cdef class Backing:
         if k < p.count:
             memset(p.buf + k, 0, p.count - k)
         return k
-
-    cdef int submit_read(self, batch_t *w, uint8_t *buf, uint64_t count,
-                         uint64_t offset) noexcept nogil:
-        """Submit a read in requests of at most max_request bytes, all in flight at once."""
-        cdef uint64_t chunk
-        while count > 0:
-            chunk = count if count < self.max_request else self.max_request
-            batch_submitted(w)
-            if nbd_aio_pread(w.conn.h, buf, chunk, offset, completion_for(w), 0) == -1:
-                batch_refused(w)
-                return -EIO
-            w.submitted += 1
-            buf += chunk
-            offset += chunk
-            count -= chunk
-        return 0
-
-    cdef int submit_unaligned(self, batch_t *w, piece_t *p, uint64_t k,
-                              uint8_t **bounce) noexcept nogil:
-        """A server with a minimum block size refuses unaligned requests: read the aligned
-        range around the piece into a bounce buffer (copied out once it has arrived)."""
-        cdef uint64_t mask = self.min_block - 1
-        cdef uint64_t start = p.offset & ~mask
-        cdef uint64_t end = (p.offset + k + mask) & ~mask
-        if end > self.c_size:
-            end = self.c_size   # a size that is not a multiple of the minimum: a short last piece
-        bounce[0] = <uint8_t *>malloc(end - start)
-        if bounce[0] == NULL:
-            return -ENOMEM
-        return self.submit_read(w, bounce[0], end - start, start)
 
     cdef int extents(self, runs_t *runs, uint64_t offset, uint64_t count) noexcept nogil:
         """Describe [offset, offset+count): holes pass through as hole|zero; past the end of the
@@ -1177,13 +1564,18 @@ cdef class Backing:
         cdef extents_ctx ctx
         cdef nbd_extent_callback cb
         cdef waiter_t t
+        cdef req_t req
         cdef conn_t *c
         cdef uint64_t ask, start, mask = self.min_block - 1
         cdef int rc
         while pos < end and not runs_full(runs):
-            c = self.pick()
-            if c == NULL:
+            if self.fails_at_once():
                 return -EIO
+            c = self.pick()
+            if c == NULL:       # the backing is down: wait for it (up to its wait)
+                if self.start_dispatchers() < 0 or not wait_for_connection(&self.shared):
+                    return -EIO
+                continue
             ctx.runs = runs
             ctx.pos = pos
             ctx.end = end
@@ -1197,15 +1589,23 @@ cdef class Backing:
             ask = ((pos + ask + mask) & ~mask) - start
             if start + ask > self.c_size:
                 ask = self.c_size - start
-            waiter_init(&t, c)
-            batch_submitted(&t.w)
-            if nbd_aio_block_status(c.h, ask, start, cb, completion_for(&t.w),
+            waiter_init(&t)
+            req.w = &t.w
+            req.conn = c
+            req.retry = False
+            cow_atomic_add(&t.w.pending, 1)
+            cow_atomic_add(&c.in_flight, 1)
+            if nbd_aio_block_status(c.h, ask, start, cb, completion_for(&req),
                                     LIBNBD_CMD_FLAG_REQ_ONE if runs.req_one else 0) == -1:
-                batch_refused(&t.w)
+                refused(&req)
             kick(c)
             release(c)
             rc = waiter_wait(&t)
             if rc < 0:
+                if cow_atomic_load(&t.w.lost):     # its connection died: ask again
+                    if ctx.pos > pos:
+                        pos = ctx.pos
+                    continue
                 return rc
             if ctx.pos <= pos:      # the server said nothing usable: call it data
                 return runs_add(runs, end - pos, T_DATA)
@@ -1213,8 +1613,10 @@ cdef class Backing:
         return 0
 
     cdef void cache(self, uint64_t count, uint64_t offset) noexcept nogil:
-        """A hint that the range will be read soon; errors are ignored (it is only advice)."""
+        """A hint that the range will be read soon; errors are ignored (it is only advice), and
+        a backing that is down is not waited for."""
         cdef waiter_t t
+        cdef req_t req
         cdef conn_t *c
         if offset >= self.c_size:
             return
@@ -1229,11 +1631,15 @@ cdef class Backing:
         if c == NULL:
             return
         cow_atomic_add(&self.calls, 1)
-        waiter_init(&t, c)
-        batch_submitted(&t.w)
+        waiter_init(&t)
+        req.w = &t.w
+        req.conn = c
+        req.retry = False
+        cow_atomic_add(&t.w.pending, 1)
+        cow_atomic_add(&c.in_flight, 1)
         if nbd_aio_cache(c.h, count if count < self.max_request else self.max_request, offset,
-                         completion_for(&t.w), 0) == -1:
-            batch_refused(&t.w)
+                         completion_for(&req), 0) == -1:
+            refused(&req)
         kick(c)
         release(c)
         waiter_wait(&t)

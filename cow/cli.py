@@ -38,6 +38,7 @@ LARGE_REQUEST = 128 * 1024  # cow.server.LARGE_REQUEST
 LARGE_WORKERS = 8  # cow.server.LARGE_WORKERS
 MAX_QUEUED_PER_CONNECTION = 64  # cow.server.MAX_QUEUED_PER_CONNECTION
 DEFAULT_BACKING_CONNECTIONS = 8  # cow.backing.DEFAULT_CONNECTIONS
+DEFAULT_BACKING_WAIT = 30.0  # cow.backing.DEFAULT_WAIT
 
 log = logging.getLogger("cow.cli")
 
@@ -256,6 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "that refuses one more, or does not greet it within 5 s, is served "
                              "through those it took. e.g. --backing-connections 1 for a server "
                              f"that must see one client (default {DEFAULT_BACKING_CONNECTIONS})")
+    remote.add_argument("--backing-wait", type=_seconds, metavar="SECONDS",
+                        default=DEFAULT_BACKING_WAIT,
+                        help="when the backing's connection breaks, it is connected again with "
+                             "backoff (a command that exited is started again), and reads that "
+                             "need it wait up to SECONDS for it, then fail with EIO, as later "
+                             "ones do at once until it is back; reads the overlay serves never "
+                             "wait. e.g. --backing-wait 120 to ride out a server's reboot, "
+                             f"--backing-wait 0 to fail at once (default {DEFAULT_BACKING_WAIT:g})")
     cow = p.add_argument_group("copy-on-write (the names of nbdkit's cow filter)")
     cow.add_argument("--cow-block-size", metavar="SIZE",
                      help="overlay block size, a power of two from 4K to 4M, e.g. "
@@ -498,7 +507,7 @@ def _engine_kwargs(args) -> dict:
     from cow.engine import parse_block_size, parse_size
     kw = dict(cow_on_read=args.cow_on_read, cow_on_cache=args.cow_on_cache,
               lock_mode=args.lock_mode, tmpdir=args.tmpdir,
-              nbd_connections=args.backing_connections)
+              nbd_connections=args.backing_connections, backing_wait=args.backing_wait)
     if args.cow_block_size is not None:
         try:
             kw["block_size"] = parse_block_size(args.cow_block_size)
@@ -666,7 +675,8 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
             raise _StartupError(f"--overlay-dir {directory}: {why}")
     try:
         shared = Backing(backing, connections=kwargs.pop("nbd_connections",
-                                                         DEFAULT_BACKING_CONNECTIONS))
+                                                         DEFAULT_BACKING_CONNECTIONS),
+                         wait=kwargs.pop("backing_wait", None))
     except CommandError as e:
         raise _StartupError(_command_error(e, backing)) from None
     except OSError as e:

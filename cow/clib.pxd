@@ -3,6 +3,7 @@
 
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from posix.types cimport off_t
+from posix.time cimport timespec
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -23,6 +24,7 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_cond_init(pthread_cond_t *c, const void *attr)
     int pthread_cond_destroy(pthread_cond_t *c)
     int pthread_cond_wait(pthread_cond_t *c, pthread_mutex_t *m)
+    int pthread_cond_timedwait(pthread_cond_t *c, pthread_mutex_t *m, const timespec *abstime)
     int pthread_cond_signal(pthread_cond_t *c)
     int pthread_cond_broadcast(pthread_cond_t *c)
 

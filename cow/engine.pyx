@@ -407,7 +407,7 @@ cdef class Engine(BlockCore):
     def __init__(self, backing, *, block_size=None, cow_on_read=False,
                  bint cow_on_cache=False, str lock_mode="fine", tmpdir=None,
                  overlay_max_size=None, nbd_connections=None, overlay=None,
-                 bint readonly=False, str backing_changed="refuse"):
+                 bint readonly=False, str backing_changed="refuse", backing_wait=None):
         if self.bm_ready:
             raise RuntimeError("Engine is already initialised")
         requested = None if block_size is None else parse_block_size(block_size)
@@ -446,7 +446,7 @@ cdef class Engine(BlockCore):
             if self.b.closed:
                 raise ValueError("cow: the backing is closed")
         else:
-            self.b = Backing(backing, connections=nbd_connections)
+            self.b = Backing(backing, connections=nbd_connections, wait=backing_wait)
             self.owns_backing = True
         self.backing = self.b.description
         self.backing_is_nbd = self.b.is_nbd
@@ -599,7 +599,8 @@ cdef class Engine(BlockCore):
 
     @property
     def backing_error(self):
-        """What broke the connection to an NBD backing, or None."""
+        """What broke the connection to an NBD backing while it is down (reconnecting), or None
+        while it works."""
         return self.b.error if self.b is not None else None
 
     def pread(self, buf, offset):

@@ -3,7 +3,7 @@
     nbdkit python PATH-TO-THIS-FILE file=BACKING | uri=nbd://...
                  [cow-block-size=N] [cow-on-read=false|true|/PATH] [cow-on-cache=false|true]
                  [overlay=FILE | overlay-dir=DIR [max-exports=N] [list-views=false|true]]
-                 [overlay-backing-changed=...] [backing-connections=N]
+                 [overlay-backing-changed=...] [backing-connections=N] [backing-wait=SECONDS]
 
 `python -m cow.nbdkit --print-plugin-path` prints PATH-TO-THIS-FILE.  The parameters have the names,
 defaults and meanings of nbdkit's cow filter (nbdkit-cow-filter(1)).  One engine, created at start-up,
@@ -19,7 +19,9 @@ cap).  A listing shows no view unless list-views=true: a view's name is all a cl
 it.  nbdkit opens the plugin for NBD_OPT_INFO as for NBD_OPT_GO, so a view this shim made is removed
 again when it closes with nothing written to it.  backing-connections=N: most connections to an NBD
 backing (1 to 64, default cow.backing.DEFAULT_CONNECTIONS), opened as load needs them, as python -m
-cow.server --backing-connections N.
+cow.server --backing-connections N.  backing-wait=SECONDS: how long reads wait for an NBD backing
+whose connection broke to come back (it is connected again with backoff), as python -m cow.server
+--backing-wait (default cow.backing.DEFAULT_WAIT).
 
 nbdkit runs this file as `__main__` with neither its folder nor any virtual environment on sys.path,
 so it imports nothing relative: it adds the site-packages folder of the environment it belongs to
@@ -120,7 +122,7 @@ class ConfigError(Exception):
 
 _PARAMETERS = ("file", "uri", "cow-block-size", "cow-on-read", "cow-on-cache", "overlay",
                "overlay-backing-changed", "overlay-dir", "max-exports", "list-views",
-               "backing-connections")
+               "backing-connections", "backing-wait")
 _TRUE = ("1", "true", "t", "yes", "y", "on")
 _FALSE = ("0", "false", "f", "no", "n", "off")
 
@@ -231,6 +233,15 @@ def _engine_arguments(params):
         if not 1 <= n <= 64:
             raise ConfigError(f"backing-connections={value}: expected a number from 1 to 64")
         kwargs["nbd_connections"] = n
+    if "backing-wait" in params:
+        value = params["backing-wait"]
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 <= seconds < 1e9:
+            raise ConfigError(f"backing-wait={value}: expected a number of seconds >= 0")
+        kwargs["backing_wait"] = seconds
     return backing, kwargs
 
 
@@ -279,8 +290,9 @@ def _open_views(backing, kwargs):
     why = directory_problem(folder, create=True)
     if why:
         raise ConfigError(f"overlay-dir={_params['overlay-dir']}: {why}")
-    _backing = Backing(backing, **({"connections": kwargs["nbd_connections"]}
-                                   if "nbd_connections" in kwargs else {}))
+    _backing = Backing(backing, wait=kwargs.get("backing_wait"),
+                       **({"connections": kwargs["nbd_connections"]}
+                          if "nbd_connections" in kwargs else {}))
     _backing_lock_fd = overlayfile.hold_backing(_backing)
     probe = {k: v for k, v in kwargs.items() if k != "backing_changed"}
     Engine(_backing, tmpdir=folder, **probe).close()

@@ -188,12 +188,13 @@ class KillableBacking:
 
 
 def test_dead_backing_fails_fast(engines, tmp_path, capfd):
-    """The backing server dies with reads in flight: each of them fails with EIO at once, later
-    reads that need the backing fail at once, copy-ups leave their blocks not allocated, the
-    overlay is still served, and stderr says what broke."""
+    """The backing server dies with reads in flight, and reads wait for nothing (backing_wait=0;
+    test_backing_reconnect.py has the wait): each of them fails with EIO at once, later reads that
+    need the backing fail at once, copy-ups leave their blocks not allocated, the overlay is still
+    served, and stderr says what broke."""
     back = KillableBacking(tmp_path, "pattern", "64M", "rdelay=30")
     try:
-        eng = engines(back.uri, block_size="64K", cow_on_read=True)
+        eng = engines(back.uri, block_size="64K", cow_on_read=True, backing_wait=0)
         bs = eng.block_size
         eng.pwrite(b"o" * bs, 40 * bs)                      # in the overlay
         errors = []

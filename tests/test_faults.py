@@ -485,7 +485,9 @@ def test_server_backing_errors_reach_the_client_as_eio(error_backing, tmp_path):
 def test_server_backing_killed_clients_get_eio_and_server_stays_up(tmp_path):
     path = write_sample(tmp_path / "disk.img", 2 * MiB)
     with start_nbdkit(tmp_path, "file", path) as (uri, proc):
-        with run_server(tmp_path, uri) as srv:
+        # --backing-wait 0: reads fail at once while the backing is down (test_backing_reconnect.py
+        # has the wait).
+        with run_server(tmp_path, uri, "--backing-wait", "0") as srv:
             h = _nbd(srv.uri)
             h.pwrite(b"K" * BS, 0)
             proc.send_signal(signal.SIGKILL)
@@ -587,9 +589,9 @@ def _finish(h, cookies):
 @pytest.mark.parametrize("kind", list(KILL_KINDS))
 def test_backing_killed_logs_what_broke_once(tmp_path, kind, when):
     """The backing nbdkit (on a Unix socket) is killed with SIGKILL while requests of one kind
-    wait for it, or while nothing does and requests come after.  Every time: the clients get
-    EIO, the server keeps serving the overlay and new clients, and its log (no -v) says once
-    that the backing connection broke.  Rounds: one backing connection or several (the backing
+    wait for it, or while nothing does and requests come after.  Every time (--backing-wait 0:
+    no waiting for it to come back): the clients get EIO, the server keeps serving the overlay
+    and new clients, and its log (no -v) says once that the backing connection broke.  Rounds: one backing connection or several (the backing
     advertises multi-conn: they all break, one line still); idle, with the backing not yet
     read (no dispatcher thread runs yet) or already read."""
     rounds = [(False, False), (True, False), (False, True), (True, True)]
@@ -605,7 +607,7 @@ def test_backing_killed_logs_what_broke_once(tmp_path, kind, when):
             filters.append("--filter=delay")
             params += ["delay-read=30", "delay-extents=30", "delay-cache=30"]
         with start_nbdkit(d, "-t", "16", *filters, "memory", "16M", *params) as (uri, proc):
-            with run_server(d, uri) as srv:
+            with run_server(d, uri, "--backing-wait", "0") as srv:
                 h = _nbd(srv.uri)
                 h.pwrite(b"K" * BS, 0)                     # the overlay holds block 0
                 if when == "idle" and used:
@@ -638,4 +640,5 @@ def test_backing_killed_logs_what_broke_once(tmp_path, kind, when):
             assert text.count(BROKE) == 1, (rnd, text)
             line = next(l for l in text.splitlines() if BROKE in l)
             assert uri in line and line.endswith(
-                "; requests that need the backing fail with EIO"), line
+                "; reconnecting, requests that need the backing fail with EIO until it is back"), \
+                line

@@ -135,12 +135,13 @@ def test_cow_on_read_is_a_local_cache_of_a_remote_base(nbdkit, tmp_path):
 
 
 def test_backing_killed_mid_copy(tmp_path):
-    """The backing dies while nbdcopy copies through the server: the copy fails at once (EIO,
-    no hang), the server stays up and serves the overlay, and its log says what broke."""
+    """The backing dies while nbdcopy copies through the server, with --backing-wait 0 (no
+    waiting for it to come back: test_backing_reconnect.py has the wait): the copy fails at once
+    (EIO, no hang), the server stays up and serves the overlay, and its log says what broke."""
     disk = write_sample(tmp_path / "base.img", 64 * MiB, holes=False)
     with start_nbdkit(tmp_path, "-t", "64", "--filter=delay", "file", disk,
                       "rdelay=1") as (back, backproc):
-        with start_server(back, tmp_path=tmp_path) as (uri, proc):
+        with start_server(back, "--backing-wait", "0", tmp_path=tmp_path) as (uri, proc):
             h = connect(uri)
             h.pwrite(b"k" * 65536, 0)
             copy = subprocess.Popen(["nbdcopy", "-C", "4", uri, "null:"],
