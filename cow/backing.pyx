@@ -19,12 +19,19 @@ whether or not the server advertises multi-conn, extra handles are opened as loa
 request finds every live handle busy and fewer than the limit open), up to a limit, by one more
 thread of the backing (manage), never by an engine thread: many servers serve one request at a
 time per connection (nbdkit's curl, ssh and vddk plugins), so parallelism needs connections.
-An extra connection the server refuses, or does not greet within EXTRA_TIMEOUT (qemu-nbd
+An extra connection the server refuses, or does not greet within EXTRA_TIMEOUT_MS (qemu-nbd
 without --shared accepts a second one and never greets it), ends the opening of more: the
-backing goes on through those it has, and one line on stderr says so.  When a connection breaks, libnbd fails every request in
-flight on it and the whole backing is broken: later requests fail at once, and one line on
-stderr says what broke, once, whichever thread finds out first (the dispatcher, a submission,
-a completion...: see conn_broke).
+backing goes on through those it has, and one line on stderr says so.
+
+When a connection breaks, libnbd retires every request in flight on it with ENOTCONN (an error
+reply from the server is another matter: it stays an error).  Reads are idempotent, so those
+requests are parked, and the backing's thread connects again with backoff (BACKOFF_FIRST_MS
+doubling to BACKOFF_MAX_MS; a command that exited is started again on its socket), checks that
+it is the same disk (its size), and sends them again.  Meanwhile reads that need the backing
+wait (parked, or their caller waiting), up to the backing's wait (Backing(wait=...)); past it they
+fail with EIO, and later ones at once, until a connection is back (the attempts go on).  Reads
+of what the overlay holds never come here, so they never wait.  Each change is one line on
+stderr: lost (conn_broke, whichever thread finds out first), back, given up, another disk.
 
 Every C-level method is `noexcept nogil` and returns 0 or -errno; a failed NBD request is EIO
 (ENOMEM stays ENOMEM), whatever libnbd says about its own state.

@@ -65,7 +65,8 @@ examples:
   nbdinfo --map -- [ python -m cow.server disk.img ]
         systemd socket activation: the client starts the server
   python -m cow.server 'nbd+unix:///?socket=/tmp/remote.sock' -U /tmp/cow.sock
-        copy-on-write over an NBD backing (many reads in flight on one connection)
+        copy-on-write over an NBD backing: many reads in flight, on up to 8 connections
+        (--backing-connections); reconnected if it drops (reads wait: --backing-wait)
   python -m cow.server -U /tmp/cow.sock -- nbdkit curl https://example.com/disk.img
         the backing is a command serving NBD on socket activation (any nbdkit plugin,
         qemu-nbd...): started now, stopped with the server; [ CMD ARGS ] works too

@@ -312,7 +312,8 @@ def test_backing_wait_must_be_seconds(tmp_path, bad):
     from support_server import server_command
     r = subprocess.run(server_command(None, "-U", tmp_path / "s.sock", f"--backing-wait={bad}"),
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "--backing-wait" in r.stderr.strip().splitlines()[-1], r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and "--backing-wait" in last and "seconds >= 0" in last, r.stderr
     assert "Traceback" not in r.stderr
 
 
