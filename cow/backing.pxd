@@ -62,6 +62,7 @@ cdef struct shared_t:
     int claimed             # atomic: taken by the first thread to report; it writes error
     int broken              # atomic: error is written: the backing is down
     int gave_up             # atomic: down for longer than wait_ms: reads fail at once
+    int no_wait             # atomic: the server is stopping: reads no longer wait
     int64_t down_since      # when it broke (monotonic ms), written before broken
     int64_t wait_ms         # how long reads wait for it to come back
     const char *what        # the backing's description, for the log lines

@@ -613,14 +613,15 @@ cdef bint wait_for_connection(shared_t *s) noexcept nogil:
         return False
     pthread_mutex_lock(&s.m)
     while not cow_atomic_load(&s.stop) and not cow_atomic_load(&s.gave_up) and \
-            live_count(s) == 0:
+            not cow_atomic_load(&s.no_wait) and live_count(s) == 0:
         clock_gettime(CLOCK_REALTIME, &ts)
         ts.tv_nsec += 200 * 1000000
         if ts.tv_nsec >= 1000000000:
             ts.tv_sec += 1
             ts.tv_nsec -= 1000000000
         pthread_cond_timedwait(&s.cond, &s.m, &ts)
-    ok = not cow_atomic_load(&s.stop) and not cow_atomic_load(&s.gave_up)
+    ok = live_count(s) > 0 or not (cow_atomic_load(&s.stop) or cow_atomic_load(&s.gave_up) or
+                                   cow_atomic_load(&s.no_wait))
     pthread_mutex_unlock(&s.m)
     return ok
 
@@ -840,9 +841,10 @@ cdef void *manage(void *arg) noexcept nogil:
                     backoff = backoff * 2 if backoff * 2 < BACKOFF_MAX_MS else BACKOFF_MAX_MS
             if down:
                 give_up_at = s.down_since + s.wait_ms
-                if not cow_atomic_load(&s.gave_up) and now >= give_up_at and live_count(s) == 0:
+                if not cow_atomic_load(&s.gave_up) and live_count(s) == 0 and \
+                        (now >= give_up_at or cow_atomic_load(&s.no_wait)):
                     cow_atomic_store(&s.gave_up, 1)
-                    if s.wait_ms > 0:
+                    if s.wait_ms > 0 and now >= give_up_at:
                         fprintf(stderr, b"cow: the backing %s has been down for %g s: requests "
                                         b"that need it fail with EIO until it is back\n",
                                 s.what, s.wait_ms / 1000.0)
@@ -1290,6 +1292,18 @@ cdef class Backing:
         """Most libnbd handles this backing opens (0 for a file)."""
         return self.shared.max_conns if self.conns != NULL else 0
 
+    def give_up_waiting(self):
+        """The server is stopping: reads waiting for the backing to come back fail now (EIO), and
+        later ones do not wait."""
+        cdef uint64_t one = 1
+        if self.conns == NULL or self.closing:
+            return
+        cow_atomic_store(&self.shared.no_wait, 1)
+        if self.shared.wake >= 0:
+            write(self.shared.wake, &one, 8)
+        with nogil:
+            announce(&self.shared)
+
     @property
     def wait(self):
         """Seconds reads wait for an NBD backing that broke to come back."""
@@ -1342,8 +1356,8 @@ cdef class Backing:
         """The backing has been down longer than its wait (or it waits for nothing): reads that
         need it fail at once, until it is back."""
         return cow_atomic_load(&self.shared.gave_up) or cow_atomic_load(&self.shared.stop) or \
-            (self.shared.wait_ms <= 0 and cow_atomic_load(&self.shared.broken) and
-             live_count(&self.shared) == 0)
+            ((self.shared.wait_ms <= 0 or cow_atomic_load(&self.shared.no_wait)) and
+             cow_atomic_load(&self.shared.broken) and live_count(&self.shared) == 0)
 
     cdef int nr_live(self) noexcept nogil:
         cdef int i, live = 0

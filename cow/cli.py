@@ -664,7 +664,8 @@ def _engine_missing(exc: ImportError) -> str:
 
 def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
     """--overlay-dir / --temporary-views: the backing opened once and shared by a ViewSet.
-    Returns (exports, size, block size, slow backing, backing's description, start-up note)."""
+    Returns (exports, size, block size, slow backing, backing's description, start-up note, the
+    shared backing)."""
     from cow import overlayfile
     from cow.backing import Backing, CommandError
     from cow.views import SETTLE_TIMEOUT, ViewExports, ViewSet, directory_problem
@@ -739,7 +740,7 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
     if args.readonly:
         note += ", read-only"
     return (ViewExports(views, template, list_all=args.list_views), shared.size, block_size,
-            shared.is_nbd, shared.description, note)
+            shared.is_nbd, shared.description, note, shared.give_up_waiting)
 
 
 def _recorded_backing(overlay: str) -> str:
@@ -860,8 +861,8 @@ def _main(args, cleanup: list) -> int:
                             f"({file_size} bytes); choose a smaller one")
     what = repr(backing) if isinstance(backing, str) else shlex.join(backing)
     if args.overlay_dir is not None or args.temporary_views is not None:
-        exports, size, block_size, slow, backing, note = _open_views(args, backing, kwargs,
-                                                                     what, cleanup)
+        exports, size, block_size, slow, backing, note, give_up_waiting = _open_views(
+            args, backing, kwargs, what, cleanup)
     else:
         try:
             engine = Engine(backing, **kwargs)
@@ -880,6 +881,7 @@ def _main(args, cleanup: list) -> int:
                       f"may be lost")
 
         cleanup.append(close_engine)
+        give_up_waiting = engine.give_up_waiting
         backing = engine.backing   # the path, URI or command line
         # Every client may read the description: it never names the backing (a path, a URI,
         # a command line with its secrets).  The start-up line tells the operator.
@@ -1014,6 +1016,7 @@ def _main(args, cleanup: list) -> int:
         sel.close()
         for sock in listeners:
             sock.close()  # stop accepting (and the Unix socket file goes in cleanup)
+        give_up_waiting()  # reads waiting for a backing that is down fail now
         server.shutdown()
     if args.verbose:
         log.info("stopped")

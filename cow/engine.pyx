@@ -597,6 +597,12 @@ cdef class Engine(BlockCore):
     def closed(self):
         return self.closing or self.ov.fd < 0
 
+    def give_up_waiting(self):
+        """The server is stopping: reads waiting for an NBD backing that is down fail now (see
+        Backing.give_up_waiting)."""
+        if self.b is not None and self.b.is_nbd:
+            self.b.give_up_waiting()
+
     @property
     def backing_error(self):
         """What broke the connection to an NBD backing while it is down (reconnecting), or None

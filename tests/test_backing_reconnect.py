@@ -320,3 +320,29 @@ def test_backing_wait_must_be_seconds(tmp_path, bad):
 def test_cli_repeats_the_default_wait():
     from cow import backing, cli
     assert cli.DEFAULT_BACKING_WAIT == backing.DEFAULT_WAIT
+
+
+def test_sigterm_while_a_read_waits_for_the_backing(tmp_path):
+    """SIGTERM while a read waits for a backing that is down (--backing-wait 120): the read fails
+    with EIO at once and the server exits 0 without waiting out the limit."""
+    disk = write_sample(tmp_path / "base.img", 8 * MiB, holes=False)
+    back = Restartable(tmp_path, disk, "rdelay=0")
+    try:
+        with start_server(back.uri, "--backing-wait", "120", tmp_path=tmp_path) as (uri, proc):
+            h = connect(uri)
+            assert h.pread(4096, 0) == disk.read_bytes()[:4096]
+            back.kill()
+            buf = nbd.Buffer(4096)
+            cookie = h.aio_pread(buf, 2 * MiB)
+            time.sleep(0.5)
+            assert not h.aio_command_completed(cookie)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            with pytest.raises(nbd.Error) as ei:
+                while not h.aio_command_completed(cookie):
+                    h.poll(1)
+            assert ei.value.errnum == errno.EIO
+            assert proc.wait(60) == 0
+            assert time.monotonic() - t0 < 30, "the server waited out --backing-wait"
+    finally:
+        back.stop()
