@@ -553,6 +553,8 @@ cdef class Engine(BlockCore):
         if self.closing:
             return
         self.closing = True
+        if self.owns_backing and self.b is not None and self.b.is_nbd:
+            self.b.give_up_waiting()    # reads waiting for a backing that is down: EIO now
         while self.active:
             with nogil:
                 usleep(1000)
