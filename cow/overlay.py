@@ -534,6 +534,7 @@ def fork(path: str, new: str) -> dict:
                                         dir=folder)
         except OSError as e:    # (its message would name the temporary file, not NEW)
             raise ToolError(f"{new}: cannot create it: {e.strerror}") from None
+        placed = False
         try:
             try:
                 fcntl.ioctl(tfd, FICLONE, fd)
@@ -541,12 +542,14 @@ def fork(path: str, new: str) -> dict:
             except OSError:
                 how, copied = "sparse copy", _sparse_copy(fd, tfd)
             os.fsync(tfd)
-            os.link(tmp, new)
+            F.put_in_place(tmp, new)    # one name at any moment: NEW may be a view's file
+            placed = True
         except FileExistsError:
             raise ToolError(f"{new}: already exists; remove it or choose another name") from None
         finally:
             os.close(tfd)
-            os.unlink(tmp)
+            if not placed:
+                os.unlink(tmp)
         F.fsync_dir(new)
     finally:
         os.close(fd)

@@ -542,6 +542,39 @@ def fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+_renameat2 = None
+
+
+def put_in_place(tmp: str, name: str, dir_fd: int = AT_FDCWD) -> None:
+    """Give the file at tmp the name name instead, in one step, never replacing anything at name
+    (FileExistsError, a dangling symbolic link included; no link is followed): renameat2 with
+    RENAME_NOREPLACE.  A crash at any moment leaves tmp or name, one name for the file.  Where the
+    file system has no RENAME_NOREPLACE: linkat then unlink, which a crash in between leaves with
+    both names (a view's file with two links is not served, so its leftover temporary name must
+    then be removed by hand)."""
+    global _renameat2
+    if _renameat2 is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        f = getattr(libc, "renameat2", None)
+        if f is not None:
+            f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+        _renameat2 = (f, ctypes)
+    f, ctypes = _renameat2
+    if f is not None:
+        if f(dir_fd, os.fsencode(tmp), dir_fd, os.fsencode(name), RENAME_NOREPLACE) == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(e, os.strerror(e), name)
+    os.link(tmp, name, src_dir_fd=None if dir_fd == AT_FDCWD else dir_fd,
+            dst_dir_fd=None if dir_fd == AT_FDCWD else dir_fd, follow_symlinks=False)
+    os.unlink(tmp, dir_fd=None if dir_fd == AT_FDCWD else dir_fd)
+
+
 def _initialise(fd: int, h: Header) -> None:
     os.pwrite(fd, h.pack(), 0)
     os.ftruncate(fd, h.data_offset)   # the bitmap area exists (all zeroes: nothing allocated)
@@ -550,9 +583,10 @@ def _initialise(fd: int, h: Header) -> None:
 
 def create_at(dir_fd: int, name: str, h: Header) -> int:
     """Create the overlay name in the folder dir_fd, locked (exclusive), mode 0600, atomically:
-    made under a temporary name beside it (O_EXCL, no link followed) and linked into place with
-    linkat, which fails with FileExistsError on anything already at name (a dangling symbolic
-    link included), so no half-made file is ever seen there and nothing else is written.
+    made under a temporary name beside it (O_EXCL, no link followed), synced, and put in place
+    (put_in_place: a rename that fails with FileExistsError on anything already at name, a
+    dangling symbolic link included), so no half-made file is ever seen there, nothing else is
+    written, and a crash leaves the file with one name (a temporary .NAME.*.new, or name).
     Returns its descriptor."""
     for _ in range(100):
         tmp = f".{name}.{os.urandom(6).hex()}.new"
@@ -568,15 +602,14 @@ def create_at(dir_fd: int, name: str, h: Header) -> int:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         lock(fd, tmp, exclusive=True)
         _initialise(fd, h)
-        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        put_in_place(tmp, name, dir_fd)
     except BaseException:
         os.close(fd)
-        raise
-    finally:
         try:
             os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
+        raise
     os.fsync(dir_fd)
     return fd
 
