@@ -11,9 +11,9 @@ known exactly (read back), as is B, the backing's bytes.  After the cut:
 
 * commit: the overlay opens (`cow.overlay info`) and is in one of three states: untouched (the
   backing is B, not a byte written, the same blocks held), interrupted (info says so, and a
-  server refuses the overlay with one line naming the command that finishes it), or done (the
-  backing is E, the overlay empty).  Run again, commit finishes: the backing is E, the overlay
-  empty, and it serves E.
+  server and reset refuse the overlay with one line naming the command that finishes it), or
+  done (the backing is E, the overlay empty).  Run again, commit finishes: the backing is E,
+  the overlay empty, and it serves E.
 * reset: the overlay opens and serves, block by block, E or B (the old overlay's data or the
   backing: never bytes nobody wrote); a cut that did not reach the header leaves the same blocks
   held, one after the reset is done leaves none.  Run again, reset leaves an overlay that serves
@@ -21,7 +21,7 @@ known exactly (read back), as is B, the backing's bytes.  After the cut:
 * fork FILE NEW: FILE is untouched (the same blocks held; it serves E at the next round); NEW is
   absent, or a complete copy that serves E.  A temporary `.NEW.*.new` may stay (counted).
 
-COW_POWERCUT_ROUNDS / 2 cuts (default 40: about 16 of commit, 12 of reset, 12 of fork),
+COW_POWERCUT_ROUNDS / 2 cuts (default 40: 14 of commit, 13 of reset, 13 of fork),
 COW_POWERCUT_SEED the seed."""
 
 import json
@@ -176,6 +176,12 @@ def test_power_cut_during_commit_reset_and_fork(fs, tmp_path):
                     assert len(lines) == 1 and "a commit into the backing was interrupted" \
                         in lines[0] and "cow.overlay commit" in lines[0], r.stderr
                     refusals.append(lines[0])
+                    r = tool("info", ov)
+                    assert r.returncode == 0 and "a commit was interrupted: finish it with" \
+                        in r.stdout, r.stdout
+                    r = tool("reset", ov, "--yes")
+                    assert r.returncode == 1 and "a commit into the backing was interrupted" \
+                        in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
             elif held(info) == 0:
                 state = "done"
                 assert now == e, f"{where}: commit looks done, but the backing is not the view"

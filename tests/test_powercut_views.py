@@ -143,7 +143,7 @@ def test_power_cut_under_views_loses_nothing_flushed(fs, tmp_path):
     leftovers = sorted(x for x in os.listdir(folder) if x.endswith(".new"))
     print(f"{n} power cuts under {len(views)} views ({', '.join(f'{modes.count(m)} {m}' for m in MODES[:3])}), "
           f"{counts['frozen']} frozen at an exact change, sync or name ({counts['at a name']} at "
-          f"a view's link or unlink), {counts['made at the cut']} views whose file the cut "
+          f"the rename that puts a new view's file in place), {counts['made at the cut']} views whose file the cut "
           f"left unmade, {counts['ops']} operations, {counts['lost']} unsynced sectors lost and "
           f"{counts['kept']} kept; temporary files left: {leftovers}")
     assert counts["ops"] > 10 * n, f"only {counts['ops']} operations in {n} rounds"
