@@ -18,13 +18,13 @@ kernel turns them into ordinary WRITEs), truncate, fallocate (a punched hole is 
 zeroes, unsynced until fsync), fsync and fdatasync (both make the file's data and size durable).
 Treated as durable at once: creating, linking, renaming (with renameat2's flags, such as
 RENAME_NOREPLACE) and unlinking names, and directory fsync; arm(n, "name") can freeze a link,
-unlink or rename as it can a write or a sync.  Locks: no lock handler, so the kernel keeps POSIX and OFD locks itself, per kernel
-inode.  libfuse's high-level API gives each name its own kernel inode, so a lock taken through
-one hard link does not conflict with an open of another name of the same file (opens of one
-name do conflict).  A file unlinked while open is renamed
+unlink or rename as it can a write or a sync.  Locks: no lock handler, so the kernel keeps
+POSIX and OFD locks itself, per kernel inode.  libfuse's high-level API gives each name its own
+kernel inode, so a lock taken through one hard link does not conflict with an open of another
+name of the same file (opens of one name do conflict).  A file unlinked while open is renamed
 to .fuse_hidden* in the real folder until closed (libfuse's way).  Every file is opened with
-direct_io: the kernel keeps no page cache of its
-own for it, so what a reader sees after a cut is what the cut left.
+direct_io: the kernel keeps no page cache of its own for it, so what a reader sees after a cut
+is what the cut left.
 
 The cut can also come at an exact moment: arm(n) freezes the n-th change or sync from then on,
 before it takes effect, until the cut (which loses it).  From a cut until power_on(), every

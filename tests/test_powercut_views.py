@@ -2,8 +2,8 @@
 inside the power-cut file system (tests/support_powercut.py), a client on each of a few named
 views writing, trimming, zeroing, with FLUSH and FUA, killed and cut at a random moment: most
 cuts frozen at an exact sync or write, some at the rename (or link and unlink) that puts a new
-view's file in place (a view made at the cut), the rest after a random delay.  The cut drops all, none or a
-random subset of the unsynced sectors.
+view's file in place (a view made at the cut), the rest after a random delay.  The cut drops
+all, none or a random subset of the unsynced sectors.
 
 After each cut the server is started again on DIR, and every view a client ever asked for
 opens (none is refused), and reads, sector by sector, as the model of
@@ -141,10 +141,11 @@ def test_power_cut_under_views_loses_nothing_flushed(fs, tmp_path):
                     # holds is checked against the model above.
                     overlay_info(folder / f"{name}.cow")
     leftovers = sorted(x for x in os.listdir(folder) if x.endswith(".new"))
-    print(f"{n} power cuts under {len(views)} views ({', '.join(f'{modes.count(m)} {m}' for m in MODES[:3])}), "
-          f"{counts['frozen']} frozen at an exact change, sync or name ({counts['at a name']} at "
-          f"the rename that puts a new view's file in place), {counts['made at the cut']} views whose file the cut "
-          f"left unmade, {counts['ops']} operations, {counts['lost']} unsynced sectors lost and "
+    spread = ", ".join(f"{modes.count(m)} {m}" for m in MODES[:3])
+    print(f"{n} power cuts under {len(views)} views ({spread}), {counts['frozen']} frozen at an "
+          f"exact change, sync or name ({counts['at a name']} at the rename that puts a new "
+          f"view's file in place), {counts['made at the cut']} views whose file the cut left "
+          f"unmade, {counts['ops']} operations, {counts['lost']} unsynced sectors lost and "
           f"{counts['kept']} kept; temporary files left: {leftovers}")
     assert counts["ops"] > 10 * n, f"only {counts['ops']} operations in {n} rounds"
     assert counts["lost"] > 0, "no cut ever lost a write: the test did not test power cuts"
