@@ -3,7 +3,8 @@ inside the power-cut file system (tests/support_powercut.py), a client on each o
 views writing, trimming, zeroing, with FLUSH and FUA, killed and cut at a random moment: most
 cuts frozen at an exact sync or write, some at the rename (or link and unlink) that puts a new
 view's file in place (a view made at the cut), the rest after a random delay.  The cut drops
-all, none or a random subset of the unsynced sectors.
+all, none or a random subset of the unsynced sectors.  Now and then a view is removed (rm,
+while no client holds it) so that views keep being made, and cut while made, all along the run.
 
 After each cut the server is started again on DIR, and every view a client ever asked for
 opens (none is refused), and reads, sector by sector, as the model of
@@ -95,13 +96,22 @@ def test_power_cut_under_views_loses_nothing_flushed(fs, tmp_path):
             chosen = rng.sample(sorted(views), min(len(views), 2))
             if new and (len(chosen) < 2 or rng.random() < 0.5):
                 chosen.append(new[0])
+            held = [x for x in chosen if x in views]
+            if held and rng.random() < 0.25:
+                # The operator removes a view no client holds: the next client makes it anew,
+                # so that views are made (and cut while made) all along the run.
+                gone = rng.choice(held)
+                with contextlib.suppress(FileNotFoundError):   # (its making was cut)
+                    os.unlink(folder / f"{gone}.cow")
+                del views[gone]
+                new.append(gone)
             for name in chosen:
                 views.setdefault(name, View(rng, size))
             creating = any(name in new for name in chosen)
             r = rng.random()
             armed = None
             if creating and r < 0.3:                # at the rename that puts a new view's file
-                armed = ("name", 1)                 # in place
+                armed = ("name", rng.randint(1, 2))  # in place (or its link, then its unlink)
             elif r < 0.6:
                 armed = ("sync", rng.randint(1, 12))
             elif r < 0.85:
@@ -113,7 +123,8 @@ def test_power_cut_under_views_loses_nothing_flushed(fs, tmp_path):
             for c in clients:
                 c.start()
             if armed:
-                deadline = time.monotonic() + 5
+                # (a second change of names may never come: then a cut after a second)
+                deadline = time.monotonic() + (1 if armed[0] == "name" else 5)
                 while not fs.stats()["frozen"] and time.monotonic() < deadline:
                     time.sleep(0.01)
             else:
