@@ -16,6 +16,7 @@ strace -f prints a call that another thread's waits on only after that call retu
 thread is stopped until strace has seen it), so the order of its lines is the order of the calls:
 a call that blocks is split into "<unfinished ...>" (its start) and "<... resumed>" (its end)."""
 
+import contextlib
 import os
 import re
 import shutil
@@ -203,12 +204,16 @@ def test_flush_and_fua_reply_only_after_the_data_then_the_bitmap_are_synced(tmp_
     finally:
         # The server is strace's child: stopped by SIGTERM, it exits, then strace does.
         with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
-            for pid in f.read().split():
-                os.kill(int(pid), signal.SIGTERM)
+            servers = [int(pid) for pid in f.read().split()]
+        for pid in servers:
+            os.kill(pid, signal.SIGTERM)
         try:
             proc.wait(60)
         finally:
             if proc.poll() is None:
+                for pid in servers:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 proc.kill()
                 proc.wait()
             log.close()
