@@ -18,7 +18,8 @@ A header slot (offsets within the slot):
 
     0   8   magic b"COW-OVL\\n"
     8   4   format version (2; version 1 is read too)
-    12  4   flags: 1 = a commit into the backing was started and has not finished
+    12  4   flags: 1 = a commit into the backing was started and has not finished;
+                   2 = a reset was started and has not finished
     16  8   sequence number of this slot
     24  8   disk size in bytes
     32  4   block size in bytes (a power of two, 4 KiB to 4 MiB)
@@ -72,7 +73,8 @@ SLOT_SIZE = 2048
 PAGE = 4096
 BITMAP_OFFSET = HEADER_SIZE
 FLAG_COMMITTING = 1
-KNOWN_FLAGS = FLAG_COMMITTING
+FLAG_RESETTING = 2
+KNOWN_FLAGS = FLAG_COMMITTING | FLAG_RESETTING
 
 KIND_FILE = 1
 KIND_BLOCK_DEVICE = 2
@@ -149,6 +151,10 @@ class Header:
     @property
     def committing(self) -> bool:
         return bool(self.flags & FLAG_COMMITTING)
+
+    @property
+    def resetting(self) -> bool:
+        return bool(self.flags & FLAG_RESETTING)
 
     @property
     def file_id(self) -> tuple[int, int] | None:
@@ -875,6 +881,9 @@ def _check_against(path, h: Header, backing, block_size, readonly, backing_chang
     if h.committing:
         raise OverlayError(f"{path}: a commit into the backing was interrupted; finish it with: "
                            f"{commit_command(path)}")
+    if h.resetting:
+        raise OverlayError(f"{path}: a reset was interrupted; finish it with: "
+                           f"{reset_command(path)}")
     if block_size is not None and block_size != h.block_size:
         raise OverlayError(f"{path}: the overlay's block size is {h.block_size}, not {block_size} "
                            f"(omit --cow-block-size to use the overlay's)")
@@ -910,6 +919,11 @@ def commit_command(path: str) -> str:
     placeholder the operator fills in, never the name the header records (a header is no
     authority on which file to write)."""
     return f"python -m cow.overlay commit {shown(shlex.quote(path))} --into BACKING --yes"
+
+
+def reset_command(path: str) -> str:
+    """The command that finishes an interrupted reset of the overlay at path."""
+    return f"python -m cow.overlay reset {shown(shlex.quote(path))} --yes"
 
 
 # -- the bitmap, for the tools -------------------------------------------------------------------
