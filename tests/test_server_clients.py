@@ -221,7 +221,7 @@ class HeldBacking:
         self.log = tmp_path / "held-backing.log"
         self.control = tmp_path / "held-backing.ctl"
         self.sock = tmp_path / "held-backing.sock"
-        self.args = ["-t", "512", "--filter=log", "--filter=pause", "pattern", size,
+        self.args = ["-t", "256", "--filter=log", "--filter=pause", "pattern", size,
                      f"logfile={self.log}", f"pause-control={self.control}"]
         self.uri = f"nbd+unix:///?socket={self.sock}"
 
