@@ -1,7 +1,7 @@
 """One command that measures cow against nbdkit and qemu on this machine, in one run.
 
-    .venv/bin/python bench/run.py             # defaults: about 10 minutes on 2 cores
-    .venv/bin/python bench/run.py --quick     # under 3 minutes
+    .venv/bin/python bench/run.py             # defaults: every section, 3 rounds
+    .venv/bin/python bench/run.py --quick     # 1 round, short runs, smaller disks
     .venv/bin/python bench/run.py --targets cow-server,nbdkit-cow --workloads randwrite-4k,remote
 
 Rounds are interleaved (every workload on every target, then the next round, with the target order
@@ -51,6 +51,17 @@ THREAD_NBD_TARGETS = ("cow-shim", "nbdkit-cow")
 # The startup section, cow.server only: (column, given --overlay FILE), in this order (the
 # existing overlay is the fresh one reopened).
 STARTUP_OVERLAYS = [("temporary", False), ("fresh", True), ("existing", True)]
+# The engine alone: seconds that Engine(BACKING, tmpdir=DIR[, overlay=FILE]) takes in-process.
+ENGINE_OPEN = """
+import sys, time
+from cow.engine import Engine
+backing, tmpdir, overlay = sys.argv[1:4]
+t0 = time.monotonic()
+engine = Engine(backing, tmpdir=tmpdir, overlay=overlay or None)
+t1 = time.monotonic()
+engine.close()
+print(t1 - t0)
+"""
 OVERLAY_CONFIGS = [  # (column, label): cow.server's temporary overlay against --overlay FILE
     ("temporary", "temporary overlay"),
     ("persistent", "--overlay FILE"),
@@ -118,7 +129,7 @@ def parse_args(argv):
                    help=f"targets to measure (default: all available): {', '.join(tg.BY_NAME)}")
     p.add_argument("--workloads", nargs="+", metavar="W",
                    help=f"workloads (default: all): {', '.join(all_workloads)}")
-    p.add_argument("--quick", action="store_true", help="1 round, short runs, smaller disks (<3 min)")
+    p.add_argument("--quick", action="store_true", help="1 round, short runs, smaller disks")
     p.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
     p.add_argument("--size", help="backing size for fio and the pipeline (default 1G, quick 256M)")
     p.add_argument("--runtime", type=float, help="seconds per fio run (default 3, quick 1)")
@@ -519,6 +530,22 @@ class Bench:
                 if column == "fresh":
                     ov.unlink(missing_ok=True)
                 self.attempt("startup-ov-hs", column, go)
+            # The engine alone, in a fresh interpreter: Engine(BACKING[, overlay=FILE]).
+            for column, given in STARTUP_OVERLAYS:
+                def engine(column=column, given=given):
+                    if column == "fresh":
+                        ov.unlink(missing_ok=True)
+                    r = subprocess.run([self.ctx.python, "-P", "-c", ENGINE_OPEN,
+                                        str(self.sparse_backing), str(folder),
+                                        str(ov) if given else ""],
+                                       capture_output=True, text=True, env=self.ctx.env,
+                                       cwd=self.workdir, timeout=120)
+                    if r.returncode != 0:
+                        raise RuntimeError(f"Engine() failed: {r.stderr.strip()[-300:]}")
+                    ms = float(r.stdout.strip()) * 1000
+                    self.results.add("startup-ov-engine", column, ms)
+                    self.log(f"{'startup engine':<18} {column:<10} Engine() {ms:.0f} ms")
+                self.attempt("startup-ov-engine", column, engine)
         finally:
             ov.unlink(missing_ok=True)
 
@@ -1019,9 +1046,13 @@ def render(bench, meta, argv):
                        f"at start-up); and that FILE again, reopened. Time from spawning the "
                        f"server to the first completed handshake and to the reply to a first "
                        f"4 KiB read at offset 0 (one client, connecting as soon as the socket "
-                       f"is there), medians of {a.rounds} round(s); RSS after that read.\n")
-            out.append("| overlay | to first handshake (ms) | to first read (ms) | RSS (MiB) |")
-            out.append("|---|---|---|---|")
+                       f"is there), medians of {a.rounds} round(s); RSS after that read. "
+                       f"Engine(): the engine alone opening the backing and overlay, "
+                       f"`Engine(BACKING, tmpdir=DIR[, overlay=FILE])` timed inside a fresh "
+                       f"interpreter (no interpreter start, imports or sockets).\n")
+            out.append("| overlay | to first handshake (ms) | to first read (ms) | RSS (MiB) | "
+                       "Engine() alone (ms) |")
+            out.append("|---|---|---|---|---|")
             names = {"temporary": "temporary (no --overlay)",
                      "fresh": "--overlay FILE, fresh (made)",
                      "existing": "--overlay FILE, existing (reopened)"}
@@ -1029,7 +1060,8 @@ def render(bench, meta, argv):
                 out.append(f"| {names[column]} | "
                            + " | ".join(report.fmt_value(res.median(k, column), u) for k, u in
                                         (("startup-ov-hs", "ms"), ("startup-ov-read", "ms"),
-                                         ("startup-ov-rss", "MiB"))) + " |")
+                                         ("startup-ov-rss", "MiB"), ("startup-ov-engine", "ms")))
+                           + " |")
         out.append("")
 
     if "overlay" in w and any(res.count("overlay-randwrite-4k", c) for c, _ in OVERLAY_CONFIGS):

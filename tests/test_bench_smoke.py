@@ -89,6 +89,7 @@ def test_quick_run_writes_table_and_chart(tmp_path):
         assert ("serial-file-1ms-nbdcopy", column) in measured
     for column in ("temporary", "fresh", "existing"):
         assert ("startup-ov-read", column) in measured
+        assert ("startup-ov-engine", column) in measured
     assert [d["column"] for d in raw["drop"]] == ["cow-server", "nbdkit-cow", "nbdkit-cow-retry"]
     for metric in ("views-first@1", "views-last@3", "views-per-view@3", "views-left-fds@3"):
         assert (metric, "cow-server") in measured
