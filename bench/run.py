@@ -168,6 +168,10 @@ def parse_args(argv):
     p.add_argument("--serial-kinds", default="file,http",
                    help="serial section: backings, file (noparallel + delay filters over a file) "
                    "and http (lighttpd + nbdkit curl; skipped without lighttpd) (default both)")
+    p.add_argument("--serial-cow-args", nargs="+", metavar="ARGS",
+                   help="serial and drop sections: more cow.server columns, each with these "
+                   "options, e.g. --serial-cow-args '--backing-connections 1' "
+                   "'--backing-connections 4' (each string one column, beside the defaults)")
     p.add_argument("--serial-timeout", type=float, default=300,
                    help="serial section: seconds before a copy counts as failed (default 300)")
     p.add_argument("--drop-size", help="drop section: image size (default 256M, quick 32M)")

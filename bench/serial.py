@@ -21,6 +21,7 @@ Two sections of bench/run.py:
 import errno
 import filecmp
 import os
+import shlex
 import subprocess
 import time
 from pathlib import Path
@@ -31,17 +32,32 @@ import workloads as wl
 
 KINDS = [("file", "serialized file"), ("http", "HTTP, nbdkit curl")]
 CLIENTS = [("nbdcopy", "nbdcopy -C {c}"), ("qemu-img", "qemu-img convert")]
+# (column, heading, target, options): cow.server's variants (--serial-cow-args) come after
+# the first column.
 COLUMNS = [
-    ("cow-server", "cow.server -- nbdkit STACK"),
-    ("nbdkit-cow", "nbdkit --filter=cow STACK"),
-    ("ceiling", "nbdcopy straight from nbdkit STACK"),
+    ("cow-server", "cow.server -- nbdkit STACK", "cow-server", {}),
+    ("nbdkit-cow", "nbdkit --filter=cow STACK", "nbdkit-cow", {}),
+    ("ceiling", "nbdcopy straight from nbdkit STACK", None, {}),
 ]
 DROP_CONFIGS = [
-    ("cow-server", "cow.server nbd+unix:///?socket=B", {}),
-    ("nbdkit-cow", "nbdkit --filter=cow nbd uri=nbd+unix:///?socket=B", {}),
+    ("cow-server", "cow.server nbd+unix:///?socket=B", "cow-server", {}),
+    ("nbdkit-cow", "nbdkit --filter=cow nbd uri=nbd+unix:///?socket=B", "nbdkit-cow", {}),
     ("nbdkit-cow-retry", "nbdkit --filter=cow --filter=retry nbd uri=nbd+unix:///?socket=B",
-     {"retry": True}),
+     "nbdkit-cow", {"retry": True}),
 ]
+
+
+def variants(cow_args):
+    """Columns for cow.server with extra options, one per --serial-cow-args string: (serial
+    column, drop configuration)."""
+    out = []
+    for i, text in enumerate(cow_args or (), 1):
+        args = shlex.split(text)
+        out.append(((f"cow-server-{i}", f"cow.server {text} -- nbdkit STACK", "cow-server",
+                     {"extra_args": args}),
+                    (f"cow-server-{i}", f"cow.server {text} nbd+unix:///?socket=B", "cow-server",
+                     {"extra_args": args})))
+    return out
 
 
 def key(kind, delay, client):
@@ -80,6 +96,9 @@ class Serial:
         self.sizes = {(d, "nbdcopy"): n for d, n in zip(a.serial_delays, a.serial_sizes)}
         self.sizes.update({(d, "qemu-img"): n for d, n in zip(a.serial_delays,
                                                                a.serial_qemu_sizes)})
+        extra = variants(a.serial_cow_args)
+        self.columns = COLUMNS[:1] + [c for c, _ in extra] + COLUMNS[1:]
+        self.drop_configs = DROP_CONFIGS[:1] + [d for _, d in extra] + DROP_CONFIGS[1:]
 
     def image(self, size):
         if size not in self.images:
@@ -123,10 +142,10 @@ class Serial:
         for kind in self.kinds():
             for delay in self.bench.a.serial_delays:
                 for client, _ in CLIENTS:
-                    for column, _ in COLUMNS:
-                        if column == "ceiling" and client != "nbdcopy":
+                    for config in self.columns:
+                        if config[0] == "ceiling" and client != "nbdcopy":
                             continue
-                        out.append((kind, delay, client, column))
+                        out.append((kind, delay, client, config))
         return out
 
     def round(self, rnd):
@@ -136,17 +155,18 @@ class Serial:
             self.once(*run)
 
     # One copy: a fresh server (and backing) for it.
-    def once(self, kind, delay, client, column):
+    def once(self, kind, delay, client, config):
+        column, _, target, opts = config
         b = self.bench
         size = self.sizes[(delay, client)]
         stack = self.stack(kind, delay, size)
         k = key(kind, delay, client)
 
         def go():
-            if column == "ceiling":
+            if target is None:
                 server = b.start(tg.StackBacking(), stack)
             else:
-                server = b.start(tg.BY_NAME[column], stack)
+                server = b.start(tg.BY_NAME[target], stack, **opts)
             with server:
                 self.multi_conn[(kind, column)] = server.multi_conn
                 secs = self.copy(client, server.uri, self.image(size))
@@ -182,15 +202,15 @@ class Serial:
 
     # The drop row: one copy per configuration, once per run (in the first round).
     def drop_all(self):
-        for column, _, opts in DROP_CONFIGS:
-            self.drop_once(column, opts)
+        for column, _, target, opts in self.drop_configs:
+            self.drop_once(column, target, opts)
 
-    def drop_once(self, column, opts):
+    def drop_once(self, column, target_name, opts):
         b, a = self.bench, self.bench.a
         image = self.image(a.drop_size)
         stack = tg.serial_stack(image, a.drop_delay_ms)
         backing = tg.StackBacking()
-        target = tg.BY_NAME["cow-server" if column == "cow-server" else "nbdkit-cow"]
+        target = tg.BY_NAME[target_name]
         out = b.workdir / "drop-copy.img"
         errlog = b.workdir / "drop-nbdcopy.err"
         row = {"column": column, "size": a.drop_size, "delay_ms": a.drop_delay_ms,
@@ -268,7 +288,8 @@ class Serial:
         out = []
         if "serial" in a.workloads:
             out += self.render_serial()
-        if "drop" in a.workloads and self.drop:
+        if "drop" in a.workloads and (self.drop or any(
+                w == "drop" for w, _, _ in self.bench.results.errors)):
             out += self.render_drop()
         return out
 
@@ -301,9 +322,10 @@ class Serial:
             f"cow.server faster.\n")
         if self.http_skipped:
             out.append(f"HTTP rows skipped: {self.http_skipped}.\n")
-        out.append("| backing, delay, size | client | " + " | ".join(f"{h} (s)" for _, h in COLUMNS)
+        out.append("| backing, delay, size | client | "
+                   + " | ".join(f"{h} (s)" for _, h, _, _ in self.columns)
                    + " | cow.server ÷ nbdkit filter | cow.server ÷ straight nbdcopy |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("|---|---|" + "---|" * (len(self.columns) + 2))
         errors = {(w, col) for w, col, _ in res.errors}
         for kind in self.kinds():
             for delay in a.serial_delays:
@@ -311,7 +333,8 @@ class Serial:
                 for client, ctitle in CLIENTS:
                     k = key(kind, delay, client)
                     cells = []
-                    for column, _ in COLUMNS:
+                    nbk = res.median(k, "nbdkit-cow")
+                    for column, _, _, _ in self.columns:
                         v = res.median(k, column)
                         if column == "ceiling" and client != "nbdcopy":
                             cells.append("")
@@ -319,7 +342,10 @@ class Serial:
                             cells.append("error" if (k, column) in errors else "—")
                         else:
                             cells.append(report.fmt_value(v, "s"))
-                    cow, nbk = res.median(k, "cow-server"), res.median(k, "nbdkit-cow")
+                            r = report.ratio(v, nbk, False)
+                            if column.startswith("cow-server-") and r:
+                                cells[-1] += f" ({r:.2f}×)"  # a variant: against the filter
+                    cow = res.median(k, "cow-server")
                     r1 = report.ratio(cow, nbk, False)
                     # Against the straight copy by speed (MiB/s): qemu-img's image is smaller.
                     size, ssize = self.sizes[(delay, client)], self.sizes[(delay, "nbdcopy")]
@@ -354,13 +380,18 @@ class Serial:
         out.append("| configuration | result | seconds | backing restarts during the copy | "
                    "bytes identical | server still running |")
         out.append("|---|---|---|---|---|---|")
-        labels = {c: label for c, label, _ in DROP_CONFIGS}
+        labels = {c: label for c, label, _, _ in self.drop_configs}
         for row in self.drop:
             ident = {True: "yes", False: "**no**", None: "—"}[row["identical"]]
             done = "" if row["completed"] else f" ({row['written'] / wl.MiB:.0f} MiB written)"
             out.append(f"| {labels[row['column']]} | {row['outcome']}{done} | "
                        f"{row['seconds']:.1f} | {row['restarts']} | {ident} | "
                        f"{'yes' if row['server_alive'] else 'no'} |")
+        done_cols = {row["column"] for row in self.drop}
+        for column, label, _, _ in self.drop_configs:
+            if column not in done_cols and any(w == "drop" and c == column
+                                               for w, c, _ in self.bench.results.errors):
+                out.append(f"| {label} | error of the bench (see Notes) | | | | |")
         msgs = [f"{labels[r['column']]}: `{r['message']}`" for r in self.drop if r.get("message")]
         if msgs:
             out.append("\nnbdcopy's last line: " + "; ".join(msgs) + ".")

@@ -266,8 +266,9 @@ class CowServer(Target):
 
     def command(self, ctx, backing, sock, workdir, cleanup, lock_mode=None, overlay=None,
                 cow_block_size=None, cow_on_read=None, overlay_dir=None, keep_overlay=False,
-                **opts):
-        cmd = [ctx.python, "-P", "-m", "cow.server", "-U", sock]
+                extra_args=(), **opts):
+        # extra_args: more options as a user gives them (the serial section's variants).
+        cmd = [ctx.python, "-P", "-m", "cow.server", "-U", sock, *extra_args]
         if overlay_dir:
             # The caller makes and removes it; up to 1000 views are measured: no cap.
             cmd += ["--overlay-dir", str(overlay_dir), "--max-exports", "0"]
