@@ -218,7 +218,7 @@ class Serial:
 
         def go():
             back = backing.start(b.ctx, stack, b.workdir, "drop")
-            server = None
+            server = p = None
             try:
                 server = target.start(b.ctx, back.uri, b.workdir, b.tag(), **opts)
                 out.unlink(missing_ok=True)
@@ -246,10 +246,14 @@ class Serial:
                         next_kill = time.monotonic() + a.drop_every
                     time.sleep(0.02)
                 secs = time.monotonic() - t0
-                tg._STARTED.pop(p.pid, None)
                 rc = p.returncode
                 alive = server.proc.poll() is None
             finally:
+                if p is not None and p.poll() is None:  # the bench itself failed midway
+                    p.kill()
+                    p.wait()
+                if p is not None:
+                    tg._STARTED.pop(p.pid, None)
                 if server:
                     server.stop()
                 back.stop()
@@ -270,7 +274,7 @@ class Serial:
                                    f"{secs:.1f} s")
             else:
                 same = filecmp.cmp(out, image, shallow=False)
-                few = (f" (fewer than six restarts: give a larger --drop-size)"
+                few = (" (fewer than six restarts: give a larger --drop-size)"
                        if restarts < 6 else "")
                 row.update(completed=True, identical=same,
                            outcome=f"completed in {secs:.1f} s{few}")
@@ -374,8 +378,9 @@ class Serial:
             f"rdelay={a.drop_delay_ms}ms`, "
             f"{wl_size(a.drop_size)} of random data. On top, over `nbd+unix:///?socket=B`: each "
             f"configuration below, then `nbdcopy -C {a.copy_connections} URI OUT` of the whole "
-            f"disk to a file; every {a.drop_every:g} s from the start of the copy the backing is "
-            f"killed (SIGKILL) and started again on the same socket, until the copy ends (or "
+            f"disk to a file; {a.drop_every:g} s after the copy starts, and {a.drop_every:g} s after "
+            f"each restart, the backing is killed (SIGKILL) and started again on the same "
+            f"socket, until the copy ends (or "
             f"{a.drop_timeout:g} s pass). One run each. Identical: OUT compared with IMG (cmp).\n")
         out.append("| configuration | result | seconds | backing restarts during the copy | "
                    "bytes identical | server still running |")
