@@ -10,6 +10,7 @@ import time
 import nbd
 import pytest
 
+from support_hold import held  # noqa: F401 - a fixture
 from support_server import start_server
 
 SIZE = 4 * 1024 * 1024
@@ -396,29 +397,31 @@ def wait_for_text(path, text, timeout=30.0):
 
 
 def test_shutdown_completes_requests_in_flight_and_answers_later_ones_eshutdown(
-        backing_factory, nbdkit, tmp_path):
-    """At SIGTERM a READ in flight (its NBD backing takes 3 s) still completes; requests that
-    arrive after shutdown began are answered NBD_ESHUTDOWN at once, before it; the client
-    then disconnects and the server exits 0."""
+        backing_factory, held, tmp_path):
+    """At SIGTERM a READ in flight (its NBD backing holds it until the test releases it) still
+    completes; requests that arrive after shutdown began are answered NBD_ESHUTDOWN without
+    waiting for it (they come while it is still held); the client then disconnects and the
+    server exits 0.  NBD orders no replies: the two ESHUTDOWN ones are compared as a set."""
     from support_server import RawClient
     from cow import protocol as P
     disk = backing_factory(SIZE)
-    backing_log = tmp_path / "backing.log"
-    backing_uri = nbdkit("--filter=log", "--filter=delay", "file", disk, "rdelay=3",
-                         f"logfile={backing_log}")
-    with start_server(backing_uri, "-v", tmp_path=tmp_path) as (uri, proc):
+    back = held("file", disk)
+    with start_server(back.uri, "-v", tmp_path=tmp_path) as (uri, proc):
         with RawClient(proc.sock_path) as c:
             c.negotiate(structured=True)
+            back.hold()
             c.request(P.NBD_CMD_READ, 65536, 4096, cookie=1)
-            wait_for_text(backing_log, "Read id=")          # the READ is in flight
+            back.wait_for(r" Read id=\d+ offset=0x10000 ")   # the READ is in flight, held
             proc.send_signal(signal.SIGTERM)
             wait_for_text(proc.log_path, "shutting down")
             c.request(P.NBD_CMD_WRITE, 8192, 512, cookie=2, payload=b"\x77" * 512)
             c.request(P.NBD_CMD_FLUSH, cookie=3)
-            got = [c.reply() for _ in range(3)]
-            assert [(cookie, error) for cookie, error, _ in got] == [
-                (2, P.NBD_ESHUTDOWN), (3, P.NBD_ESHUTDOWN), (1, 0)]
-            assert got[2][2] == read_file(disk, 65536, 4096)
+            early = [c.reply() for _ in range(2)]            # the READ cannot answer yet
+            assert {(cookie, error) for cookie, error, _ in early} == {
+                (2, P.NBD_ESHUTDOWN), (3, P.NBD_ESHUTDOWN)}, early
+            assert back.pending(), "the backing read was not held"
+            back.release()
+            assert c.reply(4096) == (1, 0, read_file(disk, 65536, 4096))
             try:
                 c.request(P.NBD_CMD_DISC)
             except OSError:
