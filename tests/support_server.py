@@ -136,6 +136,24 @@ class RawClient:
         except socket.timeout:
             return False
 
+    def read_to_eof(self, timeout=20.0):
+        """Everything the server still sends, up to its close of the connection (EOF or a
+        reset), by which time it has finished with the connection; AssertionError if it does
+        not close within timeout."""
+        self.sock.settimeout(timeout)
+        out = bytearray()
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return bytes(out)
+                out += data
+        except (ConnectionResetError, BrokenPipeError):
+            return bytes(out)
+        except socket.timeout:
+            raise AssertionError(f"the server did not close the connection within {timeout} s "
+                                 f"({len(out)} bytes received)") from None
+
     # -- handshake
     def greeting(self, client_flags=P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES):
         magic, opt, flags = struct.unpack(">QQH", self.recv_exact(18))
