@@ -285,6 +285,26 @@ def test_nbd_backing_uses_read_workers(backing_factory, nbdkit, tmp_path):
     assert "READ offset=" in log and "WRITE offset=10 count=300" in log
 
 
+def test_raw_structured_read_over_holes(disk, server):
+    """A structured READ over the backing's holes comes as OFFSET_DATA and OFFSET_HOLE chunks
+    (a hole chunk is an offset and a length, no data); RawClient.reply puts them together by
+    offset into what the backing holds, as libnbd does."""
+    from support_server import RawClient
+    from cow import protocol as P
+    sock_path = server.split("socket=")[1]
+    offset, count = 65536 + 4096, 6 * 65536            # pieces 1..7: holes in 2 and 5
+    with RawClient(sock_path) as c:
+        c.negotiate(structured=True)
+        c.request(P.NBD_CMD_READ, offset, count, cookie=9)
+        assert c.reply(count, offset) == (9, 0, read_file(disk, offset, count))
+        kinds = [rtype for _, rtype, _ in c.chunks]
+        assert P.NBD_REPLY_TYPE_OFFSET_HOLE in kinds and P.NBD_REPLY_TYPE_OFFSET_DATA in kinds, \
+            kinds
+    h = connect(server)
+    assert h.pread(count, offset) == read_file(disk, offset, count)
+    h.shutdown()
+
+
 def test_disc_finishes_requests_in_flight(disk, server, tmp_path):
     """Writes sent right before NBD_CMD_DISC are all done and answered before the close."""
     from support_server import RawClient
