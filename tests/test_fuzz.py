@@ -429,7 +429,8 @@ def check_disk(got: bytes, before: bytes, writes) -> None:
     for k, (start, end, data, sure) in enumerate(writes):
         if sure and not any(s < end and start < e for j, (s, e, _, _) in enumerate(writes)
                             if j != k):
-            assert got[start:end] == data, f"a WRITE no server may refuse ({end - start} bytes at {start}) did not land"
+            assert got[start:end] == data, \
+                f"a WRITE no server may refuse ({end - start} bytes at {start}) did not land"
     if got == before:
         return
     step = 4096
