@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import wait_for_socket
 
 _counter = iter(range(1 << 30))
@@ -134,8 +136,6 @@ class HeldBacking:
             self.proc.kill()
             self.proc.wait()
 
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture
