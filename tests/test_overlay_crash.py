@@ -18,7 +18,6 @@ program order.  A sector may read:
 After a restart the sectors read become the new baseline (a SIGKILL loses no page cache, and the
 restarted server writes nothing until asked)."""
 
-import os
 import random
 import signal
 import struct
