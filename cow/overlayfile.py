@@ -587,13 +587,59 @@ def _initialise(fd: int, h: Header) -> None:
     os.fsync(fd)
 
 
+# A temporary file of a creation (create_at) this much older than now was left by one that
+# never finished (a crash or a power cut before it was put in place).
+STALE_TEMPORARY_S = 60.0
+
+
+def _temporary_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(re.escape(f".{name}.") + r"[0-9a-f]{12}\.new")
+
+
+def remove_stale_temporaries(dir_fd: int, name: str) -> list[str]:
+    """Remove the temporary files that creations of name cut short left in the folder dir_fd:
+    regular files of this user, older than STALE_TEMPORARY_S, whose lock nobody holds (a
+    creation in progress holds it).  No link is followed.  They hold no data: a creation
+    writes only the header and puts the file in place before anything else.  The names
+    removed."""
+    pattern = _temporary_pattern(name)
+    removed = []
+    try:
+        entries = [e for e in os.listdir(dir_fd) if pattern.fullmatch(e)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
+                    or time.time() - st.st_mtime < STALE_TEMPORARY_S:
+                continue
+            fd = os.open(entry, os.O_RDWR | os.O_NOFOLLOW | OPEN_FLAGS, dir_fd=dir_fd)
+        except OSError:
+            continue
+        try:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+                continue
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK))
+            os.unlink(entry, dir_fd=dir_fd)
+            removed.append(entry)
+        except OSError:
+            continue            # locked: a creation still at work; or gone meanwhile
+        finally:
+            os.close(fd)
+    return removed
+
+
 def create_at(dir_fd: int, name: str, h: Header) -> int:
     """Create the overlay name in the folder dir_fd, locked (exclusive), mode 0600, atomically:
     made under a temporary name beside it (O_EXCL, no link followed), synced, and put in place
     (put_in_place: a rename that fails with FileExistsError on anything already at name, a
     dangling symbolic link included), so no half-made file is ever seen there, nothing else is
     written, and a crash leaves the file with one name (a temporary .NAME.*.new, or name).
+    Temporary files of earlier creations of name that never finished are removed first.
     Returns its descriptor."""
+    remove_stale_temporaries(dir_fd, name)
     for _ in range(100):
         tmp = f".{name}.{os.urandom(6).hex()}.new"
         try:
