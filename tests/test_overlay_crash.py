@@ -101,7 +101,8 @@ class Client(threading.Thread):
             h = nbd.NBD()
             h.connect_uri(self.uri)
         except nbd.Error as e:
-            self.unexpected = f"connecting before the kill: {e}"
+            if not self.killed.is_set():
+                self.unexpected = f"connecting before the kill: {e}"
             self.ready.set()
             return
         try:

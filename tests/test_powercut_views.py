@@ -118,8 +118,9 @@ def test_power_cut_under_views_loses_nothing_flushed(fs, tmp_path):
                 armed = (None, rng.randint(1, 600))
             if armed:
                 fs.arm(armed[1], armed[0])
+            killed = threading.Event()     # errors are the test's failure until it is set
             clients = [Client(view_uri(proc, name), views[name].groups, views[name].model, ids,
-                              rng.random()) for name in chosen]
+                              rng.random(), killed) for name in chosen]
             for c in clients:
                 c.start()
             if armed:
@@ -129,6 +130,7 @@ def test_power_cut_under_views_loses_nothing_flushed(fs, tmp_path):
                     time.sleep(0.01)
             else:
                 time.sleep(rng.uniform(0.05, 0.6))
+            killed.set()
             proc.send_signal(signal.SIGKILL)
             mode = rng.choice(MODES)
             modes.append(mode)
