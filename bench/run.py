@@ -1,7 +1,7 @@
 """One command that measures cow against nbdkit and qemu on this machine, in one run.
 
-    .venv/bin/python bench/run.py             # defaults: about 10 minutes on 2 cores
-    .venv/bin/python bench/run.py --quick     # under 3 minutes
+    .venv/bin/python bench/run.py             # defaults: every section, 3 rounds
+    .venv/bin/python bench/run.py --quick     # 1 round, short runs, smaller disks
     .venv/bin/python bench/run.py --targets cow-server,nbdkit-cow --workloads randwrite-4k,remote
 
 Rounds are interleaved (every workload on every target, then the next round, with the target order
@@ -32,13 +32,15 @@ except ImportError:
     sys.exit("bench/run.py needs python3-libnbd: run it with the project's .venv/bin/python")
 
 import report
+import serial
 import targets as tg
 import workloads as wl
 from report import Metric, Results
 
 REPO = Path(__file__).resolve().parent.parent
 SCALING_JOBS = ("randwrite-4k", "seqread-1m")
-SECTIONS = ("pipeline", "remote", "scaling", "threads", "startup", "overlay", "views")
+SECTIONS = ("pipeline", "remote", "serial", "drop", "scaling", "threads", "startup", "overlay",
+            "views")
 WORKLOAD_ALIASES = {"seed": "remote"}  # the remote section grew out of the seed's experiment
 # The threads section: nbdkit's threads per connection (-t) for every nbdkit target, on small
 # random I/O, where a python plugin's per-request cost shows; then the shim and the C filter over
@@ -46,6 +48,20 @@ WORKLOAD_ALIASES = {"seed": "remote"}  # the remote section grew out of the seed
 THREAD_JOBS = ("randread-4k", "randwrite-4k")
 THREAD_TARGETS = ("cow-shim", "python-null", "nbdkit-cow")
 THREAD_NBD_TARGETS = ("cow-shim", "nbdkit-cow")
+# The startup section, cow.server only: (column, given --overlay FILE), in this order (the
+# existing overlay is the fresh one reopened).
+STARTUP_OVERLAYS = [("temporary", False), ("fresh", True), ("existing", True)]
+# The engine alone: seconds that Engine(BACKING, tmpdir=DIR[, overlay=FILE]) takes in-process.
+ENGINE_OPEN = """
+import sys, time
+from cow.engine import Engine
+backing, tmpdir, overlay = sys.argv[1:4]
+t0 = time.monotonic()
+engine = Engine(backing, tmpdir=tmpdir, overlay=overlay or None)
+t1 = time.monotonic()
+engine.close()
+print(t1 - t0)
+"""
 OVERLAY_CONFIGS = [  # (column, label): cow.server's temporary overlay against --overlay FILE
     ("temporary", "temporary overlay"),
     ("persistent", "--overlay FILE"),
@@ -113,7 +129,7 @@ def parse_args(argv):
                    help=f"targets to measure (default: all available): {', '.join(tg.BY_NAME)}")
     p.add_argument("--workloads", nargs="+", metavar="W",
                    help=f"workloads (default: all): {', '.join(all_workloads)}")
-    p.add_argument("--quick", action="store_true", help="1 round, short runs, smaller disks (<3 min)")
+    p.add_argument("--quick", action="store_true", help="1 round, short runs, smaller disks")
     p.add_argument("--rounds", type=int, help="rounds (default 3, quick 1)")
     p.add_argument("--size", help="backing size for fio and the pipeline (default 1G, quick 256M)")
     p.add_argument("--runtime", type=float, help="seconds per fio run (default 3, quick 1)")
@@ -137,6 +153,34 @@ def parse_args(argv):
                    help="remote section: size of the delayed backing (default 256M, quick 64M)")
     p.add_argument("--remote-delay-ms", "--seed-delay-ms", dest="remote_delay_ms", type=int,
                    help="remote section: delay per backing read, ms (default 2)")
+    p.add_argument("--serial-delays-ms", default="2,20",
+                   help="serial section: delays per backing read, ms (default 2,20)")
+    p.add_argument("--serial-sizes", default=None,
+                   help="serial section: nbdcopy's image size for each delay, in order (default "
+                   "256M,256M: below 256 MiB nbdcopy's 2 threads do not both get work; quick "
+                   "64M,16M)")
+    p.add_argument("--serial-qemu-sizes", default=None,
+                   help="serial section: qemu-img convert's image size for each delay (default "
+                   "64M,32M; quick 16M,4M)")
+    p.add_argument("--serial-rounds", type=int,
+                   help="serial section: rounds (default 1: latency bound, and the 20 ms rows are "
+                   "long)")
+    p.add_argument("--serial-kinds", default="file,http",
+                   help="serial section: backings, file (noparallel + delay filters over a file) "
+                   "and http (lighttpd + nbdkit curl; skipped without lighttpd) (default both)")
+    p.add_argument("--serial-cow-args", nargs="+", metavar="ARGS",
+                   help="serial and drop sections: more cow.server columns, each with these "
+                   "options, e.g. --serial-cow-args '--backing-connections 1' "
+                   "'--backing-connections 4' (each string one column, beside the defaults)")
+    p.add_argument("--serial-timeout", type=float, default=300,
+                   help="serial section: seconds before a copy counts as failed (default 300)")
+    p.add_argument("--drop-size", help="drop section: image size (default 256M, quick 32M)")
+    p.add_argument("--drop-delay-ms", type=int, default=20,
+                   help="drop section: delay per backing read, ms (default 20)")
+    p.add_argument("--drop-every", type=float, default=2.0,
+                   help="drop section: seconds between backing restarts (default 2)")
+    p.add_argument("--drop-timeout", type=float, default=60,
+                   help="drop section: seconds before a copy counts as unfinished (default 60)")
     p.add_argument("--startup-size", default="16T", help="sparse backing for start-up (default 16T)")
     p.add_argument("--flush-disk", help="overlay section: sparse disk the scattered writes go to "
                    "(default 16G, quick 1G)")
@@ -170,6 +214,18 @@ def parse_args(argv):
     a.remote_size = parse_size(a.remote_size or ("64M" if q else "256M"))
     a.remote_delay_ms = a.remote_delay_ms or 2
     a.startup_size = parse_size(a.startup_size)
+    a.serial_delays = [int(x) for x in split_list([a.serial_delays_ms])]
+    a.serial_sizes = [parse_size(x) for x in split_list([a.serial_sizes
+                                                         or ("64M,16M" if q else "256M,256M")])]
+    a.serial_qemu_sizes = [parse_size(x) for x in split_list([a.serial_qemu_sizes
+                                                              or ("16M,4M" if q else "64M,32M")])]
+    a.serial_rounds = a.serial_rounds or 1
+    if len(a.serial_sizes) == 1:
+        a.serial_sizes *= len(a.serial_delays)
+    if len(a.serial_qemu_sizes) == 1:
+        a.serial_qemu_sizes *= len(a.serial_delays)
+    a.serial_kinds = split_list([a.serial_kinds])
+    a.drop_size = parse_size(a.drop_size or ("32M" if q else "256M"))
     a.flush_disk = parse_size(a.flush_disk or ("1G" if q else "16G"))
     a.flush_bytes = parse_size(a.flush_bytes or ("32M" if q else "1G"))
     a.views_counts = [int(x) for x in split_list([a.views_counts
@@ -190,6 +246,16 @@ def parse_args(argv):
         p.error("--size must be a multiple of 4 KiB and at least 4M")
     if a.remote_size < wl.MiB or a.remote_size % (64 * wl.KiB):
         p.error("--remote-size must be a multiple of 64 KiB and at least 1M")
+    if len(a.serial_sizes) != len(a.serial_delays) or len(a.serial_qemu_sizes) != len(
+            a.serial_delays):
+        p.error("--serial-sizes and --serial-qemu-sizes need one size, or one for each of "
+                "--serial-delays-ms")
+    if any(x < wl.MiB or x % wl.MiB for x in a.serial_sizes + a.serial_qemu_sizes
+           + [a.drop_size]):
+        p.error("--serial-sizes, --serial-qemu-sizes and --drop-size must be whole MiB, at "
+                "least 1M")
+    if set(a.serial_kinds) - {"file", "http"} or not a.serial_kinds:
+        p.error("--serial-kinds: file, http or both")
     return a
 
 
@@ -304,6 +370,7 @@ class Bench:
         self.remote_multi_conn = {}  # (setting, column) -> what the server told nbdcopy
         self.t0 = time.monotonic()
         self.counter = 0
+        self.serial = serial.Serial(self)
 
     def log(self, msg):
         el = int(time.monotonic() - self.t0)
@@ -442,6 +509,50 @@ class Bench:
                      f"RSS {rss / 1024 if rss else 0:.1f} MiB")
         self.attempt("startup-s", target.name, go)
 
+    def startup_overlays_once(self, target):
+        """cow.server over the sparse backing with its temporary overlay, a fresh --overlay FILE
+        (made at start-up) and that same file reopened: time from spawning the server to the
+        first completed handshake and to the first 4 KiB read's reply, RSS after the read."""
+        folder = Path(self.sparse_backing).parent
+        ov = folder / f"cow-bench-startup-{os.getpid()}.cow"
+        ov.unlink(missing_ok=True)
+        try:
+            for column, opts in STARTUP_OVERLAYS:
+                def go(column=column, opts=opts):
+                    marks = {}
+                    extra = {"overlay": ov, "keep_overlay": True} if opts else {}
+                    with self.start(target, self.sparse_backing, env={"TMPDIR": str(folder)},
+                                    probe=read_probe(marks), **extra) as server:
+                        rss = server.rss_kib()
+                        hs = (marks["hs"] - server.t_spawn) * 1000
+                        rd = (marks["rd"] - server.t_spawn) * 1000
+                    self.results.add("startup-ov-hs", column, hs)
+                    self.results.add("startup-ov-read", column, rd)
+                    self.results.add("startup-ov-rss", column, rss / 1024 if rss else None)
+                    self.log(f"{'startup ' + column:<18} handshake {hs:.0f} ms, first read "
+                             f"{rd:.0f} ms, RSS {rss / 1024 if rss else 0:.1f} MiB")
+                if column == "fresh":
+                    ov.unlink(missing_ok=True)
+                self.attempt("startup-ov-hs", column, go)
+            # The engine alone, in a fresh interpreter: Engine(BACKING[, overlay=FILE]).
+            for column, given in STARTUP_OVERLAYS:
+                def engine(column=column, given=given):
+                    if column == "fresh":
+                        ov.unlink(missing_ok=True)
+                    r = subprocess.run([self.ctx.python, "-P", "-c", ENGINE_OPEN,
+                                        str(self.sparse_backing), str(folder),
+                                        str(ov) if given else ""],
+                                       capture_output=True, text=True, env=self.ctx.env,
+                                       cwd=self.workdir, timeout=120)
+                    if r.returncode != 0:
+                        raise RuntimeError(f"Engine() failed: {r.stderr.strip()[-300:]}")
+                    ms = float(r.stdout.strip()) * 1000
+                    self.results.add("startup-ov-engine", column, ms)
+                    self.log(f"{'startup engine':<18} {column:<10} Engine() {ms:.0f} ms")
+                self.attempt("startup-ov-engine", column, engine)
+        finally:
+            ov.unlink(missing_ok=True)
+
     def overlay_once(self, target, column, rnd):
         """The overlay section on one configuration: random 4 KiB writes (as randwrite-4k), then
         a timed FLUSH after scattered writes on 4 KiB blocks."""
@@ -559,6 +670,7 @@ class Bench:
                                                  self.a.remote_size)
         if "startup" in w:
             self.sparse_backing = self.make_huge_sparse()
+        self.serial.prepare()
 
     def make_huge_sparse(self):
         """A sparse file of --startup-size; ext4 stops just short of 16 TiB, tmpfs does not."""
@@ -590,6 +702,10 @@ class Bench:
                 k = rnd * len(remote_runs) // a.rounds
                 for st, c in remote_runs[k:] + remote_runs[:k]:
                     self.remote_once(st, c, by_name[c[1]] if c[1] else None)
+            if "serial" in w and rnd < a.serial_rounds:
+                self.serial.round(rnd)
+            if "drop" in w and rnd == 0:
+                self.serial.drop_all()
             if "scaling" in w:
                 for key in SCALING_JOBS:
                     for n in a.connections:
@@ -609,6 +725,8 @@ class Bench:
             if "startup" in w:
                 for t in order:
                     self.startup_once(t)
+                if "cow-server" in by_name:
+                    self.startup_overlays_once(by_name["cow-server"])
             if "overlay" in w and "cow-server" in by_name:
                 k = rnd % len(OVERLAY_CONFIGS)
                 for column, _ in OVERLAY_CONFIGS[k:] + OVERLAY_CONFIGS[:k]:
@@ -617,6 +735,10 @@ class Bench:
                 for n in a.views_counts:
                     self.views_once(by_name["cow-server"], n)
                 self.views_throughput_once(by_name["cow-server"])
+        if "serial" in w:
+            for rnd in range(a.rounds, a.serial_rounds):
+                self.log(f"serial round {rnd + 1}/{a.serial_rounds}")
+                self.serial.round(rnd)
 
 
 def render_views(bench):
@@ -665,6 +787,23 @@ def render_views(bench):
                f"first); RSS grows by no more than a view's bitmap plus a few KiB (RSS a view); "
                f"8 busy views within 20% of one view with the same load.\n")
     return "\n".join(out)
+
+
+def read_probe(marks):
+    """A readiness probe that also reads 4 KiB at offset 0; marks gets the moments (monotonic)
+    the handshake completed ("hs") and the read's reply came ("rd")."""
+    def probe(uri):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        t_hs = time.monotonic()
+        try:
+            h.pread(4096, 0)
+            marks.update(hs=t_hs, rd=time.monotonic())
+            return bool(h.can_multi_conn())
+        finally:
+            h.shutdown()
+            del h
+    return probe
 
 
 def per_gib(cpu0, cpu1, nbytes):
@@ -730,8 +869,9 @@ def render_remote(bench):
         r = remote_ratio(res, num, den, skey)
         out.append(f"| {text} | {f'{r:.2f}×' if r is not None else '—'} | "
                    f"{'—' if r is None else ('yes' if r >= least else '**no**')} |")
-    out.append("\nThe seed patch measured 3m51s with the global lock against 2m01s with "
-               "fine-grained locking (1.91×).")
+    out.append("\nNot measured here: the seed patch's own figure, quoted from it, was 3m51s "
+               "with the global lock against 2m01s with fine-grained locking (1.91×), on its "
+               "machine and backing.")
 
     out.append(f"\nCPU, medians per GiB copied: user + system seconds of the COW server (from "
                f"ready to the end of the copy, start-up not counted) / of the backing nbdkit / of "
@@ -849,6 +989,7 @@ def render(bench, meta, argv):
 
     if "remote" in w:
         out += render_remote(bench)
+    out += bench.serial.render()
 
     scaling_metrics = []
     if "scaling" in w:
@@ -902,6 +1043,29 @@ def render(bench, meta, argv):
         out.append(report.table(res, [Metric("startup-s", "start-up", "ms", False),
                                       Metric("startup-rss", "RSS after handshake", "MiB", False)],
                                 cols, labels, ref, first="measure"))
+        if any(res.count("startup-ov-hs", c) for c, _ in STARTUP_OVERLAYS):
+            out.append(f"\ncow.server over the same {human_size(a.startup_size)} backing (64 KiB "
+                       f"blocks: a {human_size(a.startup_size // 65536 * 2 // 8)} bitmap): its "
+                       f"temporary overlay; `--overlay FILE` where FILE does not exist yet (made "
+                       f"at start-up); and that FILE again, reopened. Time from spawning the "
+                       f"server to the first completed handshake and to the reply to a first "
+                       f"4 KiB read at offset 0 (one client, connecting as soon as the socket "
+                       f"is there), medians of {a.rounds} round(s); RSS after that read. "
+                       f"Engine(): the engine alone opening the backing and overlay, "
+                       f"`Engine(BACKING, tmpdir=DIR[, overlay=FILE])` timed inside a fresh "
+                       f"interpreter (no interpreter start, imports or sockets).\n")
+            out.append("| overlay | to first handshake (ms) | to first read (ms) | RSS (MiB) | "
+                       "Engine() alone (ms) |")
+            out.append("|---|---|---|---|---|")
+            names = {"temporary": "temporary (no --overlay)",
+                     "fresh": "--overlay FILE, fresh (made)",
+                     "existing": "--overlay FILE, existing (reopened)"}
+            for column, _ in STARTUP_OVERLAYS:
+                out.append(f"| {names[column]} | "
+                           + " | ".join(report.fmt_value(res.median(k, column), u) for k, u in
+                                        (("startup-ov-hs", "ms"), ("startup-ov-read", "ms"),
+                                         ("startup-ov-rss", "MiB"), ("startup-ov-engine", "ms")))
+                           + " |")
         out.append("")
 
     if "overlay" in w and any(res.count("overlay-randwrite-4k", c) for c, _ in OVERLAY_CONFIGS):
@@ -934,7 +1098,8 @@ def render(bench, meta, argv):
 
     out.append("## Notes\n")
     mc = ", ".join(f"{c}: {'yes' if bench.multi_conn[c] else 'no'}" for c in cols if c in bench.multi_conn)
-    out.append(f"- Multi-conn advertised (nbdcopy uses one connection without it): {mc}")
+    if mc:
+        out.append(f"- Multi-conn advertised (nbdcopy uses one connection without it): {mc}")
     if getattr(bench, "skipped", None):
         for name, why in bench.skipped:
             out.append(f"- Skipped {name}: {why}")
@@ -991,6 +1156,7 @@ def main(argv=None):
         bench.prepare()
         bench.run()
     finally:
+        bench.serial.stop()
         tg.kill_started()
         sparse = getattr(bench, "sparse_backing", None)
         if sparse is not None:
@@ -1011,7 +1177,8 @@ def main(argv=None):
     shutil.copyfile(md, out_dir / "latest.md")
     raw = {"meta": meta, "argv": argv, **bench.results.to_json(),
            "peak_rss_mib": bench.mem.to_json()["values"],
-           "cpu_s_per_gib": bench.cpu.to_json()["values"], "multi_conn": bench.multi_conn}
+           "cpu_s_per_gib": bench.cpu.to_json()["values"], "multi_conn": bench.multi_conn,
+           "drop": bench.serial.drop}
     (out_dir / f"{stamp}.json").write_text(json.dumps(raw, indent=1))
     shutil.copyfile(out_dir / f"{stamp}.json", out_dir / "latest.json")
     if not a.no_chart:

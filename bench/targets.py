@@ -1,7 +1,11 @@
 """The servers under test: how to start each one over a backing, and how to stop it.
 
 Every target serves one export on a Unix socket. A backing is either a file path or an NBD URI
-(the remote section's delayed backing); a target that cannot take an NBD backing says so.
+(the remote section's delayed backing); a target that cannot take an NBD backing says so. The
+serial section also gives an nbdkit stack as a list (filters, plugin and parameters, e.g.
+`["--filter=delay", "curl", URL, "rdelay=2ms"]`): cow.server runs it as a command backing
+(`-- nbdkit STACK`), nbdkit's cow filter goes on top of it in one process (`nbdkit --filter=cow
+STACK`), and StackBacking serves it alone.
 The three COW targets over an NBD backing also take nbdkit's cow settings: cow_block_size="4K",
 cow_on_read="true" (virt-v2v's setting).
 """
@@ -163,14 +167,18 @@ class Target:
         log = workdir / f"{self.name}-{tag}.log"
         sock.unlink(missing_ok=True)
         cleanup = []
-        cmd = self.command(ctx, str(backing), str(sock), workdir, cleanup, **opts)
+        probe = opts.pop("probe", None)
+        backing = list(backing) if isinstance(backing, (list, tuple)) else str(backing)
+        cmd = self.command(ctx, backing, str(sock), workdir, cleanup, **opts)
         t_spawn = time.monotonic()
         with open(log, "wb") as logf:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
                                     cwd=workdir, env={**ctx.env, **(env or {})})
         _STARTED[proc.pid] = proc
         server = Server(self, proc, sock, log, cleanup)
-        probe = nbd_list if opts.get("overlay_dir") else nbd_handshake_multi_conn
+        server.t_spawn = t_spawn
+        if probe is None:
+            probe = nbd_list if opts.get("overlay_dir") else nbd_handshake_multi_conn
         try:
             server.multi_conn = wait_ready(server, timeout, probe)
         except BaseException:
@@ -257,8 +265,10 @@ class CowServer(Target):
         return None
 
     def command(self, ctx, backing, sock, workdir, cleanup, lock_mode=None, overlay=None,
-                cow_block_size=None, cow_on_read=None, overlay_dir=None, **opts):
-        cmd = [ctx.python, "-P", "-m", "cow.server", "-U", sock]
+                cow_block_size=None, cow_on_read=None, overlay_dir=None, keep_overlay=False,
+                extra_args=(), **opts):
+        # extra_args: more options as a user gives them (the serial section's variants).
+        cmd = [ctx.python, "-P", "-m", "cow.server", "-U", sock, *extra_args]
         if overlay_dir:
             # The caller makes and removes it; up to 1000 views are measured: no cap.
             cmd += ["--overlay-dir", str(overlay_dir), "--max-exports", "0"]
@@ -269,10 +279,15 @@ class CowServer(Target):
         if cow_on_read:
             cmd += ["--cow-on-read", cow_on_read]
         if overlay:
-            # A fresh overlay file for every run, removed after it.
-            Path(overlay).unlink(missing_ok=True)
+            # A fresh overlay file for every run, removed after it; keep_overlay: the file is
+            # the caller's (made fresh or reopened), and the caller removes it.
+            if not keep_overlay:
+                Path(overlay).unlink(missing_ok=True)
+                cleanup.append(overlay)
             cmd += ["--overlay", str(overlay)]
-            cleanup.append(overlay)
+        if isinstance(backing, list):
+            # An nbdkit stack: a command backing, started by cow.server on socket activation.
+            return cmd + ["--", "nbdkit", *backing]
         return cmd + [backing]
 
 
@@ -330,13 +345,17 @@ class NbdkitCow(Target):
     label = "nbdkit cow filter (C)"
     nbd_backing = True
 
-    def command(self, ctx, backing, sock, workdir, cleanup, threads=None, **opts):
+    def command(self, ctx, backing, sock, workdir, cleanup, threads=None, retry=False, **opts):
         # nbdkit's default threads (16) unless told; the filter's parameters after the plugin's.
-        if "://" in backing:
+        # retry: nbdkit's retry filter under the cow filter, reopening the plugin on an error.
+        if isinstance(backing, list):
+            plugin = backing  # an nbdkit stack: the cow filter on top, in the same process
+        elif "://" in backing:
             plugin = nbd_plugin_args(backing)
         else:
             plugin = ["file", backing]
-        return nbdkit_base(sock, threads) + ["--filter=cow"] + plugin + cow_params(opts)
+        filters = ["--filter=cow"] + (["--filter=retry"] if retry else [])
+        return nbdkit_base(sock, threads) + filters + plugin + cow_params(opts)
 
 
 class QemuNbd(Target):
@@ -381,6 +400,87 @@ class DelayedBacking(Target):
             return nbdkit_base(sock) + ["--filter=delay", "file", backing, f"rdelay={delay_ms}ms"]
         return nbdkit_base(sock) + ["--filter=multi-conn", "--filter=delay", "file", backing,
                                     f"rdelay={delay_ms}ms", "multi-conn-mode=disable"]
+
+
+def serial_stack(image, delay_ms):
+    """nbdkit arguments for a remote disk as Debian 12's curl plugin (nbdkit 1.32) serves one: a
+    request at a time per connection, no multi-conn, no extents, each read delayed. Without
+    --filter=noextents nbdkit's cow filter passes on the file's one data extent and qemu-img reads
+    2 MiB at a time through it; over the curl plugin (no extents) the filter answers block status
+    a 64 KiB block at a time and qemu-img reads 64 KiB one after another."""
+    return ["--filter=noparallel", "--filter=multi-conn", "--filter=noextents", "--filter=delay",
+            "file", str(image), "serialize=requests", "multi-conn-mode=disable",
+            f"rdelay={delay_ms}ms"]
+
+
+def http_stack(url, delay_ms):
+    """nbdkit arguments for the real thing: the curl plugin (thread model serialize_requests, no
+    multi-conn in nbdkit 1.32) over HTTP range requests, each read delayed."""
+    return ["--filter=delay", "curl", url, f"rdelay={delay_ms}ms"]
+
+
+class StackBacking(Target):
+    """Not a target: `nbdkit -U SOCK STACK` alone, a backing to copy straight from or to put a
+    COW server over by its URI."""
+
+    name = "stack-backing"
+
+    def command(self, ctx, backing, sock, workdir, cleanup, **opts):
+        return nbdkit_base(sock) + list(backing)
+
+
+class HttpServer:
+    """lighttpd serving one folder on 127.0.0.1 (range requests, as any static file server)."""
+
+    def __init__(self, folder, workdir, tag):
+        self.folder = Path(folder)
+        self.conf = Path(workdir) / f"lighttpd-{tag}.conf"
+        self.log = Path(workdir) / f"lighttpd-{tag}.log"
+        self.proc = None
+        self.port = None
+
+    @staticmethod
+    def available():
+        import shutil
+        if shutil.which("lighttpd", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")):
+            return None
+        return "lighttpd is not installed (apt-get install -y lighttpd)"
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+    def start(self, timeout=30.0):
+        import socket
+        import shutil
+        exe = shutil.which("lighttpd", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", ""))
+        for _ in range(5):
+            with socket.socket() as s:  # a free port (closed again: retried if taken meanwhile)
+                s.bind(("127.0.0.1", 0))
+                self.port = s.getsockname()[1]
+            self.conf.write_text(
+                f'server.document-root = "{self.folder}"\n'
+                f'server.bind = "127.0.0.1"\n'
+                f'server.port = {self.port}\n'
+                f'server.errorlog = "{self.log}"\n'
+                f'mimetype.assign = ("" => "application/octet-stream")\n')
+            with open(self.log, "ab") as logf:
+                self.proc = subprocess.Popen([exe, "-D", "-f", str(self.conf)],
+                                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+            _STARTED[self.proc.pid] = self.proc
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                    return self
+                except OSError:
+                    time.sleep(0.02)
+            self.stop()
+        raise RuntimeError("lighttpd did not start:\n" + log_tail(self.log))
+
+    def stop(self):
+        if self.proc is not None:
+            _stop_proc(self.proc)
+            self.proc = None
 
 
 ALL_TARGETS = [CowServer(), CowShim(), PythonNull(), NbdkitCow(), QemuNbd(), NbdkitFile()]

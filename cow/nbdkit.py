@@ -60,14 +60,14 @@ def parse_arguments(argv):
     """(nbdkit options, plugin parameters, names of the nbdkit options given: "threads", "t"...)."""
     options, params, names = [], [], set()
     backing = None
+    words = len(argv)       # from "--" on: the backing and parameters, never an option
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
-        if arg == "--":
-            params.extend(argv[i:])
-            break
-        if arg.startswith("--") and len(arg) > 2:
+        if arg == "--" and words == len(argv):
+            words = i
+        elif i <= words and arg.startswith("--") and len(arg) > 2:
             options.append(arg)
             name = arg[2:].split("=", 1)[0]
             names.add(name)
@@ -76,7 +76,7 @@ def parse_arguments(argv):
                     raise UsageError(f"option {arg} needs a value")
                 options.append(argv[i])
                 i += 1
-        elif arg.startswith("-") and len(arg) > 1:
+        elif i <= words and arg.startswith("-") and len(arg) > 1:
             options.append(arg)
             # A cluster such as -fv or -fU SOCKET: a letter taking a value ends the cluster.
             for j, letter in enumerate(arg[1:], start=1):
@@ -94,6 +94,11 @@ def parse_arguments(argv):
             backing = arg
         elif "://" not in arg and _PARAM.match(arg):
             params.append(arg)  # a key=value parameter for the plugin
+        elif backing is not None and i > words:
+            # cow.server's `-- COMMAND ARGS...`: the shim starts no backing command.
+            raise UsageError(f"a backing command ({' '.join(argv[words:])}) is not taken here: "
+                             f"serve it with python -m cow.server -- COMMAND, or run it yourself "
+                             f"and give its NBD URI as BACKING")
         else:
             if backing is not None:
                 raise UsageError(f"more than one backing: {backing} and {arg}")

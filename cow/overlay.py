@@ -127,6 +127,12 @@ def _refuse_interrupted_commit(path: str, h: F.Header) -> None:
                         f"{F.commit_command(path)}")
 
 
+def _refuse_interrupted_reset(path: str, h: F.Header) -> None:
+    if h.resetting:
+        raise ToolError(f"{path}: a reset was interrupted (some changes are discarded, some "
+                        f"not); finish it with: {F.reset_command(path)}")
+
+
 def _runs(fd: int, h: F.Header):
     bits = F.read_bitmap(fd, h)
     F.bitmap_counts(bits, h.backing and "overlay")  # refuse a corrupt bitmap before acting on it
@@ -187,6 +193,7 @@ def info(path: str) -> dict:
         "data_offset": h.data_offset,
         "created_ns": h.created_ns,
         "commit_interrupted": h.committing,
+        "reset_interrupted": h.resetting,
     }
 
 
@@ -219,6 +226,9 @@ def _print_info(d: dict) -> None:
     if d["commit_interrupted"]:
         rows.append(("state", f"a commit was interrupted: finish it with "
                               f"{F.commit_command(d['file'])}"))
+    if d["reset_interrupted"]:
+        rows.append(("state", f"a reset was interrupted: finish it with "
+                              f"{F.reset_command(d['file'])}"))
     print(f"{d['file']}: cow overlay, format version {d['format_version']}")
     for k, v in rows:
         print(f"  {k + ':':12} {v}")
@@ -235,6 +245,7 @@ def export(path: str, out: str, backing_changed: str = "refuse", progress: bool 
     fd, h = F.open_locked(path, exclusive=False)
     try:
         _refuse_interrupted_commit(path, h)
+        _refuse_interrupted_reset(path, h)
         if h.backing_kind == F.KIND_COMMAND:
             # A qcow2's backing is a file or a URI that qemu opens itself: it cannot start a
             # command.  A self-contained copy of the view is one qemu-img convert away.
@@ -461,6 +472,7 @@ def commit(path: str, into: str, backing_changed: str = "refuse",
             raise ToolError(f"{path}: commit writes into a file or block device backing; this "
                             f"overlay's backing is {h.kind_name} {F.shown(h.backing)} (use "
                             f"export instead)")
+        _refuse_interrupted_reset(path, h)
         runs = _runs(fd, h)
         bfd = _open_target(path, into)
         try:
@@ -515,7 +527,11 @@ def reset(path: str) -> dict:
                                "backing_dev": ident.file_id[0], "backing_ino": ident.file_id[1]}
             except OSError:
                 pass
-        _empty(fd, h, **changes)
+        # Marked first, as a commit is: the bitmap may span many sectors, and a crash while it
+        # is zeroed may keep any of them, so until _empty has synced it the header says so.
+        h.flags |= F.FLAG_RESETTING
+        F.write_header(fd, h)
+        _empty(fd, h, flags=h.flags & ~F.FLAG_RESETTING, **changes)
     finally:
         os.close(fd)
     return {"discarded_blocks": alloc, "discarded_trims": trimmed}
@@ -534,6 +550,7 @@ def fork(path: str, new: str) -> dict:
                                         dir=folder)
         except OSError as e:    # (its message would name the temporary file, not NEW)
             raise ToolError(f"{new}: cannot create it: {e.strerror}") from None
+        placed = False
         try:
             try:
                 fcntl.ioctl(tfd, FICLONE, fd)
@@ -541,12 +558,14 @@ def fork(path: str, new: str) -> dict:
             except OSError:
                 how, copied = "sparse copy", _sparse_copy(fd, tfd)
             os.fsync(tfd)
-            os.link(tmp, new)
+            F.put_in_place(tmp, new)    # one name at any moment: NEW may be a view's file
+            placed = True
         except FileExistsError:
             raise ToolError(f"{new}: already exists; remove it or choose another name") from None
         finally:
             os.close(tfd)
-            os.unlink(tmp)
+            if not placed:
+                os.unlink(tmp)
         F.fsync_dir(new)
     finally:
         os.close(fd)
@@ -658,6 +677,19 @@ def _after_interrupt(args) -> str:
         if os.path.lexists(args.out):   # (an existing OUT is refused before any work)
             return f"; remove the incomplete {args.out} and run the export again"
         return f"; {args.out} was not made (run the export again)"
+    if args.command == "reset":
+        try:
+            fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            try:
+                resetting = F.read_header(fd, args.file).resetting
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            return ""
+        if resetting:
+            return (f"; {args.file} is partly reset and says so: run the same command again "
+                    f"to finish the reset")
+        return ""
     if args.command != "commit":
         return ""
     try:

@@ -18,7 +18,8 @@ A header slot (offsets within the slot):
 
     0   8   magic b"COW-OVL\\n"
     8   4   format version (2; version 1 is read too)
-    12  4   flags: 1 = a commit into the backing was started and has not finished
+    12  4   flags: 1 = a commit into the backing was started and has not finished;
+                   2 = a reset was started and has not finished
     16  8   sequence number of this slot
     24  8   disk size in bytes
     32  4   block size in bytes (a power of two, 4 KiB to 4 MiB)
@@ -72,7 +73,8 @@ SLOT_SIZE = 2048
 PAGE = 4096
 BITMAP_OFFSET = HEADER_SIZE
 FLAG_COMMITTING = 1
-KNOWN_FLAGS = FLAG_COMMITTING
+FLAG_RESETTING = 2
+KNOWN_FLAGS = FLAG_COMMITTING | FLAG_RESETTING
 
 KIND_FILE = 1
 KIND_BLOCK_DEVICE = 2
@@ -149,6 +151,10 @@ class Header:
     @property
     def committing(self) -> bool:
         return bool(self.flags & FLAG_COMMITTING)
+
+    @property
+    def resetting(self) -> bool:
+        return bool(self.flags & FLAG_RESETTING)
 
     @property
     def file_id(self) -> tuple[int, int] | None:
@@ -542,18 +548,98 @@ def fsync_dir(path: str) -> None:
         os.close(dfd)
 
 
+AT_FDCWD = -100
+RENAME_NOREPLACE = 1
+_renameat2 = None
+
+
+def put_in_place(tmp: str, name: str, dir_fd: int = AT_FDCWD) -> None:
+    """Give the file at tmp the name name instead, in one step, never replacing anything at name
+    (FileExistsError, a dangling symbolic link included; no link is followed): renameat2 with
+    RENAME_NOREPLACE.  A crash at any moment leaves tmp or name, one name for the file.  Where the
+    file system has no RENAME_NOREPLACE: linkat then unlink, which a crash in between leaves with
+    both names (a view's file with two links is not served, so its leftover temporary name must
+    then be removed by hand)."""
+    global _renameat2
+    if _renameat2 is None:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        f = getattr(libc, "renameat2", None)
+        if f is not None:
+            f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+        _renameat2 = (f, ctypes)
+    f, ctypes = _renameat2
+    if f is not None:
+        if f(dir_fd, os.fsencode(tmp), dir_fd, os.fsencode(name), RENAME_NOREPLACE) == 0:
+            return
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise OSError(e, os.strerror(e), name)
+    os.link(tmp, name, src_dir_fd=None if dir_fd == AT_FDCWD else dir_fd,
+            dst_dir_fd=None if dir_fd == AT_FDCWD else dir_fd, follow_symlinks=False)
+    os.unlink(tmp, dir_fd=None if dir_fd == AT_FDCWD else dir_fd)
+
+
 def _initialise(fd: int, h: Header) -> None:
     os.pwrite(fd, h.pack(), 0)
     os.ftruncate(fd, h.data_offset)   # the bitmap area exists (all zeroes: nothing allocated)
     os.fsync(fd)
 
 
+# A temporary file of a creation (create_at) this much older than now was left by one that
+# never finished (a crash or a power cut before it was put in place).
+STALE_TEMPORARY_S = 60.0
+
+
+def _temporary_pattern(name: str) -> re.Pattern[str]:
+    return re.compile(re.escape(f".{name}.") + r"[0-9a-f]{12}\.new")
+
+
+def remove_stale_temporaries(dir_fd: int, name: str) -> list[str]:
+    """Remove the temporary files that creations of name cut short left in the folder dir_fd:
+    regular files of this user, older than STALE_TEMPORARY_S, whose lock nobody holds (a
+    creation in progress holds it).  No link is followed.  They hold no data: a creation
+    writes only the header and puts the file in place before anything else.  The names
+    removed."""
+    pattern = _temporary_pattern(name)
+    removed = []
+    try:
+        entries = [e for e in os.listdir(dir_fd) if pattern.fullmatch(e)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            st = os.stat(entry, dir_fd=dir_fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
+                    or time.time() - st.st_mtime < STALE_TEMPORARY_S:
+                continue
+            fd = os.open(entry, os.O_RDWR | os.O_NOFOLLOW | OPEN_FLAGS, dir_fd=dir_fd)
+        except OSError:
+            continue
+        try:
+            opened = os.fstat(fd)
+            if (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino):
+                continue
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK))
+            os.unlink(entry, dir_fd=dir_fd)
+            removed.append(entry)
+        except OSError:
+            continue            # locked: a creation still at work; or gone meanwhile
+        finally:
+            os.close(fd)
+    return removed
+
+
 def create_at(dir_fd: int, name: str, h: Header) -> int:
     """Create the overlay name in the folder dir_fd, locked (exclusive), mode 0600, atomically:
-    made under a temporary name beside it (O_EXCL, no link followed) and linked into place with
-    linkat, which fails with FileExistsError on anything already at name (a dangling symbolic
-    link included), so no half-made file is ever seen there and nothing else is written.
+    made under a temporary name beside it (O_EXCL, no link followed), synced, and put in place
+    (put_in_place: a rename that fails with FileExistsError on anything already at name, a
+    dangling symbolic link included), so no half-made file is ever seen there, nothing else is
+    written, and a crash leaves the file with one name (a temporary .NAME.*.new, or name).
+    Temporary files of earlier creations of name that never finished are removed first.
     Returns its descriptor."""
+    remove_stale_temporaries(dir_fd, name)
     for _ in range(100):
         tmp = f".{name}.{os.urandom(6).hex()}.new"
         try:
@@ -568,15 +654,14 @@ def create_at(dir_fd: int, name: str, h: Header) -> int:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         lock(fd, tmp, exclusive=True)
         _initialise(fd, h)
-        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        put_in_place(tmp, name, dir_fd)
     except BaseException:
         os.close(fd)
-        raise
-    finally:
         try:
             os.unlink(tmp, dir_fd=dir_fd)
         except OSError:
             pass
+        raise
     os.fsync(dir_fd)
     return fd
 
@@ -842,6 +927,9 @@ def _check_against(path, h: Header, backing, block_size, readonly, backing_chang
     if h.committing:
         raise OverlayError(f"{path}: a commit into the backing was interrupted; finish it with: "
                            f"{commit_command(path)}")
+    if h.resetting:
+        raise OverlayError(f"{path}: a reset was interrupted; finish it with: "
+                           f"{reset_command(path)}")
     if block_size is not None and block_size != h.block_size:
         raise OverlayError(f"{path}: the overlay's block size is {h.block_size}, not {block_size} "
                            f"(omit --cow-block-size to use the overlay's)")
@@ -877,6 +965,11 @@ def commit_command(path: str) -> str:
     placeholder the operator fills in, never the name the header records (a header is no
     authority on which file to write)."""
     return f"python -m cow.overlay commit {shown(shlex.quote(path))} --into BACKING --yes"
+
+
+def reset_command(path: str) -> str:
+    """The command that finishes an interrupted reset of the overlay at path."""
+    return f"python -m cow.overlay reset {shown(shlex.quote(path))} --yes"
 
 
 # -- the bitmap, for the tools -------------------------------------------------------------------

@@ -277,7 +277,31 @@ class ViewSet:
                                           f"server's log)")
         if isinstance(e, overlayfile.OverlayRefused):
             return ViewError(UNAVAILABLE, f"view {name} is not available (see the server's log)")
+        change = self._backing_change(name)
+        if change:      # (the error names the golden image's path: the client gets the reason)
+            return ViewError(UNAVAILABLE, f"view {name}: the golden image changed since the view "
+                                          f"recorded it ({change}; see the server's log)")
         return ViewError(UNAVAILABLE, _client_line(name, str(e), self.path(name)))
+
+    def _backing_change(self, name: str) -> str | None:
+        """What changed in the golden image since name's file recorded it, in words that name
+        no path; None if nothing did, or if the file cannot tell."""
+        path = self.path(name)
+        try:
+            fd = overlayfile.open_at(self._dir_fd, name + SUFFIX, path, readonly=True)
+        except (OSError, overlayfile.OverlayError):
+            return None
+        try:
+            h = overlayfile.read_header(fd, path)
+            kind, _, size, mtime_ns = overlayfile.backing_identity(self.backing)
+            fid = overlayfile.backing_file_id(self.backing)
+        except (OSError, overlayfile.OverlayError):
+            return None
+        finally:
+            os.close(fd)
+        if h.committing:
+            return None
+        return overlayfile.identity_change(h, kind, size, mtime_ns, fid)
 
     def _scan(self) -> dict[str, os.stat_result]:
         """The views in directory, by name: DIR/NAME.cow with a valid NAME, and a file this

@@ -16,14 +16,15 @@ to one of its possible values, as a disk with a volatile cache may have left it:
 Carried, with the model above: write (pwrite, and writes that reach FUSE through splice: the
 kernel turns them into ordinary WRITEs), truncate, fallocate (a punched hole is a write of
 zeroes, unsynced until fsync), fsync and fdatasync (both make the file's data and size durable).
-Treated as durable at once: creating, linking, renaming and unlinking names, and directory
-fsync.  Locks: no lock handler, so the kernel keeps POSIX and OFD locks itself, per kernel
-inode.  libfuse's high-level API gives each name its own kernel inode, so a lock taken through
-one hard link does not conflict with an open of another name of the same file (opens of one
-name do conflict).  A file unlinked while open is renamed
+Treated as durable at once: creating, linking, renaming (with renameat2's flags, such as
+RENAME_NOREPLACE) and unlinking names, and directory fsync; arm(n, "name") can freeze a link,
+unlink or rename as it can a write or a sync.  Locks: no lock handler, so the kernel keeps
+POSIX and OFD locks itself, per kernel inode.  libfuse's high-level API gives each name its own
+kernel inode, so a lock taken through one hard link does not conflict with an open of another
+name of the same file (opens of one name do conflict).  A file unlinked while open is renamed
 to .fuse_hidden* in the real folder until closed (libfuse's way).  Every file is opened with
-direct_io: the kernel keeps no page cache of its
-own for it, so what a reader sees after a cut is what the cut left.
+direct_io: the kernel keeps no page cache of its own for it, so what a reader sees after a cut
+is what the cut left.
 
 The cut can also come at an exact moment: arm(n) freezes the n-th change or sync from then on,
 before it takes effect, until the cut (which loses it).  From a cut until power_on(), every
@@ -72,7 +73,8 @@ class State:
     def _enter(self, kind):
         """Under the lock, before a change or a sync (kind): EIO once the power is off; the
         armed one freezes until the cut, then fails."""
-        if not self.off and self.freeze_in > 0 and self.freeze_kind in (None, kind):
+        counted = self.freeze_kind == kind or (self.freeze_kind is None and kind != "name")
+        if not self.off and self.freeze_in > 0 and counted:
             self.freeze_in -= 1
             if self.freeze_in == 0:
                 self.frozen = True
@@ -117,6 +119,13 @@ class State:
             if size_after != d.sizes[-1]:
                 d.sizes.append(size_after)
             return result
+
+    def name(self, op):
+        """Run op(), a change of names (link, unlink, rename): durable at once, but it can be
+        frozen (arm(n, "name")) or fail once the power is off."""
+        with self.lock:
+            self._enter("name")
+            return op()
 
     def sync(self, fd):
         st = os.fstat(fd)
@@ -234,13 +243,13 @@ def make_operations(root, state):
             os.rmdir(real(path))
 
         def unlink(self, path):
-            os.unlink(real(path))
+            state.name(lambda: os.unlink(real(path)))
 
-        def rename(self, old, new):
-            os.rename(real(old), real(new))
+        def rename(self, old, new, flags=0):
+            state.name(lambda: _rename(real(old), real(new), flags))
 
         def link(self, target, source):
-            os.link(real(source), real(target))
+            state.name(lambda: os.link(real(source), real(target)))
 
         def symlink(self, target, source):
             os.symlink(source, real(target))
@@ -327,6 +336,18 @@ def _flags(flags):
     return flags
 
 
+def _rename(old, new, flags):
+    """rename, or renameat2 with its flags (RENAME_NOREPLACE...), as the caller asked."""
+    if not flags:
+        return os.rename(old, new)
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, old.encode(), -100, new.encode(), ctypes.c_uint(flags)) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return None
+
+
 def _punch(fd, offset, count):
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
@@ -341,7 +362,14 @@ def main(argv):
     root, mount, control = argv
     state = State()
     threading.Thread(target=serve_control, args=(state, control), daemon=True).start()
-    fuse.FUSE(make_operations(os.path.abspath(root), state), mount, raw_fi=True,
+
+    class FUSE(fuse.FUSE):
+        def rename_fuse_3(self, old, new, flags):
+            # mfusepy drops the flags: a RENAME_NOREPLACE would replace what is at new.
+            return self.operations.rename(old.decode(self.encoding, self.errors),
+                                          new.decode(self.encoding, self.errors), flags)
+
+    FUSE(make_operations(os.path.abspath(root), state), mount, raw_fi=True,
               foreground=True, use_ino=True, attr_timeout=0,
               entry_timeout=0, negative_timeout=0, fsname="powercut")
 
@@ -394,7 +422,8 @@ class PowerCutFS:
     def arm(self, n, kind=None):
         """Freeze the n-th change or sync from now (write, truncate, punch; fsync, fdatasync)
         before it takes effect, until the cut, which loses it: a cut at an exact moment.
-        kind "change" or "sync" counts only those.  stats() says "frozen" once it waits."""
+        kind "change" or "sync" counts only those (None: both); "name" counts only links,
+        unlinks and renames.  stats() says "frozen" once it waits."""
         return self._ask({"arm": n, "kind": kind})
 
     def stats(self):

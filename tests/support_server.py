@@ -101,6 +101,7 @@ class RawClient:
             self.sock.settimeout(timeout)
             self.sock.connect(str(address))
         self.structured = False
+        self.chunks = []            # the last structured reply's (flags, type, payload)
 
     def close(self):
         self.sock.close()
@@ -135,6 +136,24 @@ class RawClient:
             return True
         except socket.timeout:
             return False
+
+    def read_to_eof(self, timeout=20.0):
+        """Everything the server still sends, up to its close of the connection (EOF or a
+        reset), by which time it has finished with the connection; AssertionError if it does
+        not close within timeout."""
+        self.sock.settimeout(timeout)
+        out = bytearray()
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return bytes(out)
+                out += data
+        except (ConnectionResetError, BrokenPipeError):
+            return bytes(out)
+        except socket.timeout:
+            raise AssertionError(f"the server did not close the connection within {timeout} s "
+                                 f"({len(out)} bytes received)") from None
 
     # -- handshake
     def greeting(self, client_flags=P.NBD_FLAG_C_FIXED_NEWSTYLE | P.NBD_FLAG_C_NO_ZEROES):
@@ -176,26 +195,63 @@ class RawClient:
     def request(self, cmd, offset=0, count=0, *, flags=0, cookie=1, payload=b""):
         self.send(P.pack_request(cmd, offset, count, flags=flags, cookie=cookie) + payload)
 
-    def reply(self, read_count=0):
-        """Read one whole reply; return (cookie, error, data) (data: READ payload or the
-        structured chunks' payloads joined)."""
+    def reply(self, read_count=0, read_offset=None):
+        """Read one whole reply; return (cookie, error, data).
+
+        Simple reply: data is the READ payload (read_count bytes, if no error).  Structured
+        reply: every chunk up to NBD_REPLY_FLAG_DONE, each parsed as doc/proto.md lays it out
+        (also kept in ``self.chunks`` as (flags, type, payload)): OFFSET_DATA is an offset and
+        data, OFFSET_HOLE an offset and a length of zeroes (no data), ERROR and ERROR_OFFSET an
+        error, a message and (ERROR_OFFSET) an offset, BLOCK_STATUS's payload is passed on
+        as it is.  The read data is put together by offset: the pieces must neither overlap
+        nor leave a gap, and (no error) cover read_count bytes from read_offset (if given)."""
         (magic,) = struct.unpack(">I", self.recv_exact(4))
+        self.chunks = []
         if magic == P.NBD_SIMPLE_REPLY_MAGIC:
             error, cookie = struct.unpack(">IQ", self.recv_exact(12))
             data = self.recv_exact(read_count) if read_count and not error else b""
             return cookie, error, data
         assert magic == P.NBD_STRUCTURED_REPLY_MAGIC, hex(magic)
-        error, data = 0, b""
+        error, pieces, other = 0, [], b""
+        cookies = set()
         while True:
             flags, rtype, cookie, length = struct.unpack(">HHQI", self.recv_exact(16))
             payload = self.recv_exact(length)
-            if rtype & 0x8000:
-                error = struct.unpack_from(">I", payload)[0]
+            self.chunks.append((flags, rtype, payload))
+            cookies.add(cookie)
+            if rtype in (P.NBD_REPLY_TYPE_ERROR, P.NBD_REPLY_TYPE_ERROR_OFFSET):
+                extra = 8 if rtype == P.NBD_REPLY_TYPE_ERROR_OFFSET else 0
+                assert length >= 6 + extra, f"error chunk of {length} bytes"
+                error, msglen = struct.unpack_from(">IH", payload)
+                assert error != 0 and length == 6 + msglen + extra, (error, msglen, length)
+            elif rtype & 0x8000:
+                raise AssertionError(f"unknown error chunk type {rtype:#x}")
             elif rtype == P.NBD_REPLY_TYPE_OFFSET_DATA:
-                data += payload[8:]
+                assert length > 8, f"OFFSET_DATA chunk of {length} bytes"
+                (off,) = struct.unpack_from(">Q", payload)
+                pieces.append((off, payload[8:]))
+            elif rtype == P.NBD_REPLY_TYPE_OFFSET_HOLE:
+                assert length == 12, f"OFFSET_HOLE chunk of {length} bytes"
+                off, hole = struct.unpack(">QI", payload)
+                assert hole > 0, "empty hole"
+                pieces.append((off, bytes(hole)))
+            elif rtype == P.NBD_REPLY_TYPE_BLOCK_STATUS:
+                other += payload
+            elif rtype == P.NBD_REPLY_TYPE_NONE:
+                assert length == 0 and flags & P.NBD_REPLY_FLAG_DONE, (flags, length)
             else:
-                data += payload
+                raise AssertionError(f"unknown chunk type {rtype}")
             if flags & P.NBD_REPLY_FLAG_DONE:
-                return cookie, error, data
+                break
             (magic,) = struct.unpack(">I", self.recv_exact(4))
-            assert magic == P.NBD_STRUCTURED_REPLY_MAGIC
+            assert magic == P.NBD_STRUCTURED_REPLY_MAGIC, hex(magic)
+        assert len(cookies) == 1, f"chunks of one reply with cookies {cookies}"
+        pieces.sort(key=lambda p: p[0])
+        for (a, da), (b, _) in zip(pieces, pieces[1:]):
+            assert a + len(da) == b, f"read chunks overlap or leave a gap at {a + len(da)}..{b}"
+        data = b"".join(d for _, d in pieces)
+        if pieces and read_offset is not None:
+            assert pieces[0][0] == read_offset, (pieces[0][0], read_offset)
+        if read_count and not error:
+            assert len(data) == read_count, f"read chunks cover {len(data)} of {read_count} bytes"
+        return cookie, error, data + other

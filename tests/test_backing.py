@@ -17,6 +17,7 @@ from conftest import wait_for_socket
 from cow import engine as E
 from cow.backing import Backing
 from support_engine import engines, states  # noqa: F401 - a fixture
+from support_hold import held  # noqa: F401 - a fixture
 
 NA, AL, TR = 0, 1, 3
 KiB = 1024
@@ -58,12 +59,12 @@ def slow_backing(nbdkit, log, *, multi_conn=False, delay="300ms", plugin=("memor
 
 
 @pytest.mark.parametrize("threads", [32])
-def test_dozens_of_reads_in_flight_on_one_connection(engines, nbdkit, tmp_path, threads):
+def test_dozens_of_reads_in_flight_on_one_connection(held, engines, tmp_path, threads):
     """One libnbd handle (nbd_connections=1): every engine thread's read is in flight on it at
-    once, and each gets its own data."""
-    log = tmp_path / "backing.log"
-    uri = slow_backing(nbdkit, log, plugin=("pattern", "64M"))
-    eng = engines(uri, block_size="64K", nbd_connections=1)
+    once (the backing holds them until all have come), and each gets its own data."""
+    back = held("pattern", "64M", "multi-conn-mode=disable", nbdkit_args=("-t", "64"),
+                filters=("multi-conn",))
+    eng = engines(back.uri, block_size="64K", nbd_connections=1)
     bs = eng.block_size
     results = [None] * threads
 
@@ -73,13 +74,18 @@ def test_dozens_of_reads_in_flight_on_one_connection(engines, nbdkit, tmp_path, 
         results[i] = bytes(buf[:8])
 
     pool = [threading.Thread(target=read, args=(i,)) for i in range(threads)]
-    for t in pool:
-        t.start()
+    back.hold()
+    try:
+        for t in pool:
+            t.start()
+        back.wait_for(r" Read id=\d+ ", count=threads)   # all at the backing together
+        assert len(back.pending()) == threads, "backing reads waited for each other"
+    finally:
+        back.release()
     for t in pool:
         t.join(60)
     assert results == [(i * bs).to_bytes(8, "big") for i in range(threads)]
-    assert len(re.findall(r"connection=\d+ Connect ", log.read_text())) == 1
-    assert max_in_flight(log) >= threads * 3 // 4, "backing reads waited for each other"
+    assert len(re.findall(r"connection=\d+ Connect ", back.text())) == 1
 
 
 def test_one_connection_at_open_more_as_load_needs_them(nbdkit, tmp_path):
@@ -96,26 +102,36 @@ def test_one_connection_at_open_more_as_load_needs_them(nbdkit, tmp_path):
         assert b.connections == 1 and b.max_connections == 1
 
 
-def test_copy_up_holds_up_only_its_own_block(engines, nbdkit, tmp_path):
-    """A partial write copies its block up from a slow backing; meanwhile writes, trims and
-    backing reads of other blocks, including blocks that share a bitmap byte or would have shared
-    a lock stripe, go through without waiting for it."""
-    log = tmp_path / "backing.log"
-    uri = slow_backing(nbdkit, log, delay="3")
-    eng = engines(uri, block_size="4K")
+def test_copy_up_holds_up_only_its_own_block(held, engines, tmp_path):
+    """A partial write copies its block up from a backing that holds the read; meanwhile
+    writes, trims and zeroes of other blocks, including blocks that share a bitmap byte or would
+    have shared a lock stripe, go through without waiting for it."""
+    back = held("memory", "64M")
+    eng = engines(back.uri, block_size="4K")
     bs = eng.block_size
     eng.pwrite(b"a" * bs, 1 * bs)
     eng.pwrite(b"a" * bs, 1025 * bs)
     copy_up = threading.Thread(target=eng.pwrite, args=(b"x" * 100, 2 * bs + 7))
-    copy_up.start()
-    wait_for_log(log, rf" Read id=\d+ offset={hex(2 * bs)} ")
-    eng.pwrite(b"y" * 100, 1 * bs + 9)             # same bitmap byte, allocated
-    eng.trim(bs, 1026 * bs)                        # 1024 blocks further on
-    eng.pwrite(b"z" * 100, 1025 * bs + 9)
-    eng.zero(bs, 3 * bs, may_trim=False)
-    done_first = copy_up.is_alive()
+
+    def other_blocks():
+        eng.pwrite(b"y" * 100, 1 * bs + 9)             # same bitmap byte, allocated
+        eng.trim(bs, 1026 * bs)                        # 1024 blocks further on
+        eng.pwrite(b"z" * 100, 1025 * bs + 9)
+        eng.zero(bs, 3 * bs, may_trim=False)
+
+    others = threading.Thread(target=other_blocks)
+    back.hold()
+    try:
+        copy_up.start()
+        back.wait_for(rf" Read id=\d+ offset={hex(2 * bs)} ")   # held at the backing
+        others.start()
+        others.join(60)
+        assert not others.is_alive(), "work on other blocks waited for a copy-up"
+        assert copy_up.is_alive() and back.pending()
+    finally:
+        back.release()
     copy_up.join(30)
-    assert done_first, "work on other blocks waited for a copy-up"
+    others.join(30)
     assert states(eng)[:4] == [NA, AL, AL, AL]
     buf = bytearray(bs)
     eng.pread(buf, 2 * bs)

@@ -23,6 +23,9 @@ def test_quick_run_writes_table_and_chart(tmp_path):
            "--nbdkit-threads", "1,2", "--threads-runtime", "0.2",
            "--flush-disk", "256M", "--flush-bytes", "8M",
            "--views-counts", "1,3", "--views-runtime", "0.2",
+           "--serial-delays-ms", "1", "--serial-sizes", "2M", "--serial-qemu-sizes", "1M",
+           "--drop-size", "4M", "--drop-delay-ms", "2", "--drop-every", "0.3",
+           "--drop-timeout", "5",
            "--workdir", str(tmp_path / "work"), "--out-dir", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -46,6 +49,18 @@ def test_quick_run_writes_table_and_chart(tmp_path):
                            "8 views busy at once"]:
         assert row in table, row
     assert "ERROR" not in table and "| error" not in table
+    # The serial rows (HTTP ones only where lighttpd is installed, else one line says why).
+    for row in ["| file, 1 ms, 2 MiB | nbdcopy -C 4 |", "| file, 1 ms, 1 MiB | qemu-img convert |",
+                "cow.server ÷ nbdkit filter"]:
+        assert row in table, row
+    assert "| http, 1 ms, 2 MiB | nbdcopy -C 4 |" in table or "HTTP rows skipped" in table
+    # The drop rows: a result for each (a failed copy is a result, not an error of the bench).
+    for label in ["| cow.server nbd+unix:///?socket=B |",
+                  "| nbdkit --filter=cow nbd uri=nbd+unix:///?socket=B |",
+                  "| nbdkit --filter=cow --filter=retry nbd uri=nbd+unix:///?socket=B |"]:
+        row = next(line for line in table.splitlines() if line.startswith(label))
+        assert ("completed in" in row or "failed:" in row or "did not finish" in row), row
+    assert "--overlay FILE, existing (reopened)" in table
     assert "CPU time per GiB served" in table and "pipeline: both steps" in table
 
     raw = json.loads((out / "latest.json").read_text())
@@ -70,6 +85,12 @@ def test_quick_run_writes_table_and_chart(tmp_path):
     for column in ("temporary", "persistent"):
         for metric in ("overlay-randwrite-4k", "overlay-flush"):
             assert (metric, column) in measured
+    for column in ("cow-server", "nbdkit-cow", "ceiling"):
+        assert ("serial-file-1ms-nbdcopy", column) in measured
+    for column in ("temporary", "fresh", "existing"):
+        assert ("startup-ov-read", column) in measured
+        assert ("startup-ov-engine", column) in measured
+    assert [d["column"] for d in raw["drop"]] == ["cow-server", "nbdkit-cow", "nbdkit-cow-retry"]
     for metric in ("views-first@1", "views-last@3", "views-per-view@3", "views-left-fds@3"):
         assert (metric, "cow-server") in measured
     assert ("views-randwrite", "8-views") in measured and ("views-randwrite", "1-view") in measured

@@ -34,6 +34,7 @@ from support_engine import (
     read_file,
     states,
 )
+from support_hold import held  # noqa: F401 - a fixture
 
 NA, AL, TR = 0, 1, 3
 BLOCK_SIZES = [4 * KiB, 64 * KiB, 4 * MiB]
@@ -559,25 +560,23 @@ def test_blk_set_size_too_large_is_refused(engines, backing_factory, size):
     assert states(eng)[0] == AL
 
 
-def test_blk_set_size_refused_during_io(engines, nbdkit, tmp_path):
-    """Resizing while another call is in flight is refused with EBUSY (the bitmap would move
-    under it); once idle, it works."""
+def test_blk_set_size_refused_during_io(held, engines, tmp_path):
+    """Resizing while another call is in flight (its backing read held at the backing) is
+    refused with EBUSY (the bitmap would move under it); once idle, it works."""
     import threading
-    import time
 
-    log = tmp_path / "backing.log"
-    uri = nbdkit("--filter=log", "--filter=delay", "memory", "1M", "rdelay=1",
-                 f"logfile={log}")
-    eng = engines(uri)
+    back = held("memory", "1M")
+    eng = engines(back.uri)
     reader = threading.Thread(target=eng.pread, args=(bytearray(4096), 0))
-    reader.start()
-    deadline = time.monotonic() + 30
-    while "Read id=" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    with pytest.raises(OSError) as ei:
-        eng.blk_set_size(2 << 20)
-    assert ei.value.errno == errno.EBUSY
+    back.hold()
+    try:
+        reader.start()
+        back.wait_for(r" Read id=\d+ ")
+        with pytest.raises(OSError) as ei:
+            eng.blk_set_size(2 << 20)
+        assert ei.value.errno == errno.EBUSY
+    finally:
+        back.release()
     reader.join(30)
     eng.blk_set_size(2 << 20)
     assert eng.size == 2 << 20

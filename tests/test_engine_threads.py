@@ -1,6 +1,6 @@
 """The engine under threads: concurrent sub-block writes lose nothing, neighbouring blocks that share
 a bitmap byte keep their states, cow-on-read / cow-on-cache racing writes never bring back old
-data, and the GIL is released while a backing read is slow (real nbdkit with its delay filter)."""
+data, and the GIL is released while a backing read is held (real nbdkit with its pause filter)."""
 
 import random
 import threading
@@ -17,6 +17,7 @@ from support_engine import (
     read_file,
     states,
 )
+from support_hold import held  # noqa: F401 - a fixture
 
 NA, AL, TR = 0, 1, 3
 LOCK_MODES = ["fine", "global"]
@@ -244,36 +245,45 @@ def test_copy_up_racing_writes_file_backing(engines, backing_factory, lock_mode,
 
 
 @pytest.mark.parametrize("how", ["cow-on-read", "cow-on-cache"])
-def test_copy_up_racing_writes_slow_nbd_backing(engines, backing_factory, nbdkit, how):
-    """With a slow backing every copy-up is in flight for 20 ms, so whole-block writes (which need
-    no backing read) land in the middle of it: the copy-up must then leave the block alone."""
+def test_copy_up_racing_writes_held_nbd_backing(held, engines, backing_factory, how):
+    """Every copy-up is held at the backing (nbdkit's pause filter) while a whole-block write
+    of its block (which needs no backing read) lands; only then is the backing released: the
+    copy-up must leave the block alone.  Four copy-ups at a time, over four connections."""
     bs, nblocks = 4096, 24
     size = nblocks * bs
     path = backing_factory(size, pattern=0x5A, holes=False)
-    uri = nbdkit("--filter=delay", "file", path, "delay-read=20ms")
-    eng = engines(uri, block_size=bs, nbd_connections=4,
+    back = held("file", path)
+    eng = engines(back.uri, block_size=bs, nbd_connections=4,
                   cow_on_read=(how == "cow-on-read"), cow_on_cache=(how == "cow-on-cache"))
     fresh = {blk: randbytes(f"fresh-{blk}", bs) for blk in range(nblocks)}
-    started = [threading.Event() for _ in range(nblocks)]
 
-    def copier(k):
-        def run():
-            buf = bytearray(bs)
-            for blk in range(k, nblocks, 4):
-                started[blk].set()
-                if how == "cow-on-read":
-                    eng.pread(buf, blk * bs)
-                else:
-                    eng.cache(bs, blk * bs)
-        return run
+    def copy_up(blk):
+        if how == "cow-on-read":
+            eng.pread(bytearray(bs), blk * bs)
+        else:
+            eng.cache(bs, blk * bs)
 
-    def writer():
-        for blk in range(nblocks):
-            started[blk].wait(30)
-            time.sleep(0.002)  # let the copy-up get to its backing read (sequencing only)
-            eng.pwrite(fresh[blk], blk * bs)
-
-    run_threads([copier(k) for k in range(4)] + [writer])
+    try:
+        for first in range(0, nblocks, 4):
+            blocks = range(first, first + 4)
+            back.hold()
+            copiers = [threading.Thread(target=copy_up, args=(blk,)) for blk in blocks]
+            for t in copiers:
+                t.start()
+            for blk in blocks:            # each copy-up is at the backing, and held there
+                back.wait_for(rf" Read id=\d+ offset={hex(blk * bs)} ")
+            writer = threading.Thread(target=lambda: [eng.pwrite(fresh[blk], blk * bs)
+                                                      for blk in blocks])
+            writer.start()
+            writer.join(60)
+            assert not writer.is_alive(), "a whole-block write waited for a copy-up"
+            assert len(back.pending()) == 4, back.pending()
+            back.release()
+            for t in copiers:
+                t.join(60)
+                assert not t.is_alive(), "a copy-up hung"
+    finally:
+        back.release()
     want = b"".join(fresh[blk] for blk in range(nblocks))
     assert_same(read_all(eng), want, "a copy-up brought back old data")
     assert states(eng) == [AL] * nblocks
@@ -282,40 +292,16 @@ def test_copy_up_racing_writes_slow_nbd_backing(engines, backing_factory, nbdkit
 # ---------------------------------------------------------------- the GIL is released
 
 
-def _progress_while(fn):
-    """Run fn in another thread; count how many loop turns this thread makes until it returns."""
-    done = threading.Event()
-    started = threading.Event()
-    errors = []
-
-    def run():
-        started.set()
-        try:
-            fn()
-        except BaseException as e:  # noqa: BLE001
-            errors.append(e)
-        finally:
-            done.set()
-
-    t = threading.Thread(target=run)
-    t.start()
-    started.wait()
-    turns = 0
-    while not done.is_set():
-        turns += 1
-    t.join()
-    if errors:
-        raise errors[0]
-    return turns
-
-
 @pytest.mark.parametrize("lock_mode", LOCK_MODES)
 @pytest.mark.parametrize("op", ["pread", "pwrite-rmw", "zero-rmw", "cow-on-cache"])
-def test_gil_released_during_slow_backing_read(engines, nbdkit, lock_mode, op):
-    """While the engine waits 0.5 s for a backing read, this thread keeps running: it must get about
-    as far as while the other thread sleeps 0.5 s (if the GIL were held it would get nowhere)."""
-    uri = nbdkit("--filter=delay", "memory", "64M", "delay-read=500ms")
-    eng = engines(uri, lock_mode=lock_mode, cow_on_cache=True)
+def test_gil_released_during_slow_backing_read(held, engines, lock_mode, op):
+    """While the engine waits for a backing read (held at the backing until this thread
+    releases it), this thread runs Python code: it can only do so if the engine released the
+    GIL.  Were the GIL held, this thread would run again only once the call got its data (a
+    separate process releases the backing after 30 s), when the backing's log already shows
+    the read answered."""
+    back = held("memory", "64M")
+    eng = engines(back.uri, lock_mode=lock_mode, cow_on_cache=True)
     buf = bytearray(65536)
     calls = {
         "pread": lambda: eng.pread(buf, 0),
@@ -323,65 +309,72 @@ def test_gil_released_during_slow_backing_read(engines, nbdkit, lock_mode, op):
         "zero-rmw": lambda: eng.zero(512, 1024, may_trim=False),
         "cow-on-cache": lambda: eng.cache(65536, 0),
     }
-    baseline = _progress_while(lambda: time.sleep(0.5))
-    during = _progress_while(calls[op])
-    assert baseline > 10000
-    assert during > baseline // 20, (  # held GIL: a few switch intervals at most
-        f"only {during} turns while the engine read the backing, {baseline} while sleeping: "
-        "the GIL was held")
-
-
-def _wait_for_log(log, pattern, timeout=30):
-    import re
-
-    deadline = time.monotonic() + timeout
-    rx = re.compile(pattern)
-    while time.monotonic() < deadline:
-        if log.exists() and rx.search(log.read_text()):
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"{pattern!r} not in {log}")
+    back.hold()
+    back.release_after(30)                 # the way out if this thread never runs again
+    t = threading.Thread(target=calls[op])
+    try:
+        t.start()
+        back.wait_for(r" Read id=\d+ offset=0x0 ")  # the call waits for the backing
+        # Python code in this thread, while the read is (or was) held:
+        still_held = bool(back.pending()) and t.is_alive()
+    finally:
+        back.release()
+    t.join(60)
+    assert not t.is_alive()
+    assert still_held, "this thread ran only after the backing answered: the GIL was held"
 
 
 @pytest.mark.parametrize("lock_mode", LOCK_MODES)
-def test_overlay_work_during_a_slow_backing_read(engines, nbdkit, tmp_path, lock_mode):
-    """Fine mode: while one thread waits for the backing, other threads read and write blocks in
-    the overlay and start their own backing reads.  Global mode (the seed's "before" behaviour,
-    for the benchmark): one lock around every block operation, so they wait."""
-    log = tmp_path / "nbdkit.log"
-    uri = nbdkit("--filter=log", "--filter=delay", "memory", "64M", "delay-read=2", f"logfile={log}")
-    eng = engines(uri, lock_mode=lock_mode, nbd_connections=4)
+def test_overlay_work_during_a_slow_backing_read(held, engines, lock_mode):
+    """Fine mode: while one thread's backing read is held at the backing, other threads read
+    and write blocks in the overlay and start their own backing reads.  Global mode (the seed's
+    "before" behaviour, for the benchmark): one lock around every block operation, so they wait
+    for it."""
+    back = held("memory", "64M")
+    eng = engines(back.uri, lock_mode=lock_mode, nbd_connections=4)
     bs = eng.block_size
     eng.pwrite(randbytes(5, bs), 5 * bs)                     # block 5 lives in the overlay
     a = threading.Thread(target=lambda: eng.pread(bytearray(bs), 0))
-    a.start()
-    _wait_for_log(log, r"Read id=\d+ offset=0x0 ")
-    # overlay-only work; nbdkit logs the end of a read before it replies, so if the log does not
-    # show it yet the first read is still in flight
     buf = bytearray(bs)
-    eng.pwrite(b"x" * 512, 5 * bs + 512)
-    eng.pread(buf, 5 * bs)
-    overlay_done_first = "...Read id=" not in log.read_text()
-    # a second backing read of another block
-    eng.pread(bytearray(bs), 7 * bs)
-    a.join(30)
-    text = log.read_text()
-    entry_b = text.index(f"offset={hex(7 * bs)} ")
-    return_a = text.index("...Read id=")
-    if lock_mode == "fine":
-        assert overlay_done_first, "overlay reads and writes waited for another thread's backing read"
-        assert entry_b < return_a, "the second backing read waited for the first"
-    else:
-        assert not overlay_done_first, "global lock mode did not serialize block operations"
-        assert entry_b > return_a
+
+    def overlay_work():
+        eng.pwrite(b"x" * 512, 5 * bs + 512)
+        eng.pread(buf, 5 * bs)
+
+    overlay = threading.Thread(target=overlay_work)
+    b = threading.Thread(target=lambda: eng.pread(bytearray(bs), 7 * bs))
+    back.hold()
+    try:
+        a.start()
+        back.wait_for(r" Read id=\d+ offset=0x0 ")           # held at the backing
+        overlay.start()
+        if lock_mode == "fine":
+            overlay.join(60)
+            assert not overlay.is_alive(), \
+                "overlay reads and writes waited for another thread's backing read"
+            b.start()                                         # another block's backing read
+            back.wait_for(rf" Read id=\d+ offset={hex(7 * bs)} ")
+            assert len(back.pending()) == 2, "the second backing read waited for the first"
+        else:
+            overlay.join(1.0)            # it cannot finish while the held read has the lock
+            assert overlay.is_alive(), "global lock mode did not serialize block operations"
+    finally:
+        back.release()
+    for t in (a, overlay, b):
+        if t.ident is not None:
+            t.join(60)
+            assert not t.is_alive()
+    want = bytearray(randbytes(5, bs))
+    want[512:1024] = b"x" * 512
+    assert buf == want
 
 
-def test_close_waits_for_a_call_in_flight(engines, nbdkit, tmp_path):
-    """close() from another thread while a backing read is in flight: the read completes with the
-    right data, close() returns after it, and later calls raise instead of crashing."""
-    log = tmp_path / "nbdkit.log"
-    uri = nbdkit("--filter=log", "--filter=delay", "pattern", "1M", "delay-read=1", f"logfile={log}")
-    eng = engines(uri, block_size=4096)
+def test_close_waits_for_a_call_in_flight(held, engines):
+    """close() from another thread while a backing read is in flight (held at the backing): the
+    read completes with the right data, close() returns only after it, and later calls raise
+    instead of crashing."""
+    back = held("pattern", "1M")
+    eng = engines(back.uri, block_size=4096)
     buf = bytearray(4096)
     result = []
 
@@ -393,10 +386,20 @@ def test_close_waits_for_a_call_in_flight(engines, nbdkit, tmp_path):
             result.append(e)
 
     t = threading.Thread(target=reader)
-    t.start()
-    _wait_for_log(log, r"Read id=\d+ offset=0x2000 ")
-    eng.close()
+    closer = threading.Thread(target=eng.close)
+    back.hold()
+    try:
+        t.start()
+        back.wait_for(r" Read id=\d+ offset=0x2000 ")
+        closer.start()
+        closer.join(1.0)                  # it cannot return while the read is held
+        assert closer.is_alive(), "close() returned while a call was in flight"
+        assert result == []
+    finally:
+        back.release()
     t.join(30)
+    closer.join(30)
+    assert not closer.is_alive()
     assert result == ["ok"]
     assert buf[:16] == (8192).to_bytes(8, "big") + (8200).to_bytes(8, "big")
     assert eng.closed

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from conftest import write_sample
 from cow import protocol as P
 from support_reliability import (
-    CMD_BLOCK_STATUS, CMD_READ, CMD_WRITE, IHAVEOPT, NBD_ERRORS, REQUEST_MAGIC, RawClient,
-    fd_count, rss_kib, run_server, wait_until,
+    CMD_BLOCK_STATUS, CMD_DISC, CMD_FLAG_FUA, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
+    IHAVEOPT, NBD_ERRORS, REQUEST_MAGIC, RawClient, fd_count, rss_kib, run_server, wait_until,
 )
 
 EXAMPLES = int(os.environ.get("COW_FUZZ_EXAMPLES", "300"))
@@ -348,14 +348,24 @@ def _valid_prefix(draw):
 
 @st.composite
 def request_stream(draw):
+    """Requests, arbitrary or (one in three) well-formed writes, zeroes and trims inside the
+    disk, so that the data check below has writes to check."""
     parts = []
     for _ in range(draw(st.integers(1, 6))):
-        cmd = draw(st.one_of(st.integers(0, 8), u16))
-        flags = draw(st.one_of(st.integers(0, 31), u16))
-        offset = draw(edgy64)
-        count = draw(st.one_of(st.integers(0, 8192), edgy32))
-        magic = REQUEST_MAGIC if draw(st.integers(0, 15)) else draw(u32)
-        parts.append(struct.pack(">IHHQQI", magic, flags, cmd, draw(u64), offset, count))
+        if draw(st.integers(0, 2)) == 0:
+            cmd = draw(st.sampled_from([CMD_WRITE, CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM]))
+            flags = draw(st.sampled_from([0, CMD_FLAG_FUA]))
+            offset = draw(st.integers(0, SIZE - 1))
+            count = draw(st.integers(1, min(8192, SIZE - offset)))
+            magic = REQUEST_MAGIC
+        else:
+            cmd = draw(st.one_of(st.integers(0, 8), u16))
+            flags = draw(st.one_of(st.integers(0, 31), u16))
+            offset = draw(edgy64)
+            count = draw(st.one_of(st.integers(0, 8192), edgy32))
+            magic = REQUEST_MAGIC if draw(st.integers(0, 15)) else draw(u32)
+        cookie = (draw(u64) & ~0xFF) | len(parts)      # arbitrary, and no two alike
+        parts.append(struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, count))
         if cmd == CMD_WRITE:
             # the payload, or only part of it (the stream then ends mid-payload)
             n = count if count <= 8192 else draw(st.integers(0, 8192))
@@ -366,15 +376,74 @@ def request_stream(draw):
 
 @st.composite
 def server_stream(draw):
+    """(stream, where transmission starts in it, or None: a stream meant to stay in the
+    handshake; its odds of reaching transmission and then holding a request magic are 2**-32
+    or less)."""
     kind = draw(st.sampled_from(["random", "handshake", "requests", "requests", "garbage-after"]))
     if kind == "random":
-        return draw(st.binary(max_size=512))
+        return draw(st.binary(max_size=512)), None
     if kind == "handshake":
-        return draw(handshake_stream())
+        return draw(handshake_stream()), None
     prefix = _valid_prefix(draw)
     if kind == "requests":
-        return prefix + draw(request_stream())
-    return prefix + draw(st.binary(max_size=512))
+        return prefix + draw(request_stream()), len(prefix)
+    return prefix + draw(st.binary(max_size=512)), len(prefix)
+
+
+def writes_in(stream: bytes, at):
+    """What the requests of a stream (from `at`, where transmission starts) may write, framed
+    as the server frames them: [(start, end, bytes or None for zeroes, sure)] clipped to the
+    disk; sure: a WRITE that no server may refuse (flags 0 or FUA, 1 to 8192 bytes inside the
+    disk).  The stream is cut where the server stops reading it: a bad magic, NBD_CMD_DISC, a
+    WRITE whose payload does not all come (nothing of it may be written)."""
+    out = []
+    if at is None:
+        return out
+    pos = at
+    while pos + 28 <= len(stream):
+        magic, flags, cmd, cookie, offset, count = struct.unpack_from(">IHHQQI", stream, pos)
+        pos += 28
+        if magic != REQUEST_MAGIC or cmd == CMD_DISC:
+            break
+        payload = None
+        if cmd == CMD_WRITE:
+            if pos + count > len(stream):
+                break
+            payload = stream[pos:pos + count]
+            pos += count
+        if cmd in (CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM) and offset < SIZE:
+            end = min(offset + count, SIZE)
+            sure = (cmd == CMD_WRITE and flags in (0, CMD_FLAG_FUA) and 0 < count <= 8192
+                    and offset + count <= SIZE)
+            out.append((offset, end, payload[:end - offset] if payload is not None else None,
+                        sure))
+    return out
+
+
+def check_disk(got: bytes, before: bytes, writes) -> None:
+    """Every byte reads what it held before or what a request of the stream put there (a
+    WRITE's payload; zeroes for WRITE_ZEROES and TRIM): nothing else, anywhere.  And a sure
+    WRITE (see writes_in) that no other request of the stream overlaps (NBD orders nothing
+    between requests in flight) reads back whole."""
+    assert len(got) == len(before)
+    for k, (start, end, data, sure) in enumerate(writes):
+        if sure and not any(s < end and start < e for j, (s, e, _, _) in enumerate(writes)
+                            if j != k):
+            assert got[start:end] == data, \
+                f"a WRITE no server may refuse ({end - start} bytes at {start}) did not land"
+    if got == before:
+        return
+    step = 4096
+    for c in range(0, len(got), step):
+        if got[c:c + step] == before[c:c + step]:
+            continue
+        for i in range(c, min(c + step, len(got))):
+            if got[i] == before[i]:
+                continue
+            assert any(start <= i < end and (0 if data is None else data[i - start]) == got[i]
+                       for start, end, data, _ in writes), (
+                f"byte {i} reads {got[i]:#x}, held {before[i]:#x}, and no request of the "
+                f"stream wrote that there: {[(s, e, d is not None) for s, e, d, _ in writes]}")
 
 
 def _exchange(path, stream: bytes) -> bytes:
@@ -403,27 +472,41 @@ def _exchange(path, stream: bytes) -> bytes:
 
 
 def test_live_server_survives_arbitrary_streams(live_server):
+    """... and the disk's data stays whole: after each stream, every byte reads what it held
+    before or what one of the stream's requests wrote there (read through a client connected
+    all along); that is then the baseline for the next stream."""
     srv, backing = live_server
     # Warm up (first connections allocate lasting things: threads' stacks, buffers).
     for _ in range(3):
         _exchange(srv.sock, b"")
+    reader = nbd.NBD()
+    reader.connect_uri(srv.uri)
+    disk = {"now": reader.pread(SIZE, 0)}
+    assert disk["now"] == backing
     fds_before = fd_count(srv.pid)
     rss_before = rss_kib(srv.pid)
-    seen = {"examples": 0}
+    seen = {"examples": 0, "changed": 0}
 
     @settings(max_examples=SERVER_EXAMPLES, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(server_stream())
-    def one(stream):
+    def one(case):
+        stream, at = case
         seen["examples"] += 1
         reply = _exchange(srv.sock, stream)  # a hang would raise socket.timeout here
         assert reply.startswith(struct.pack(">QQ", 0x4E42444D41474943, IHAVEOPT))
         assert srv.alive(), srv.stderr()
+        got = reader.pread(SIZE, 0)     # the server has closed that connection: all done
+        before, disk["now"] = disk["now"], got      # (the next example starts from here)
+        seen["changed"] += got != before
+        check_disk(got, before, writes_in(stream, at))
 
     one()
-    print(f"live fuzz: {seen['examples']} streams; fds {fds_before} -> {fd_count(srv.pid)}; "
-          f"RSS {rss_before} -> {rss_kib(srv.pid)} KiB")
+    print(f"live fuzz: {seen['examples']} streams, {seen['changed']} changed the disk; "
+          f"fds {fds_before} -> {fd_count(srv.pid)}; RSS {rss_before} -> {rss_kib(srv.pid)} KiB")
+    reader.shutdown()
     assert seen["examples"] >= min(SERVER_EXAMPLES, 50)
+    assert seen["changed"], "no stream changed the disk: the data check checked nothing"
     # Everything given back once the connections are gone.
     wait_until(lambda: fd_count(srv.pid) <= fds_before, what="server fds back to the baseline")
     assert rss_kib(srv.pid) - rss_before < 64 * 1024, (rss_before, rss_kib(srv.pid))

@@ -260,6 +260,13 @@ def test_launcher_split_arguments():
                             "statsfile=/tmp/x", "-e", "name"]) == (
         ["--filter", "stats", "--filter=blocksize", "-e", "name"], ["file=/a=b", "statsfile=/tmp/x"])
     assert split_arguments(["/tmp/a=b.img"]) == ([], ["file=/tmp/a=b.img"])
+    # After "--" come the backing and parameters, as after cow.server's "--"; nothing there is
+    # an nbdkit option, and a command (a second bare word) is refused, not run.
+    assert split_arguments(["-U", "s", "--", "disk.img", "cow-block-size=4K"]) == (
+        ["-U", "s"], ["file=disk.img", "cow-block-size=4K"])
+    assert split_arguments(["-U", "s", "--", "-odd.img"]) == (["-U", "s"], ["file=-odd.img"])
+    with pytest.raises(UsageError, match="backing command .*cow.server -- COMMAND"):
+        split_arguments(["-U", "s", "--", "nbdkit", "curl", "http://example.com/disk.img"])
     with pytest.raises(UsageError):
         split_arguments(["-U", "/s"])
     with pytest.raises(UsageError):

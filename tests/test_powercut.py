@@ -23,6 +23,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import nbd
@@ -124,7 +125,9 @@ def test_power_cut_under_load_loses_nothing_flushed(fs, tmp_path, block_size):
                 fs.arm(rng.randint(1, 20), "sync")  # order matters
             else:
                 fs.arm(rng.randint(1, 1500))
-        clients = [Client(uri, owned[k], model, ids, rng.random()) for k in range(nthreads)]
+        killed = threading.Event()     # errors are the test's failure until it is set
+        clients = [Client(uri, owned[k], model, ids, rng.random(), killed)
+                   for k in range(nthreads)]
         for c in clients:
             c.start()
         if armed:
@@ -133,6 +136,7 @@ def test_power_cut_under_load_loses_nothing_flushed(fs, tmp_path, block_size):
                 time.sleep(0.01)
         else:                                       # or at a random moment
             time.sleep(rng.uniform(0.05, 0.6))
+        killed.set()
         proc.send_signal(signal.SIGKILL)
         mode = rng.choice(MODES)
         modes.append(mode)

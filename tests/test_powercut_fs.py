@@ -189,3 +189,52 @@ def _try(f, *args):
     except OSError as e:
         return e.errno
     return 0
+
+
+def test_an_armed_cut_freezes_a_link_and_counts_only_names(fs):
+    """arm(n, "name"): the n-th link, unlink or rename waits until the cut (writes and syncs
+    are not counted, and a plain arm(n) does not count names); the name change never
+    happens."""
+    import threading
+    fd = new_file(fs, ".a.new", content=b"a" * 512)
+    fs.arm(1, "name")
+    os.pwrite(fd, b"b" * 512, 0)                      # not counted
+    os.fsync(fd)
+    t = threading.Thread(target=lambda: _try(os.link, fs.path / ".a.new", fs.path / "a"))
+    t.start()
+    for _ in range(200):
+        if fs.stats()["frozen"]:
+            break
+        t.join(0.05)
+    assert fs.stats()["frozen"] and t.is_alive(), "the link did not freeze"
+    fs.cut("all", stay_off=True)
+    t.join(10)
+    assert _try(os.unlink, fs.path / ".a.new") == errno.EIO
+    fs.power_on()
+    assert sorted(os.listdir(fs.path)) == [".a.new"]
+    fs.arm(2)                                         # changes and syncs only
+    assert _try(os.link, fs.path / ".a.new", fs.path / "a") == 0
+    assert _try(os.unlink, fs.path / ".a.new") == 0
+    assert not fs.stats()["frozen"]
+    fs.arm(0)
+    os.close(fd)
+
+
+def test_rename_noreplace_is_carried(fs):
+    """renameat2's RENAME_NOREPLACE reaches the real folder (mfusepy alone drops the flags,
+    which would replace the file at the new name)."""
+    libc_ = ctypes.CDLL(None, use_errno=True)
+
+    def rename2(old, new, flags):
+        if libc_.renameat2(-100, bytes(old), -100, bytes(new), ctypes.c_uint(flags)) != 0:
+            return ctypes.get_errno()
+        return 0
+
+    os.close(new_file(fs, "x", b"x" * 512))
+    os.close(new_file(fs, "y", b"y" * 512))
+    RENAME_NOREPLACE = 1
+    assert rename2(fs.path / "x", fs.path / "y", RENAME_NOREPLACE) == errno.EEXIST
+    assert (fs.path / "y").read_bytes() == b"y" * 512
+    assert rename2(fs.path / "x", fs.path / "z", RENAME_NOREPLACE) == 0
+    assert sorted(os.listdir(fs.path)) == ["y", "z"]
+    assert (fs.path / "z").read_bytes() == b"x" * 512

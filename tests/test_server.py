@@ -10,6 +10,7 @@ import time
 import nbd
 import pytest
 
+from support_hold import held  # noqa: F401 - a fixture
 from support_server import start_server
 
 SIZE = 4 * 1024 * 1024
@@ -284,6 +285,26 @@ def test_nbd_backing_uses_read_workers(backing_factory, nbdkit, tmp_path):
     assert "READ offset=" in log and "WRITE offset=10 count=300" in log
 
 
+def test_raw_structured_read_over_holes(disk, server):
+    """A structured READ over the backing's holes comes as OFFSET_DATA and OFFSET_HOLE chunks
+    (a hole chunk is an offset and a length, no data); RawClient.reply puts them together by
+    offset into what the backing holds, as libnbd does."""
+    from support_server import RawClient
+    from cow import protocol as P
+    sock_path = server.split("socket=")[1]
+    offset, count = 65536 + 4096, 6 * 65536            # pieces 1..7: holes in 2 and 5
+    with RawClient(sock_path) as c:
+        c.negotiate(structured=True)
+        c.request(P.NBD_CMD_READ, offset, count, cookie=9)
+        assert c.reply(count, offset) == (9, 0, read_file(disk, offset, count))
+        kinds = [rtype for _, rtype, _ in c.chunks]
+        assert P.NBD_REPLY_TYPE_OFFSET_HOLE in kinds and P.NBD_REPLY_TYPE_OFFSET_DATA in kinds, \
+            kinds
+    h = connect(server)
+    assert h.pread(count, offset) == read_file(disk, offset, count)
+    h.shutdown()
+
+
 def test_disc_finishes_requests_in_flight(disk, server, tmp_path):
     """Writes sent right before NBD_CMD_DISC are all done and answered before the close."""
     from support_server import RawClient
@@ -396,29 +417,31 @@ def wait_for_text(path, text, timeout=30.0):
 
 
 def test_shutdown_completes_requests_in_flight_and_answers_later_ones_eshutdown(
-        backing_factory, nbdkit, tmp_path):
-    """At SIGTERM a READ in flight (its NBD backing takes 3 s) still completes; requests that
-    arrive after shutdown began are answered NBD_ESHUTDOWN at once, before it; the client
-    then disconnects and the server exits 0."""
+        backing_factory, held, tmp_path):
+    """At SIGTERM a READ in flight (its NBD backing holds it until the test releases it) still
+    completes; requests that arrive after shutdown began are answered NBD_ESHUTDOWN without
+    waiting for it (they come while it is still held); the client then disconnects and the
+    server exits 0.  NBD orders no replies: the two ESHUTDOWN ones are compared as a set."""
     from support_server import RawClient
     from cow import protocol as P
     disk = backing_factory(SIZE)
-    backing_log = tmp_path / "backing.log"
-    backing_uri = nbdkit("--filter=log", "--filter=delay", "file", disk, "rdelay=3",
-                         f"logfile={backing_log}")
-    with start_server(backing_uri, "-v", tmp_path=tmp_path) as (uri, proc):
+    back = held("file", disk)
+    with start_server(back.uri, "-v", tmp_path=tmp_path) as (uri, proc):
         with RawClient(proc.sock_path) as c:
             c.negotiate(structured=True)
+            back.hold()
             c.request(P.NBD_CMD_READ, 65536, 4096, cookie=1)
-            wait_for_text(backing_log, "Read id=")          # the READ is in flight
+            back.wait_for(r" Read id=\d+ offset=0x10000 ")   # the READ is in flight, held
             proc.send_signal(signal.SIGTERM)
             wait_for_text(proc.log_path, "shutting down")
             c.request(P.NBD_CMD_WRITE, 8192, 512, cookie=2, payload=b"\x77" * 512)
             c.request(P.NBD_CMD_FLUSH, cookie=3)
-            got = [c.reply() for _ in range(3)]
-            assert [(cookie, error) for cookie, error, _ in got] == [
-                (2, P.NBD_ESHUTDOWN), (3, P.NBD_ESHUTDOWN), (1, 0)]
-            assert got[2][2] == read_file(disk, 65536, 4096)
+            early = [c.reply() for _ in range(2)]            # the READ cannot answer yet
+            assert {(cookie, error) for cookie, error, _ in early} == {
+                (2, P.NBD_ESHUTDOWN), (3, P.NBD_ESHUTDOWN)}, early
+            assert back.pending(), "the backing read was not held"
+            back.release()
+            assert c.reply(4096) == (1, 0, read_file(disk, 65536, 4096))
             try:
                 c.request(P.NBD_CMD_DISC)
             except OSError:

@@ -7,7 +7,7 @@ import subprocess
 import nbd
 import pytest
 
-from support_server import PYTHON, server_command
+from support_server import PYTHON, server_command, start_server
 
 SIZE = 1024 * 1024
 
@@ -284,3 +284,30 @@ def test_a_moved_backing_is_named_as_the_overlays_and_naming_it_works(tmp_path):
     assert f"that --overlay {ov} records" in lines[0] and "if it moved, name it" in lines[0]
     r = run([moved, "--overlay", ov, "--run", 'nbdinfo --size "$uri"'])
     assert r.returncode == 0 and r.stdout.strip() == str(SIZE), r.stderr
+
+
+@pytest.mark.parametrize("threads, cap", [(None, 64), ("5", 5)])
+def test_threads_cap_the_requests_that_wait_for_an_nbd_backing(tmp_path, threads, cap):
+    """README (over a remote backing): requests that must wait for the backing (a partial
+    write that copies its block up...) go to worker threads of the connection, started as
+    needed, "-t caps them, 64 by default".  Over a backing that holds every request it gets,
+    one connection sends cap + 16 partial writes to blocks not yet copied up: exactly cap of
+    them reach the backing (each worker waits for one copy-up), the rest wait; once the
+    backing answers, every write is done and right, and at no moment had the backing more
+    than cap (its log says so)."""
+    from test_server_clients import HeldBacking, pattern_bytes, wait_all
+    options = ["--cow-block-size", "4K"] + (["-t", threads] if threads else [])
+    with HeldBacking(tmp_path) as back, \
+            start_server(back.uri, *options, tmp_path=tmp_path) as (uri, _):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        writes = {k * 4096 + 512: bytes([k % 250 + 1]) * 512 for k in range(cap + 16)}
+        with back.held():
+            cookies = [h.aio_pwrite(data, off) for off, data in writes.items()]
+            back.wait_in_flight(cap, h)
+        wait_all(h, cookies)
+        assert back.peak() == cap
+        for off, data in writes.items():
+            assert h.pread(4096, off - 512) == \
+                pattern_bytes(off - 512, 512) + data + pattern_bytes(off + 512, 3072)
+        h.shutdown()

@@ -3,11 +3,16 @@ nbdkit's nbd plugin, plus the qcow2 diff recipe from nbdkit's cow filter documen
 
 import json
 import os
+import re
+import socket
 import subprocess
+import time
+from contextlib import contextmanager
 
 import nbd
 import pytest
 
+from conftest import run_nbdkit
 from support_server import start_server
 
 SIZE = 8 * 1024 * 1024
@@ -198,3 +203,228 @@ def test_qcow2_diff_recipe(served, disk, tmp_path):
     assert any(s <= 1 << 20 < s + n for s, n in top)
     assert any(s <= 3 * (1 << 20) + 7 < s + n for s, n in top)
     assert os.path.getsize(diff) < 2 * 1024 * 1024
+
+
+# ---- more requests in flight than the backing is given at once --------------------------------
+
+class HeldBacking:
+    """A real NBD backing whose requests can be held and let go: nbdkit's pattern plugin (each
+    8 bytes hold their own offset, big-endian) behind its pause filter, with its log filter in
+    front, so that every request the cow server sends it is logged when it arrives, held or
+    not, and again when it returns.  What is in flight at the backing is read from that log:
+    no timing is measured."""
+
+    ENTRY = re.compile(r" connection=(\d+) (\w+) id=(\d+) .*\.\.\.$")
+    RETURN = re.compile(r" connection=(\d+) \.\.\.(\w+) id=(\d+) return")
+
+    def __init__(self, tmp_path, size="64M"):
+        self.log = tmp_path / "held-backing.log"
+        self.control = tmp_path / "held-backing.ctl"
+        self.sock = tmp_path / "held-backing.sock"
+        self.args = ["-t", "256", "--filter=log", "--filter=pause", "pattern", size,
+                     f"logfile={self.log}", f"pause-control={self.control}"]
+        self.uri = f"nbd+unix:///?socket={self.sock}"
+
+    def __enter__(self):
+        self._cm = run_nbdkit(self.args, self.sock)
+        self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._cm.__exit__(*exc)
+
+    def _control(self, command: bytes) -> None:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(60)
+            s.connect(str(self.control))
+            s.sendall(command)
+            assert s.recv(1) == command.upper()
+
+    def hold(self):
+        """Requests from now on wait at the backing (logged as they arrive)."""
+        self._control(b"p")
+
+    def release(self):
+        self._control(b"r")
+
+    @contextmanager
+    def held(self):
+        """Hold the backing's requests inside the block; let them go at its end, whatever
+        happens in it (a server whose backing never answers cannot stop)."""
+        self.hold()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def _lines(self):
+        text = self.log.read_text() if self.log.exists() else ""
+        lines = text.split("\n")
+        return lines[:-1]           # the last one may be half written
+
+    def in_flight(self) -> int:
+        """Requests the backing has received and not answered."""
+        now = set()
+        for line in self._lines():
+            if m := self.ENTRY.search(line):
+                now.add(m.groups())
+            elif m := self.RETURN.search(line):
+                now.discard(m.groups())
+        return len(now)
+
+    def peak(self) -> int:
+        """The most requests the backing had in flight at once, over its whole log."""
+        now, peak = set(), 0
+        for line in self._lines():
+            if m := self.ENTRY.search(line):
+                now.add(m.groups())
+                peak = max(peak, len(now))
+            elif m := self.RETURN.search(line):
+                now.discard(m.groups())
+        return peak
+
+    def wait_in_flight(self, n: int, client=None, timeout=60.0, settle=1.0) -> None:
+        """Wait until n requests are held at the backing, then a moment more, and assert no
+        more came: the moment only makes a wrong cap likelier to show, it can never make a
+        right one fail.  client: a libnbd handle with requests to send meanwhile (libnbd sends
+        what did not fit in the socket only when polled)."""
+
+        def wait(seconds):
+            if client is None:
+                time.sleep(seconds)
+                return
+            end = time.monotonic() + seconds
+            while (left := end - time.monotonic()) > 0:
+                client.poll(max(1, int(left * 1000)))
+
+        deadline = time.monotonic() + timeout
+        while (got := self.in_flight()) < n:
+            assert time.monotonic() < deadline, f"only {got} of {n} requests reached the backing"
+            wait(0.02)
+        wait(settle)
+        assert self.in_flight() == n, f"{self.in_flight()} requests at the backing, not {n}"
+
+
+def pattern_bytes(offset, count):
+    """What nbdkit's pattern plugin holds at offset (8-byte aligned)."""
+    return b"".join((offset + i).to_bytes(8, "big") for i in range(0, count, 8))
+
+
+def wait_all(h, cookies):
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
+    for c in cookies:
+        assert h.aio_command_completed(c)    # raises nbd.Error if the reply was an error
+
+
+def test_200_reads_at_once_over_a_held_backing_64_reach_it(tmp_path):
+    """README (over a remote backing): a client's whole queue depth, up to 64 requests a
+    connection, is in flight at the backing at once.  A client that sends 200 READs at once,
+    all of blocks the overlay does not hold, has exactly 64 of them at the backing while it
+    holds them, and gets all 200 right once it answers."""
+    with HeldBacking(tmp_path) as back, \
+            start_server(back.uri, "--cow-block-size", "4K", tmp_path=tmp_path) as (uri, _):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        bufs = [(i * 65536 + 8 * i, nbd.Buffer(4096)) for i in range(200)]
+        with back.held():
+            cookies = [h.aio_pread(b, off) for off, b in bufs]
+            back.wait_in_flight(64, h)
+            assert h.aio_in_flight() == 200     # none answered while the backing holds them
+        wait_all(h, cookies)
+        for off, b in bufs:
+            assert b.to_bytearray() == pattern_bytes(off, 4096), off
+        assert back.peak() == 64
+        assert h.pread(16, 5 * 65536) == pattern_bytes(5 * 65536, 16)    # and it goes on
+        h.shutdown()
+
+
+def test_200_mixed_requests_at_once_over_a_held_backing(tmp_path):
+    """200 requests at once on one connection over a held NBD backing: 50 reads of the
+    backing and 50 partial writes (each copies its block up) are all at the backing at once,
+    while the 100 the overlay serves (reads of blocks written before, whole-block writes) are
+    answered without waiting for them (README: requests the overlay can serve never wait
+    behind these).  Once the backing answers, every reply is right."""
+    with HeldBacking(tmp_path) as back, \
+            start_server(back.uri, "--cow-block-size", "4K", tmp_path=tmp_path) as (uri, _):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        whole = {k: bytes([k % 251 + 1]) * 4096 for k in range(50)}
+        for k, data in whole.items():
+            h.pwrite(data, k * 4096)                 # in the overlay before the backing is held
+        cookies, backing_reads, overlay_reads, written = [], [], [], {}
+        with back.held():
+            for i in range(200):
+                kind = i % 4
+                if kind == 0:                           # a read of the backing
+                    off = (1000 + i) * 4096 + 24
+                    b = nbd.Buffer(1000)
+                    backing_reads.append((b, pattern_bytes(off - 24, 1024)[24:]))
+                    cookies.append(h.aio_pread(b, off))
+                elif kind == 1:                         # a partial write: a copy-up
+                    off = (2000 + i) * 4096 + 512
+                    written[off] = bytes([i % 250 + 3]) * 100
+                    cookies.append(h.aio_pwrite(written[off], off))
+                elif kind == 2:                         # a read of what the overlay holds
+                    b = nbd.Buffer(4096)
+                    overlay_reads.append((b, whole[i // 4]))
+                    cookies.append(h.aio_pread(b, i // 4 * 4096))
+                else:                                   # a whole-block write: no backing
+                    off = (3000 + i) * 4096
+                    written[off] = bytes([i % 250 + 3]) * 4096
+                    cookies.append(h.aio_pwrite(written[off], off))
+            back.wait_in_flight(100, h)
+            deadline = time.monotonic() + 60
+            while h.aio_in_flight() > 100:              # the overlay's hundred are answered
+                assert time.monotonic() < deadline, h.aio_in_flight()
+                h.poll(1000)
+            for b, want in overlay_reads:
+                assert b.to_bytearray() == want
+            assert back.in_flight() == 100
+        wait_all(h, cookies)
+        for b, want in backing_reads:
+            assert b.to_bytearray() == want
+        for off, data in written.items():
+            block = off // 4096 * 4096
+            want = bytearray(pattern_bytes(block, 4096))
+            want[off - block:off - block + len(data)] = data
+            assert h.pread(4096, block) == want, off
+        h.shutdown()
+
+
+def test_200_requests_at_once_over_a_file(served, disk):
+    """The same over a file backing: 200 requests sent before any reply is read, each on a
+    range of its own (requests in flight may be served in any order): whole and partial
+    writes, reads of the backing and of what was written before, zeroes, flushes."""
+    uri, _ = served
+    model = bytearray(disk.read_bytes())
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    for i in range(2, 200, 10):                     # some reads below read what is written
+        off = i * 40000
+        model[off:off + 5000] = bytes([i % 250 + 1]) * 5000
+        h.pwrite(bytes(model[off:off + 5000]), off)
+    cookies, reads = [], []
+    for i in range(200):
+        off = i * 40000 + (i % 7) * 1000
+        kind = i % 5
+        if kind in (0, 1):
+            data = bytes([i % 250 + 1]) * (4096 if kind == 0 else 300)
+            cookies.append(h.aio_pwrite(data, off))
+            model[off:off + len(data)] = data
+        elif kind == 2:
+            off = i * 40000
+            b = nbd.Buffer(5000)
+            reads.append((b, bytes(model[off:off + 5000])))
+            cookies.append(h.aio_pread(b, off))
+        elif kind == 3:
+            cookies.append(h.aio_zero(2000, off))
+            model[off:off + 2000] = bytes(2000)
+        else:
+            cookies.append(h.aio_flush())
+    assert h.aio_in_flight() == 200           # all sent, no reply read yet
+    wait_all(h, cookies)
+    for b, want in reads:
+        assert b.to_bytearray() == want
+    assert h.pread(SIZE, 0) == model
+    h.shutdown()

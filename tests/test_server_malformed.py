@@ -1,6 +1,7 @@
 """Malformed input over raw sockets: a client that breaks the framing loses only its own
 connection; the server, and every other connection, go on; no partial write lands."""
 
+import socket
 import struct
 import threading
 
@@ -196,11 +197,19 @@ def test_bad_request_magic_closes_only_that_connection(served):
         assert c.is_closed()
 
 
+def _end_inside_the_payload(c):
+    """End the stream where it is (inside a WRITE payload) and wait until the server has closed
+    the connection: only then has it finished with that WRITE.  No reply comes for it."""
+    c.sock.shutdown(socket.SHUT_WR)
+    assert c.read_to_eof() == b"", "a reply to a WRITE whose payload never came"
+
+
 def test_truncated_write_payload_writes_nothing(served):
     sock, h, disk, _ = served
     with RawClient(sock) as c:
         c.negotiate()
         c.request(P.NBD_CMD_WRITE, 65536, 8192, cookie=1, payload=b"\xee" * 8000)
+        _end_inside_the_payload(c)
     # The connection is gone; nothing of the 8000 bytes reached the overlay.
     assert h.pread(8192, 65536) == backing_bytes(disk, 65536, 8192)
 
@@ -210,6 +219,7 @@ def test_truncated_large_write_payload_writes_nothing(served):
     with RawClient(sock) as c:
         c.negotiate()
         c.request(P.NBD_CMD_WRITE, 0, 2 << 20, cookie=1, payload=b"\xee" * (1 << 20))
+        _end_inside_the_payload(c)
     assert h.pread(2 << 20, 0) == backing_bytes(disk, 0, 2 << 20)
 
 

@@ -15,9 +15,8 @@ import nbd
 import pytest
 
 from conftest import write_sample
+from support_hold import held  # noqa: F401 - a fixture
 from support_server import start_server
-from support_reliability import start_nbdkit
-from test_backing import max_in_flight, wait_for_log
 
 MiB = 1 << 20
 
@@ -34,20 +33,26 @@ def connect(uri):
     return h
 
 
-def test_client_queue_depth_becomes_backing_reads_in_flight(nbdkit, tmp_path):
+def test_client_queue_depth_becomes_backing_reads_in_flight(held, tmp_path):
     """4 connections with 16 reads each in flight, over one libnbd handle
-    (--backing-connections 1): the backing sees nearly all 64 at once."""
-    log = tmp_path / "backing.log"
-    back = nbdkit("-t", "128", "--filter=log", "--filter=multi-conn", "--filter=delay",
-                  "pattern", "64M", f"logfile={log}", "rdelay=500ms", "multi-conn-mode=disable")
-    with start_server(back, "--backing-connections", "1", tmp_path=tmp_path) as (uri, _):
+    (--backing-connections 1): the backing holds every read until all 64 have reached it at
+    once (were any waiting for another's answer, they never would), then releases them."""
+    back = held("pattern", "64M", "multi-conn-mode=disable", nbdkit_args=("-t", "128"),
+                filters=("multi-conn",))
+    with start_server(back.uri, "--backing-connections", "1", tmp_path=tmp_path) as (uri, _):
         handles = [connect(uri) for _ in range(4)]
+        back.hold()
         bufs = []
         for k, h in enumerate(handles):
             for i in range(16):
                 b = nbd.Buffer(65536)
                 off = (k * 16 + i) * 65536
                 bufs.append((off, b, h, h.aio_pread(b, off)))
+        try:
+            back.wait_for(r" Read id=\d+ ", count=64)   # all 64 at the backing together
+            assert len(back.pending()) == 64
+        finally:
+            back.release()
         for h in handles:
             while h.aio_in_flight() > 0:
                 h.poll(-1)
@@ -56,28 +61,38 @@ def test_client_queue_depth_becomes_backing_reads_in_flight(nbdkit, tmp_path):
             assert b.to_bytearray()[:8] == off.to_bytes(8, "big")
         for h in handles:
             h.shutdown()
-    assert len(re.findall(r"connection=\d+ Connect ", log.read_text())) == 1
-    assert max_in_flight(log) >= 48, "client requests waited for each other's backing reads"
+    assert len(re.findall(r"connection=\d+ Connect ", back.text())) == 1
 
 
-def test_overlay_requests_do_not_wait_for_the_backing(nbdkit, tmp_path):
-    """While a connection has a slow backing read in flight, the same connection's reads and
-    writes of blocks already in the overlay are answered (out of order, before it)."""
-    log = tmp_path / "backing.log"
-    back = nbdkit("--filter=log", "--filter=delay", "memory", "16M", f"logfile={log}",
-                  "rdelay=3")
-    with start_server(back, tmp_path=tmp_path) as (uri, _):
+def test_overlay_requests_do_not_wait_for_the_backing(held, tmp_path):
+    """While a connection has a backing read in flight (held at the backing until the test
+    releases it), the same connection's reads and writes of blocks already in the overlay are
+    answered (out of order, before it)."""
+    back = held("memory", "16M")
+    with start_server(back.uri, tmp_path=tmp_path) as (uri, _):
         h = connect(uri)
         h.pwrite(b"o" * 65536, 0)
+        back.hold()
         slow = h.aio_pread(nbd.Buffer(4096), 5 * 65536)
-        wait_for_log(log, r" Read id=\d+ ")
-        assert h.pread(100, 10) == b"o" * 100                 # overlay: no wait
-        h.pwrite(b"p" * 100, 200)                             # allocated block: no wait
-        h.trim(65536, 8 * 65536)
-        assert not h.aio_command_completed(slow)              # still on its way
+        back.wait_for(rf" Read id=\d+ offset={hex(5 * 65536)} ")
+        buf = nbd.Buffer(100)
+        quick = [h.aio_pread(buf, 10),                       # overlay
+                 h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(b"p" * 100)), 200),
+                 h.aio_trim(65536, 8 * 65536)]               # allocated block, trim
+        deadline = time.monotonic() + 60
+        while quick:              # a completed cookie is retired: ask about each one once
+            quick = [c for c in quick if not h.aio_command_completed(c)]
+            assert time.monotonic() < deadline, "overlay requests waited for the backing read"
+            if quick:
+                h.poll(1000)
+        assert buf.to_bytearray() == b"o" * 100
+        assert back.pending(), "the backing read was not held"
+        assert not h.aio_command_completed(slow)              # still held: answered after
+        back.release()
         while h.aio_in_flight() > 0:
             h.poll(-1)
         assert h.aio_command_completed(slow)
+        assert h.pread(300, 0) == b"o" * 200 + b"p" * 100
         h.shutdown()
 
 
@@ -134,53 +149,60 @@ def test_cow_on_read_is_a_local_cache_of_a_remote_base(nbdkit, tmp_path):
     assert first.read_bytes() == data and second.read_bytes() == data
 
 
-def test_backing_killed_mid_copy(tmp_path):
+def test_backing_killed_mid_copy(held, tmp_path):
     """The backing dies while nbdcopy copies through the server, with --backing-wait 0 (no
     waiting for it to come back: test_backing_reconnect.py has the wait): the copy fails at once
-    (EIO, no hang), the server stays up and serves the overlay, and its log says what broke."""
+    (EIO, no hang), the server stays up and serves the overlay, and its log says what broke.  The
+    backing holds every request from the copy's start, so the copy is certainly under way, and
+    unfinished, when the backing is killed."""
     disk = write_sample(tmp_path / "base.img", 64 * MiB, holes=False)
-    with start_nbdkit(tmp_path, "-t", "64", "--filter=delay", "file", disk,
-                      "rdelay=1") as (back, backproc):
-        with start_server(back, "--backing-wait", "0", tmp_path=tmp_path) as (uri, proc):
-            h = connect(uri)
-            h.pwrite(b"k" * 65536, 0)
-            copy = subprocess.Popen(["nbdcopy", "-C", "4", uri, "null:"],
-                                    stderr=subprocess.PIPE, text=True)
-            time.sleep(1.5)                           # the copy is under way (a few s)
-            assert copy.poll() is None
-            backproc.send_signal(signal.SIGKILL)
-            backproc.wait()
-            _, err = copy.communicate(timeout=20)     # not a hang
-            assert copy.returncode != 0 and "Input/output error" in err, err
-            assert h.pread(65536, 0) == b"k" * 65536  # the overlay is still served
-            with pytest.raises(nbd.Error) as ei:
-                h.pread(4096, 32 * MiB)
-            assert ei.value.errnum == errno.EIO
-            h.shutdown()
-            h2 = connect(uri)                          # and new clients are accepted
-            assert h2.pread(4, 0) == b"kkkk"
-            h2.shutdown()
-            log = proc.log_path.read_text()
-            assert "backing connection broke" in log and back in log, log
+    back = held("file", disk, nbdkit_args=("-t", "64"))
+    with start_server(back.uri, "--backing-wait", "0", tmp_path=tmp_path) as (uri, proc):
+        h = connect(uri)
+        h.pwrite(b"k" * 65536, 0)
+        back.hold()
+        copy = subprocess.Popen(["nbdcopy", "-C", "4", uri, "null:"],
+                                stderr=subprocess.PIPE, text=True)
+        back.wait_for(r" (Read|Extents) id=\d+ ")          # the copy reached the backing
+        assert copy.poll() is None
+        back.proc.send_signal(signal.SIGKILL)
+        back.proc.wait()
+        _, err = copy.communicate(timeout=60)     # not a hang
+        assert copy.returncode != 0 and "Input/output error" in err, err
+        assert h.pread(65536, 0) == b"k" * 65536  # the overlay is still served
+        with pytest.raises(nbd.Error) as ei:
+            h.pread(4096, 32 * MiB)
+        assert ei.value.errnum == errno.EIO
+        h.shutdown()
+        h2 = connect(uri)                          # and new clients are accepted
+        assert h2.pread(4, 0) == b"kkkk"
+        h2.shutdown()
+        log = proc.log_path.read_text()
+        assert "backing connection broke" in log and back.uri in log, log
 
 
-def test_shim_keeps_a_slow_backing_busy(nbdkit, tmp_path):
+def test_shim_keeps_a_slow_backing_busy(held, tmp_path):
     """The nbdkit shim over one backing connection (backing-connections=1): nbdkit's threads
-    each wait for their own backing read, all on the engine's one libnbd handle, so a client's 16
-    reads in flight are (nearly) all in flight at the backing."""
+    each wait for their own backing read, all on the engine's one libnbd handle, so a client's
+    16 reads in flight are all in flight at the backing at once (it holds them until they
+    are)."""
     from support_shim import run_shim
 
-    log = tmp_path / "backing.log"
-    back = nbdkit("-t", "64", "--filter=log", "--filter=multi-conn", "--filter=delay",
-                  "pattern", "64M", f"logfile={log}", "rdelay=500ms", "multi-conn-mode=disable")
-    with run_shim(back, tmp_path / "shim.sock", "backing-connections=1") as server:
+    back = held("pattern", "64M", "multi-conn-mode=disable", nbdkit_args=("-t", "64"),
+                filters=("multi-conn",))
+    with run_shim(back.uri, tmp_path / "shim.sock", "backing-connections=1") as server:
         h = connect(server.uri)
+        back.hold()
         bufs = [(i * 65536, nbd.Buffer(65536)) for i in range(16)]
         cookies = [h.aio_pread(b, off) for off, b in bufs]
+        try:
+            back.wait_for(r" Read id=\d+ ", count=16)
+            assert len(back.pending()) == 16
+        finally:
+            back.release()
         while h.aio_in_flight() > 0:
             h.poll(-1)
         assert all(h.aio_command_completed(c) for c in cookies)
         assert all(b.to_bytearray()[:8] == off.to_bytes(8, "big") for off, b in bufs)
         h.shutdown()
-    assert len(re.findall(r"connection=\d+ Connect ", log.read_text())) == 1
-    assert max_in_flight(log) >= 12, "the shim's backing reads waited for each other"
+    assert len(re.findall(r"connection=\d+ Connect ", back.text())) == 1

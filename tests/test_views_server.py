@@ -4,6 +4,7 @@ connections to it; listing; every bad name refused with nothing created; the cap
 a view surviving a restart; the overlay tools on the files; and hundreds of views opened and
 closed with the server's descriptors and memory back where they were."""
 
+import errno
 import json
 import os
 import struct
@@ -13,6 +14,7 @@ import time
 import nbd
 import pytest
 
+from conftest import write_sample
 from cow import protocol as P
 from support_server import RawClient, server_command, start_server
 from test_overlay_tools import fails as tool_fails
@@ -425,3 +427,212 @@ def test_help_documents_the_views_options():
     for words in ("--overlay-dir DIR", "--temporary-views MODE", "--max-exports N",
                   "nbd+unix:///ci-42?socket=/tmp/s", "NBD_REP_ERR_POLICY"):
         assert words in r.stdout, words
+
+
+# -- per-view options, a changed golden image, refusals on the wire (issue 21: README claims) ----
+
+DEPTH = "qemu:allocation-depth"
+
+
+def depth_map(h, length, offset=0):
+    """[(length, depth)] of qemu:allocation-depth (1: the view's overlay, 2: the backing)."""
+    out = []
+
+    def got(meta, off, entries, err):
+        if meta == DEPTH:
+            out.extend(zip(entries[::2], entries[1::2]))
+        return 0
+
+    h.block_status(length, offset, got)
+    return out
+
+
+def connect_depth(proc, name):
+    h = nbd.NBD()
+    h.add_meta_context(DEPTH)
+    h.connect_uri(view_uri(proc, name))
+    return h
+
+
+def allocated_blocks(path):
+    return json.loads(tool_ok("info", path, "--json"))["allocated_blocks"]
+
+
+def test_overlay_max_size_caps_each_view(disk, folder, tmp_path):
+    """README (views): --overlay-max-size applies to each view.  16 blocks of 4 KiB a view:
+    each of two views takes its 16 (the cap is not shared between them), the 17th new block
+    fails with ENOSPC in each, a write into a block the view holds still succeeds, and the
+    server goes on serving."""
+    with start_server(disk, "--overlay-dir", folder, "--cow-block-size", "4K",
+                      "--overlay-max-size", "64K", tmp_path=tmp_path) as (_, proc):
+        a, b = connect(proc, "a"), connect(proc, "b")
+        for h, byte in ((a, b"a"), (b, b"b")):
+            for k in range(16):
+                h.pwrite(byte * 4096, k * 8192)
+            with pytest.raises(nbd.Error) as e:
+                h.pwrite(byte * 4096, 16 * 8192)
+            assert e.value.errno in ("ENOSPC", errno.ENOSPC), e.value
+            h.pwrite(byte * 100, 5 * 8192 + 7)              # a block it holds: no new space
+            h.flush()
+        assert a.pread(4096, 15 * 8192) == b"a" * 4096 and b.pread(4096, 15 * 8192) == b"b" * 4096
+        assert a.pread(4096, 16 * 8192) == disk.read_bytes()[16 * 8192:16 * 8192 + 4096]
+        a.shutdown()
+        b.shutdown()
+        wait_until(lambda: not held_files(proc, folder), what="the views to close")
+        # A view made before, with more blocks than the cap: served, and held to the cap.
+        assert allocated_blocks(folder / "a.cow") == 16
+        c = connect(proc, "c")
+        c.pwrite(b"c" * 4096, 0)
+        c.shutdown()
+    assert allocated_blocks(folder / "a.cow") == 16 and allocated_blocks(folder / "b.cow") == 16
+
+
+@pytest.mark.parametrize("mode", ["true", "path"])
+def test_cow_on_read_applies_to_each_view(disk, folder, tmp_path, mode):
+    """README (views): --cow-on-read applies to each view.  A read through view a copies the
+    blocks it read into a's overlay (and only a's); with --cow-on-read PATH, only while PATH
+    exists."""
+    switch = tmp_path / "cow-on-read-on"
+    value = "true" if mode == "true" else str(switch)
+    with start_server(disk, "--overlay-dir", folder, "--cow-block-size", "4K",
+                      "--cow-on-read", value, tmp_path=tmp_path) as (_, proc):
+        a, b = connect_depth(proc, "a"), connect_depth(proc, "b")
+        base = disk.read_bytes()
+        if mode == "path":
+            assert a.pread(4096, 65536) == base[65536:65536 + 4096]
+            assert depth_map(a, 4096, 65536) == [(4096, 2)]       # PATH absent: not copied
+            switch.write_bytes(b"")
+        assert a.pread(8192, 0) == base[:8192]
+        assert depth_map(a, 8192) == [(8192, 1)]                  # now in a's overlay
+        assert depth_map(b, 8192) == [(8192, 2)]                  # b still reads the backing
+        assert b.pread(4096, 32768) == base[32768:32768 + 4096]
+        assert depth_map(b, 4096, 32768) == [(4096, 1)]
+        assert depth_map(a, 4096, 32768) == [(4096, 2)]
+        a.shutdown()
+        b.shutdown()
+    assert allocated_blocks(folder / "a.cow") == 2 and allocated_blocks(folder / "b.cow") == 1
+
+
+def change_golden(golden, offset, data):
+    """Change the golden image the way a careless operator would: write into it."""
+    with open(golden, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    st = os.stat(golden)     # and make sure its time moved (a coarse clock may not)
+    os.utime(golden, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def test_a_golden_image_changed_under_existing_views(folder, tmp_path):
+    """README: a file backing whose modification time changed since an overlay recorded it is
+    refused (--overlay-backing-changed=accept serves it and records the new one), and a view
+    whose file cannot be opened gets NBD_REP_ERR_UNKNOWN.  The golden image changes while the
+    server runs, with view a idle and view c held: a's next client is refused, on the wire and
+    in qemu-img, naming no path, with one line in the log; a's file is left as it was; c's
+    client goes on being served, and once it leaves c is refused too; a new view is made over
+    the changed image; the server serves throughout."""
+    golden = write_sample(tmp_path / "golden.img", 4 * MiB)
+    with start_server(golden, "--overlay-dir", folder, "--cow-block-size", "4K",
+                      tmp_path=tmp_path) as (_, proc):
+        for name in ("a", "c"):
+            h = connect(proc, name)
+            h.pwrite(name.encode() * 4096, 0)
+            h.shutdown()
+        wait_until(lambda: not held_files(proc, folder), what="the views to close")
+        c = connect(proc, "c")
+        before = (folder / "a.cow").read_bytes()
+        change_golden(golden, 65536, b"\xee" * 4096)
+        rtype, msg = go_reply(proc, b"a")
+        assert rtype == P.NBD_REP_ERR_UNKNOWN, (rtype, msg)
+        assert msg.startswith(b"view a: the golden image changed since the view recorded it "
+                              b"(it was modified at "), msg           # the reason...
+        assert b"/" not in msg and b"golden.img" not in msg, msg     # ...and no path
+        r = sh("qemu-img", "info", view_uri(proc, "a"), check=False)
+        [said] = [line for line in r.stderr.splitlines() if "server reported:" in line]
+        assert r.returncode != 0 and "the golden image changed" in said and "/" not in said, \
+            r.stderr
+        lines = [line for line in proc.log_path.read_text().splitlines()
+                 if "changed since the overlay was made" in line]
+        assert len(lines) == 1 and "view a" in lines[0], lines
+        assert c.pread(4096, 0) == b"c" * 4096                    # a held view is served on
+        c.pwrite(b"C" * 4096, 8192)
+        c.shutdown()
+        wait_until(lambda: not held_files(proc, folder), what="c to close")
+        assert go_reply(proc, b"c")[0] == P.NBD_REP_ERR_UNKNOWN
+        d = connect(proc, "d")                                    # new views: over the new one
+        assert d.pread(4096, 65536) == b"\xee" * 4096
+        d.shutdown()
+        assert (folder / "a.cow").read_bytes() == before
+    with start_server(golden, "--overlay-dir", folder, tmp_path=tmp_path) as (_, proc):
+        assert go_reply(proc, b"a")[0] == P.NBD_REP_ERR_UNKNOWN    # after a restart too
+        connect(proc, "d").shutdown()
+    assert (folder / "a.cow").read_bytes() == before
+
+
+def test_overlay_backing_changed_accept_applies_to_each_view(folder, tmp_path):
+    """README (views): --overlay-backing-changed applies to each view.  After the golden image
+    changed, accept serves every existing view with its own changes over the changed image,
+    and records the new image in each, so that the next server, without accept, serves them."""
+    golden = write_sample(tmp_path / "golden.img", 4 * MiB)
+    with start_server(golden, "--overlay-dir", folder, "--cow-block-size", "4K",
+                      tmp_path=tmp_path) as (_, proc):
+        for name in ("a", "b"):
+            h = connect(proc, name)
+            h.pwrite(name.encode() * 4096, 0)
+            h.shutdown()
+    change_golden(golden, 65536, b"\xee" * 4096)
+    with start_server(golden, "--overlay-dir", folder, tmp_path=tmp_path) as (_, proc):
+        for name in (b"a", b"b"):
+            assert go_reply(proc, name)[0] == P.NBD_REP_ERR_UNKNOWN
+    with start_server(golden, "--overlay-dir", folder, "--overlay-backing-changed=accept",
+                      tmp_path=tmp_path) as (_, proc):
+        for name in ("a", "b"):
+            h = connect(proc, name)
+            assert h.pread(4096, 0) == name.encode() * 4096          # its own changes
+            assert h.pread(4096, 65536) == b"\xee" * 4096            # the changed image
+            h.shutdown()
+    with start_server(golden, "--overlay-dir", folder, tmp_path=tmp_path) as (_, proc):
+        for name in ("a", "b"):
+            h = connect(proc, name)
+            assert h.pread(4096, 0) == name.encode() * 4096
+            h.shutdown()
+        assert "changed since" not in proc.log_path.read_text()
+
+
+def test_a_view_that_cannot_be_opened_is_nbd_rep_err_unknown_with_the_reason(disk, folder,
+                                                                             tmp_path):
+    """README (views): a view whose file cannot be opened (held by a tool, not an overlay...)
+    gets NBD_REP_ERR_UNKNOWN with the reason, and the server's log says more.  On the wire,
+    from a hand-made client, for GO and INFO; a real client (qemu-img) hears the reason; the
+    files are left alone and other views are served."""
+    with start_server(disk, "--overlay-dir", folder, tmp_path=tmp_path) as (_, proc):
+        h = connect(proc, "busy")
+        h.pwrite(b"busy", 0)
+        h.shutdown()
+        wait_until(lambda: not held_files(proc, folder), what="busy to close")
+    (folder / "junk.cow").write_bytes(b"not an overlay at all\n" * 300)
+    junk = (folder / "junk.cow").read_bytes()
+    with start_server(disk, "--overlay-dir", folder, "--list-views", tmp_path=tmp_path) as (_, proc):
+        # Another process holds busy.cow: a second server on it, as --overlay FILE.
+        with start_server(None, "--overlay", folder / "busy.cow", tmp_path=tmp_path) as (_, other):
+            rtype, msg = go_reply(proc, b"busy")
+            assert rtype == P.NBD_REP_ERR_UNKNOWN, (rtype, msg)
+            assert b"view busy is in use by another process" in msg, msg
+            # INFO only looks (it reads the header, which the lock does not forbid).
+            assert go_reply(proc, b"busy", P.NBD_OPT_INFO)[0] == P.NBD_REP_ACK
+            r = sh("qemu-img", "info", view_uri(proc, "busy"), check=False)
+            assert r.returncode != 0 and "in use by another process" in r.stderr, r.stderr
+            log = proc.log_path.read_text()
+            assert f"in use by pid {other.pid}" in log, log
+        for option in (P.NBD_OPT_GO, P.NBD_OPT_INFO):
+            rtype, msg = go_reply(proc, b"junk", option)
+            assert rtype == P.NBD_REP_ERR_UNKNOWN, (option, rtype, msg)
+            assert msg.startswith(b"view junk: ") and b"/" not in msg, msg
+        r = sh("qemu-img", "info", view_uri(proc, "junk"), check=False)
+        assert r.returncode != 0 and "view junk: " in r.stderr, r.stderr
+        assert sum("junk.cow" in line for line in proc.log_path.read_text().splitlines()) == 1
+        h = connect(proc, "busy")                    # free again: served
+        assert h.pread(4, 0) == b"busy"
+        h.shutdown()
+        connect(proc, "other").shutdown()
+        assert "Traceback" not in proc.log_path.read_text()
+    assert (folder / "junk.cow").read_bytes() == junk
