@@ -3,8 +3,8 @@
 ``main`` parses the options, opens the engine over the backing (or a built-in sample disk),
 makes the listening sockets (Unix, TCP, or systemd socket activation), writes the pidfile,
 runs the captive ``--run`` command, accepts connections until SIGINT/SIGTERM or the end of
-that command, then shuts the server down and cleans up.  Connections themselves are
-``cow/server.py``'s: this module hands each accepted socket to :class:`cow.server.Server`.
+that command, then shuts the server down and cleans up.  Connections themselves are the
+cow/server package's: this module hands each accepted socket to cow.server.accept.Server.
 """
 
 from __future__ import annotations
@@ -29,14 +29,17 @@ from urllib.parse import quote
 from cow import __version__
 from cow import protocol as P
 
-# cow.server imports the compiled engine, so it is imported only to serve (in _main): --help
-# needs no engine, and a missing one is reported in one line.  Its defaults that --help shows
-# are repeated here (a test checks that they agree with cow.server's).
-DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # cow.server.DEFAULT_HANDSHAKE_TIMEOUT
-DEFAULT_PAYLOAD_TIMEOUT = 60.0  # cow.server.DEFAULT_PAYLOAD_TIMEOUT
-LARGE_REQUEST = 128 * 1024  # cow.server.LARGE_REQUEST
-LARGE_WORKERS = 8  # cow.server.LARGE_WORKERS
-MAX_QUEUED_PER_CONNECTION = 64  # cow.server.MAX_QUEUED_PER_CONNECTION
+# The server's defaults that --help shows (cow.server.tuning needs no engine; the server itself
+# imports the compiled engine, so it is imported only to serve, in _main: --help needs no engine,
+# and a missing one is reported in one line).
+from cow.server.tuning import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_PAYLOAD_TIMEOUT,
+    LARGE_REQUEST,
+    LARGE_WORKERS,
+    MAX_QUEUED_PER_CONNECTION,
+)
+
 DEFAULT_BACKING_CONNECTIONS = 8  # cow.backing.DEFAULT_CONNECTIONS
 DEFAULT_BACKING_WAIT = 30.0  # cow.backing.DEFAULT_WAIT
 
@@ -786,7 +789,7 @@ def _main(args, cleanup: list) -> int:
     try:
         from cow.backing import CommandError, is_nbd_uri
         from cow.engine import Engine
-        from cow.server import OneEngine, Server
+        from cow.server.accept import OneEngine, Server
     except ImportError as e:
         raise _StartupError(_engine_missing(e)) from None
     from cow.tls import TLSConfigError, server_settings

@@ -2,8 +2,8 @@
 
 This module knows the wire format of the NBD protocol (NetworkBlockDevice/nbd
 ``doc/proto.md``) as nbdkit and qemu-nbd speak it, and nothing about sockets,
-threads or the copy-on-write engine.  ``cow/server.py`` moves the bytes; this
-module decides what they mean.
+threads or the copy-on-write engine.  The ``cow/server`` package moves the bytes;
+this module decides what they mean.
 
 One :class:`ServerConnection` follows one client through the phases of a
 connection::

@@ -16,8 +16,8 @@ client).
 Names come from the network: only ``[A-Za-z0-9][A-Za-z0-9._-]*``, at most MAX_NAME bytes, so a
 name is never a path, never hidden, never an option, and maps to exactly one file.  Everything a
 view refuses is a ViewError whose ``kind`` says why (a bad name, no such view, the cap, or the
-view cannot be opened now): cow/server.py turns it into the NBD reply a client understands, the
-nbdkit shim into an errno.
+view cannot be opened now): the server (cow/server/) turns it into the NBD reply a client
+understands, the nbdkit shim into an errno.
 
 Files: the folder's contents are not trusted (another local user, or a copied-in file, may have
 planted anything there).  The folder is opened once, and every view file is opened relative to
@@ -596,7 +596,7 @@ def _client_line(name: str, message: str, path: str) -> str:
     return f"view {name}: {message}"
 
 
-# -- the NBD side: cow/server.py asks a ViewExports ---------------------------------------------
+# -- the NBD side: the server (cow/server/) asks a ViewExports ---------------------------------
 
 _REPLY_FOR = {
     BAD_NAME: P.NBD_REP_ERR_INVALID,        # not a name this server's syntax allows

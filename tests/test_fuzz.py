@@ -114,7 +114,8 @@ def handshake_stream(draw):
 
 
 def _drive(conn: P.ServerConnection, stream: bytes):
-    """Feed a byte stream the way server.py does; return the replies sent and the end state."""
+    """Feed a byte stream the way cow/server/handshake.py does; return the replies sent and the
+    end state."""
     sent = [conn.greeting()]
     pos = 0
     steps = 0

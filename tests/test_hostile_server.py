@@ -33,7 +33,7 @@ from support_reliability import (
 KiB = 1024
 MiB = 1024 * KiB
 
-# The server's read budgets (cow/server.py READ_BUDGET, SERVER_READ_BUDGET), restated so that
+# The server's read budgets (cow/server/tuning.py READ_BUDGET, SERVER_READ_BUDGET), restated so that
 # the bounds below are the documented ones.
 READ_BUDGET = 32 * MiB
 SERVER_READ_BUDGET = 256 * MiB

@@ -528,7 +528,7 @@ def test_disc_waits_for_large_writes_in_workers(disk, server):
 
 def test_errno_mapping():
     from cow import protocol as P
-    from cow.server import nbd_error_from_errno as m
+    from cow.server.errors import nbd_error_from_errno as m
     assert m(errno.EPERM) == m(errno.EROFS) == P.NBD_EPERM
     assert m(errno.ENOSPC) == m(errno.EFBIG) == m(errno.EDQUOT) == P.NBD_ENOSPC
     assert m(errno.ENOTSUP) == m(errno.EOPNOTSUPP) == P.NBD_ENOTSUP

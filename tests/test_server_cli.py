@@ -154,15 +154,15 @@ def test_python_path_is_not_needed():
 
 
 def test_console_script_and_module_share_one_command_line():
-    """The cow-server script (pyproject) and python -m cow.server run the same cow.cli.main."""
+    """The cow-server script (pyproject) and python -m cow.server (cow/server/__main__.py) run
+    the same cow.cli.main."""
     from pathlib import Path
 
     script = Path(PYTHON).parent / "cow-server"
     r = subprocess.run([str(script), "--help"], cwd="/", capture_output=True, text=True,
                        timeout=60)
     assert r.returncode == 0 and "usage: python -m cow.server" in r.stdout, r.stderr
-    r = subprocess.run([PYTHON, "-P", "-c", "import cow.cli, cow.server; "
-                        "print(cow.server.main(['--no-such-option']))"], cwd="/",
+    r = subprocess.run([PYTHON, "-P", "-m", "cow.server", "--no-such-option"], cwd="/",
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "unrecognized arguments" in r.stderr, r.stderr
 
