@@ -786,10 +786,10 @@ def _command_error(e, command: list[str]) -> str:
 
 
 def _main(args, cleanup: list) -> int:
-    try:
-        from cow.backing import CommandError, is_nbd_uri
-        from cow.engine import Engine
-        from cow.server.accept import OneEngine, Server
+    try:  # the compiled modules (imported here so that a missing one is one line)
+        import cow.backing  # noqa: F401
+        import cow.engine  # noqa: F401
+        from cow.server.accept import Server
     except ImportError as e:
         raise _StartupError(_engine_missing(e)) from None
     from cow.tls import TLSConfigError, server_settings
@@ -802,11 +802,69 @@ def _main(args, cleanup: list) -> int:
     if args.unix is not None and args.port is not None:
         raise _StartupError("-U and -p both say where to listen: give one of them (as nbdkit)")
 
-    # -- the engine over the backing
-    backing = args.backing
-    sample_note = None
-    recorded = False            # the backing is the one --overlay FILE records
+    exports, size, block_size, slow, backing, note, give_up_waiting, sample_note = \
+        _open_exports(args, cleanup)
+    server = Server(exports, slow_backing=slow, workers=args.threads, verbose=args.verbose,
+                    tls=tls, max_connections=args.max_connections,
+                    handshake_timeout=args.handshake_timeout,
+                    payload_timeout=args.payload_timeout)
+    listeners, activated, uri, env_uri, where = _listen(args, tls, cleanup)
+    if args.pidfile:
+        try:
+            with open(args.pidfile, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as e:
+            raise _StartupError(f"cannot write pidfile {args.pidfile}: {e.strerror}") from None
+        pidfile = args.pidfile
+        cleanup.append(lambda: os.unlink(pidfile))
+
+    # The start-up line goes to stdout, except where stdout belongs to a client program
+    # (captive mode, socket activation).
+    # Under socket activation the client started the server and stderr is the client's
+    # terminal: a line there at every connection is noise (nbdkit prints none), unless -v.
+    out = sys.stderr if (args.run is not None or activated) else sys.stdout
+    if not activated or args.verbose:
+        if sample_note:
+            print(f"python -m cow.server: {sample_note}", file=sys.stderr, flush=True)
+        tls_note = f", TLS {tls.mode} ({tls.kind})" if tls.enabled else ""
+        print(f"python -m cow.server: serving {backing} ({size} bytes, copy-on-write, block "
+              f"size {block_size}{note}{tls_note}) at {where}", file=out, flush=True)
+
+    status = _run(args, server, listeners, uri, env_uri, give_up_waiting, cleanup)
+    if args.verbose:
+        log.info("stopped")
+    return status
+
+
+# -- the engine over the backing, or the views ------------------------------------------------
+
+def _open_exports(args, cleanup: list):
+    """What the server offers: one engine over the backing, or a view per export name.
+    (exports, size, block_size, slow, backing, note, give_up_waiting, sample_note)."""
+    from cow.backing import is_nbd_uri
+
+    backing, recorded, sample_note = _choose_backing(args, cleanup)
     file_size = None            # a file or block device backing's size, known before opening
+    if sample_note is None and isinstance(backing, str) and not is_nbd_uri(backing):
+        file_size = _backing_file_size(args, backing, recorded)
+    kwargs = _engine_kwargs(args)
+    if file_size is not None and kwargs.get("block_size", 0) > max(file_size, 4096):
+        # Legal, but every partial write would copy a block larger than the disk itself.
+        raise _StartupError(f"--cow-block-size {args.cow_block_size}: larger than the disk "
+                            f"({file_size} bytes); choose a smaller one")
+    what = repr(backing) if isinstance(backing, str) else shlex.join(backing)
+    if args.overlay_dir is not None or args.temporary_views is not None:
+        opened = _open_views(args, backing, kwargs, what, cleanup)
+    else:
+        opened = _open_engine(args, backing, kwargs, what, sample_note, cleanup)
+    return (*opened, sample_note)
+
+
+def _choose_backing(args, cleanup: list):
+    """(backing, recorded, sample_note): BACKING, the command after --, the one --overlay FILE
+    records (recorded), or a built-in sample disk made here (sample_note says so)."""
+    backing = args.backing
+    recorded = False            # the backing is the one --overlay FILE records
     if args.command is not None:
         if backing is not None:
             raise _StartupError(f"give the backing either as BACKING ({backing!r}) or as a "
@@ -822,88 +880,94 @@ def _main(args, cleanup: list) -> int:
         raise _StartupError("--overlay-dir needs the BACKING every view is a view of (the "
                             "golden image), e.g. python -m cow.server golden.img --overlay-dir "
                             f"{args.overlay_dir}")
-    if backing is None:
-        sample_dir = tempfile.mkdtemp(prefix="cow-sample-")
-        cleanup.append(lambda: shutil.rmtree(sample_dir, ignore_errors=True))
-        backing = os.path.join(sample_dir, "sample.img")
-        make_sample_disk(backing)
-        sample_note = (f"no BACKING given: serving a built-in {SAMPLE_DISK_SIZE >> 20} MiB sample "
-                       "disk (data and holes)")
-    elif isinstance(backing, str) and not is_nbd_uri(backing):
-        scheme = backing.split("://", 1)[0].lower() if "://" in backing else None
-        if scheme in _URL_PLUGINS:
-            raise _StartupError(f"{backing!r} is a URL, and cow.server reads NBD URIs and "
-                                f"files itself: put nbdkit in front of it, e.g. python -m "
-                                f"cow.server -U SOCK -- nbdkit {_URL_PLUGINS[scheme]} "
-                                f"{shlex.quote(backing)}")
+    if backing is not None:
+        return backing, recorded, None
+    sample_dir = tempfile.mkdtemp(prefix="cow-sample-")
+    cleanup.append(lambda: shutil.rmtree(sample_dir, ignore_errors=True))
+    backing = os.path.join(sample_dir, "sample.img")
+    make_sample_disk(backing)
+    return backing, False, (f"no BACKING given: serving a built-in {SAMPLE_DISK_SIZE >> 20} MiB "
+                            "sample disk (data and holes)")
+
+
+def _backing_file_size(args, backing: str, recorded: bool) -> int:
+    """The size of a backing named by path, which must be a regular file or a block device
+    (a URL gets the nbdkit plugin that serves it)."""
+    scheme = backing.split("://", 1)[0].lower() if "://" in backing else None
+    if scheme in _URL_PLUGINS:
+        raise _StartupError(f"{backing!r} is a URL, and cow.server reads NBD URIs and "
+                            f"files itself: put nbdkit in front of it, e.g. python -m "
+                            f"cow.server -U SOCK -- nbdkit {_URL_PLUGINS[scheme]} "
+                            f"{shlex.quote(backing)}")
+    file_size = None
+    try:
+        # O_NONBLOCK: a FIFO (or a terminal) would otherwise hang the start-up here.
+        fd = os.open(backing, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
-            # O_NONBLOCK: a FIFO (or a terminal) would otherwise hang the start-up here.
-            fd = os.open(backing, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                mode = os.fstat(fd).st_mode
-                if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
-                    file_size = os.lseek(fd, 0, os.SEEK_END)   # a block device's too
-            finally:
-                os.close(fd)
-        except OSError as e:
-            if recorded:
-                raise _StartupError(
-                    f"cannot open the backing {backing!r} that --overlay {args.overlay} records: "
-                    f"{e.strerror}; if it moved, name it: python -m cow.server NEW-PATH "
-                    f"--overlay {args.overlay} (the same file, moved, is accepted)") from None
-            raise _StartupError(f"cannot open backing {backing!r}: {e.strerror}") from None
-        if stat.S_ISDIR(mode):
-            raise _StartupError(f"cannot open backing {backing!r}: Is a directory")
-        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-            raise _StartupError(f"cannot serve backing {backing!r}: not a regular file or block "
-                                f"device (for a stream, copy it to a file first)")
-    kwargs = _engine_kwargs(args)
-    if file_size is not None and kwargs.get("block_size", 0) > max(file_size, 4096):
-        # Legal, but every partial write would copy a block larger than the disk itself.
-        raise _StartupError(f"--cow-block-size {args.cow_block_size}: larger than the disk "
-                            f"({file_size} bytes); choose a smaller one")
-    what = repr(backing) if isinstance(backing, str) else shlex.join(backing)
-    if args.overlay_dir is not None or args.temporary_views is not None:
-        exports, size, block_size, slow, backing, note, give_up_waiting = _open_views(
-            args, backing, kwargs, what, cleanup)
-    else:
+            mode = os.fstat(fd).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+                file_size = os.lseek(fd, 0, os.SEEK_END)   # a block device's too
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if recorded:
+            raise _StartupError(
+                f"cannot open the backing {backing!r} that --overlay {args.overlay} records: "
+                f"{e.strerror}; if it moved, name it: python -m cow.server NEW-PATH "
+                f"--overlay {args.overlay} (the same file, moved, is accepted)") from None
+        raise _StartupError(f"cannot open backing {backing!r}: {e.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise _StartupError(f"cannot open backing {backing!r}: Is a directory")
+    if file_size is None:
+        raise _StartupError(f"cannot serve backing {backing!r}: not a regular file or block "
+                            f"device (for a stream, copy it to a file first)")
+    return file_size
+
+
+def _open_engine(args, backing, kwargs: dict, what: str, sample_note, cleanup: list):
+    """One engine behind one export: (exports, size, block_size, slow, backing, note,
+    give_up_waiting), as _open_views gives."""
+    from cow.backing import CommandError
+    from cow.engine import Engine
+    from cow.server.accept import OneEngine
+
+    try:
+        engine = Engine(backing, **kwargs)
+    except CommandError as e:
+        raise _StartupError(_command_error(e, backing)) from None
+    except OSError as e:
+        raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise _StartupError(_option_words(str(e))) from None
+
+    def close_engine():
         try:
-            engine = Engine(backing, **kwargs)
-        except CommandError as e:
-            raise _StartupError(_command_error(e, backing)) from None
+            engine.close()      # a persistent overlay is flushed first
         except OSError as e:
-            raise _StartupError(f"cannot serve {what}: {e.strerror or e}") from None
-        except ValueError as e:
-            raise _StartupError(_option_words(str(e))) from None
+            _fail(f"closing the overlay: {e.strerror or e}; changes since the last flush "
+                  f"may be lost")
 
-        def close_engine():
-            try:
-                engine.close()      # a persistent overlay is flushed first
-            except OSError as e:
-                _fail(f"closing the overlay: {e.strerror or e}; changes since the last flush "
-                      f"may be lost")
+    cleanup.append(close_engine)
+    # Every client may read the description: it never names the backing (a path, a URI,
+    # a command line with its secrets).  The start-up line tells the operator.
+    description = "built-in sample disk" if sample_note else "copy-on-write view"
+    export = P.Export(size=engine.size, name=args.exportname, description=description,
+                      readonly=args.readonly, preferred_block_size=engine.block_size)
+    note = ", read-only" if args.readonly else ""
+    if engine.overlay is not None:
+        st = engine.stats()
+        note += (f", overlay {engine.overlay}: {st['allocated_blocks']} blocks allocated, "
+                 f"{st['trimmed_blocks']} trimmed")
+    # engine.backing: the path, URI or command line
+    return (OneEngine(engine, export), engine.size, engine.block_size, engine.backing_is_nbd,
+            engine.backing, note, engine.give_up_waiting)
 
-        cleanup.append(close_engine)
-        give_up_waiting = engine.give_up_waiting
-        backing = engine.backing   # the path, URI or command line
-        # Every client may read the description: it never names the backing (a path, a URI,
-        # a command line with its secrets).  The start-up line tells the operator.
-        description = "built-in sample disk" if sample_note else "copy-on-write view"
-        export = P.Export(size=engine.size, name=args.exportname, description=description,
-                          readonly=args.readonly, preferred_block_size=engine.block_size)
-        exports = OneEngine(engine, export)
-        size, block_size, slow = engine.size, engine.block_size, engine.backing_is_nbd
-        note = ", read-only" if args.readonly else ""
-        if engine.overlay is not None:
-            st = engine.stats()
-            note += (f", overlay {engine.overlay}: {st['allocated_blocks']} blocks allocated, "
-                     f"{st['trimmed_blocks']} trimmed")
-    server = Server(exports, slow_backing=slow, workers=args.threads, verbose=args.verbose,
-                    tls=tls, max_connections=args.max_connections,
-                    handshake_timeout=args.handshake_timeout,
-                    payload_timeout=args.payload_timeout)
 
-    # -- where to listen
+# -- where to listen, and serving until told to stop -------------------------------------------
+
+def _listen(args, tls, cleanup: list):
+    """The listening sockets (socket activation's, a Unix socket, or TCP), non-blocking:
+    (listeners, activated, uri, env_uri, where)."""
     captive = args.run is not None
     unix_path = args.unix
     listeners = _systemd_listeners()
@@ -933,28 +997,12 @@ def _main(args, cleanup: list) -> int:
     for sock in listeners:
         sock.setblocking(False)
         cleanup.append(sock.close)
+    return listeners, activated, uri, env_uri, where
 
-    if args.pidfile:
-        try:
-            with open(args.pidfile, "w") as f:
-                f.write(f"{os.getpid()}\n")
-        except OSError as e:
-            raise _StartupError(f"cannot write pidfile {args.pidfile}: {e.strerror}") from None
-        pidfile = args.pidfile
-        cleanup.append(lambda: os.unlink(pidfile))
 
-    # The start-up line goes to stdout, except where stdout belongs to a client program
-    # (captive mode, socket activation).
-    # Under socket activation the client started the server and stderr is the client's
-    # terminal: a line there at every connection is noise (nbdkit prints none), unless -v.
-    out = sys.stderr if (captive or activated) else sys.stdout
-    if not activated or args.verbose:
-        if sample_note:
-            print(f"python -m cow.server: {sample_note}", file=sys.stderr, flush=True)
-        tls_note = f", TLS {tls.mode} ({tls.kind})" if tls.enabled else ""
-        print(f"python -m cow.server: serving {backing} ({size} bytes, copy-on-write, block "
-              f"size {block_size}{note}{tls_note}) at {where}", file=out, flush=True)
-
+def _run(args, server, listeners, uri, env_uri, give_up_waiting, cleanup: list) -> int:
+    """Serve until SIGINT/SIGTERM or the end of the --run command, then shut the server down;
+    the exit status (the command's, under --run)."""
     # -- wake-ups: signals and the end of the captive command
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
@@ -971,7 +1019,7 @@ def _main(args, cleanup: list) -> int:
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 
     status = [0]
-    if captive:
+    if args.run is not None:
         env = dict(os.environ, uri=uri, **env_uri)
         child = subprocess.Popen(["/bin/sh", "-c", args.run], env=env)
 
@@ -986,8 +1034,20 @@ def _main(args, cleanup: list) -> int:
 
         threading.Thread(target=wait_child, name="cow-run", daemon=True).start()
 
-    # -- accept until told to stop
     _raise_nofile_limit(args.verbose)
+    try:
+        _accept_until(stop, server, listeners, wake_r)
+    finally:
+        signal.set_wakeup_fd(-1)
+        for sock in listeners:
+            sock.close()  # stop accepting (and the Unix socket file goes in cleanup)
+        give_up_waiting()  # reads waiting for a backing that is down fail now
+        server.shutdown()
+    return status[0]
+
+
+def _accept_until(stop: threading.Event, server, listeners, wake_r: int) -> None:
+    """Accept connections until stop is set (wake_r is readable at each wake-up)."""
     sel = selectors.DefaultSelector()
     sel.register(wake_r, selectors.EVENT_READ)
     polled = False  # the listeners are registered (not while they rest: Server.accept_rest)
@@ -1015,12 +1075,4 @@ def _main(args, cleanup: list) -> int:
                 elif not stop.is_set() and not server.accept_rest():
                     server.accept(key.fileobj)
     finally:
-        signal.set_wakeup_fd(-1)
         sel.close()
-        for sock in listeners:
-            sock.close()  # stop accepting (and the Unix socket file goes in cleanup)
-        give_up_waiting()  # reads waiting for a backing that is down fail now
-        server.shutdown()
-    if args.verbose:
-        log.info("stopped")
-    return status[0]
