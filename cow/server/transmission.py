@@ -47,7 +47,14 @@ import socket
 import traceback
 
 from cow import protocol as P
-from cow.engine import SERVE_BROKEN, SERVE_EOF, SERVE_FAILED, SERVE_TRUNCATED
+from cow.engine import (
+    SERVE_BROKEN,
+    SERVE_EOF,
+    SERVE_FAILED,
+    SERVE_FRONT_END,
+    SERVE_STOP,
+    SERVE_TRUNCATED,
+)
 from cow.protocol import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
@@ -88,16 +95,45 @@ _WRITES_PARTIAL = frozenset((NBD_CMD_WRITE, NBD_CMD_WRITE_ZEROES, NBD_CMD_TRIM))
 _SERVED_BY_ENGINE = frozenset((NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_FLUSH))  # (Engine.serve)
 
 
+def _refusal_message(error: int) -> str:
+    return "the server is shutting down" if error == P.NBD_ESHUTDOWN else "invalid request"
+
+
+def _flush_quietly(batch: _ReplyBatch) -> None:
+    """Send what batch holds, if the client is still there."""
+    try:
+        batch.flush()
+    except OSError:
+        pass
+
+
 class _RequestLoop:
     """_Connection's transmission phase, on the reader thread."""
 
     def _transmission(self) -> None:
+        """The transmission phase: the request loop, then the hang-up, however the loop ends."""
+        batch = _ReplyBatch(self)
+        try:
+            self._request_loop(batch)
+        except TimeoutError as e:  # a WRITE payload stopped arriving (_Receiver): we end here
+            log.warning("connection %d: %s", self.id, e)
+            _flush_quietly(batch)
+        except Exception:
+            # A bad magic (the stream is out of step) or our own bug: nothing more is read,
+            # but every request executed so far still gets its reply before the hang-up
+            # (workers' replies are sent before run() closes the socket).
+            _flush_quietly(batch)
+            raise
+        finally:
+            self.proto.disconnect()
+        batch.flush()
+
+    def _request_loop(self, batch: _ReplyBatch) -> None:
         """The reader loop: decode, validate, then serve inline or hand to a worker.
 
         Inline replies wait in ``batch`` for as long as the next request is already in the
         receive buffer, and leave together before the reader could block."""
         proto, rx = self.proto, self.rx
-        batch = _ReplyBatch(self)
         engine = self.engine
         slow_backing = self.server.slow_backing
         # Under TLS everything stays on this thread: an OpenSSL connection must not be read
@@ -114,156 +150,166 @@ class _RequestLoop:
         tx, rx_buf = self.tx, rx.buf
         rx.payload_timeout = self.server.payload_timeout or None
         if serve is not None:
-            tx.configure(self.sock.fileno(), structured=proto.structured_replies,
-                         fua=bool(proto.transmission_flags & P.NBD_FLAG_SEND_FUA),
-                         readonly=proto.readonly, size=proto.size, max_payload=max_payload,
-                         slow_backing=slow_backing, large_request=LARGE_REQUEST,
-                         zero_copy_read=ZERO_COPY_READ, zero_copy_write=ZERO_COPY_WRITE,
-                         recv_ahead=RECV_CHUNK, exact_reads=EXACT_READS,
-                         payload_timeout=rx.payload_timeout)
-        try:
-            while not self.broken:
-                # A run of requests that are ours (BLOCK_STATUS, TRIM...) already buffered is
-                # served here, its replies batched, without a call into the engine between.
-                if serve is not None and not (
-                        rx.end - rx.start >= REQUEST_SIZE and rx_buf[rx.start + 6] == 0 and
-                        rx_buf[rx.start + 7] not in _SERVED_BY_ENGINE):
-                    batch.flush()
-                    rx.start, rx.end, status, info = serve(tx, rx_buf, rx.start, rx.end)
-                    if status == SERVE_FAILED:
-                        cookie, cmd, flags, offset, count, e = info
-                        batch.add(self._error_reply(cookie, cmd, flags, offset, count,
-                                                    nbd_error_from_errno(e.errno),
-                                                    client_message(e), e))
-                        continue
-                    if status == SERVE_EOF:
-                        self._log_end_of_stream()
-                        break
-                    if status == SERVE_TRUNCATED:
-                        if info == errno.ETIMEDOUT:
-                            log.warning("connection %d: %s", self.id, rx.stalled())
-                        else:
-                            log.info("connection %d: truncated WRITE payload: nothing written",
-                                     self.id)
-                        break
-                    if status == SERVE_BROKEN:
-                        log.info("connection %d: closing: %s", self.id, os.strerror(info))
-                        self.broken = True
-                        shutdown_socket(self.sock, socket.SHUT_RDWR)
-                        break
-                    # SERVE_FRONT_END (a whole header is buffered), or SERVE_STOP: on below
-                if rx.end - rx.start < REQUEST_SIZE:
-                    batch.flush()
-                    # The reader may now block for the next request.  At shutdown, once
-                    # nothing is in flight, the connection ends here (see begin_shutdown).
-                    self.waiting = True
-                    if self.stopping and not self.in_workers:
-                        self.waiting = False
-                        log.info("connection %d: closing: the server is shutting down",
-                                 self.id)
-                        break
-                    header = rx.read(REQUEST_SIZE)
-                    self.waiting = False
-                else:
-                    header = rx.read(REQUEST_SIZE)
-                if header is None:
-                    self._log_end_of_stream()
+            self._configure_serve()
+        while not self.broken:
+            # A run of requests that are ours (BLOCK_STATUS, TRIM...) already buffered is
+            # served here, its replies batched, without a call into the engine between.
+            if serve is not None and not (
+                    rx.end - rx.start >= REQUEST_SIZE and rx_buf[rx.start + 6] == 0 and
+                    rx_buf[rx.start + 7] not in _SERVED_BY_ENGINE):
+                batch.flush()
+                rx.start, rx.end, status, info = serve(tx, rx_buf, rx.start, rx.end)
+                if status == SERVE_FAILED:
+                    batch.add(self._serve_failed_reply(info))
+                    continue
+                if status != SERVE_FRONT_END and status != SERVE_STOP:
+                    self._serve_ended(status, info)
                     break
-                flags, cmd, cookie, offset, count = decode(header)
-                payload = owned = None
-                if cmd == NBD_CMD_WRITE and count >= ZERO_COPY_WRITE and zero_copy and \
-                        count <= max_payload and not (
-                            slow_backing and engine.needs_backing(count, offset, True)):
-                    # The next requests are read without reading ahead, so that more large
-                    # payloads reach the engine still in the socket.
-                    rx.exact = EXACT_READS
-                    if not self._splice_write(flags, cookie, offset, count, batch):
+                # a whole header is buffered (SERVE_FRONT_END), or SERVE_STOP: on below
+            if rx.end - rx.start < REQUEST_SIZE:
+                batch.flush()
+                # The reader may now block for the next request.  At shutdown, once
+                # nothing is in flight, the connection ends here (see begin_shutdown).
+                self.waiting = True
+                if self.stopping and not self.in_workers:
+                    self.waiting = False
+                    log.info("connection %d: closing: the server is shutting down", self.id)
+                    break
+                header = rx.read(REQUEST_SIZE)
+                self.waiting = False
+            else:
+                header = rx.read(REQUEST_SIZE)
+            if header is None:
+                self._log_end_of_stream()
+                break
+            flags, cmd, cookie, offset, count = decode(header)
+            payload = owned = None
+            if cmd == NBD_CMD_WRITE and count >= ZERO_COPY_WRITE and zero_copy and \
+                    count <= max_payload and not (
+                        slow_backing and engine.needs_backing(count, offset, True)):
+                # The next requests are read without reading ahead, so that more large
+                # payloads reach the engine still in the socket.
+                rx.exact = EXACT_READS
+                if not self._splice_write(flags, cookie, offset, count, batch):
+                    break
+                continue
+            if rx.exact:
+                rx.exact -= 1
+            if cmd == NBD_CMD_WRITE:
+                if count > max_payload:
+                    if not self._refuse_payload(cookie, flags, offset, count, P.NBD_EINVAL,
+                                                f"write of {count} bytes is over the maximum "
+                                                f"{max_payload}", batch):
                         break
                     continue
-                if rx.exact:
-                    rx.exact -= 1
-                if cmd == NBD_CMD_WRITE:
-                    if count > max_payload:
-                        # Refused without allocating its length: drop the payload in pieces.
-                        batch.flush()
-                        if not rx.skip(count):
-                            log.info("connection %d: truncated WRITE payload", self.id)
-                            break
-                        batch.add(self._error_reply(cookie, cmd, flags, offset, count,
-                                                    P.NBD_EINVAL, f"write of {count} bytes is "
-                                                    f"over the maximum {max_payload}"))
-                        continue
-                    if rx.end - rx.start < count:
-                        batch.flush()
-                    if count >= LARGE_REQUEST or count > RECV_BUFFER:  # own buffer, for a worker
-                        owned = self._take_payload_buffer(count)
-                        payload = memoryview(owned)[:count]
-                        ok = rx.read_into(payload)
-                    else:
-                        payload = rx.read(count, True)
-                        ok = payload is not None
-                    if not ok:
-                        log.info("connection %d: truncated WRITE payload: nothing written",
-                                 self.id)
-                        if owned is not None:
-                            self._give_back_payload_buffer(owned, count)
-                        break
-                elif cmd == NBD_CMD_DISC:
-                    if self.verbose:
-                        log.info("connection %d: DISC", self.id)
+                payload, owned = self._receive_payload(count, batch)
+                if payload is None:
                     break
-                error = check(cmd, flags, offset, count)
-                if error:
+            elif cmd == NBD_CMD_DISC:
+                if self.verbose:
+                    log.info("connection %d: DISC", self.id)
+                break
+            error = check(cmd, flags, offset, count)
+            if error:
+                if owned is not None:
+                    self._give_back_payload_buffer(owned, count)
+                batch.add(self._refusal(cookie, cmd, flags, offset, count, error))
+                continue
+            if inline_only:
+                try:
+                    batch.add(handle(cmd, flags, cookie, offset, count, payload, batch))
+                finally:
                     if owned is not None:
                         self._give_back_payload_buffer(owned, count)
-                    batch.add(self._error_reply(
-                        cookie, cmd, flags, offset, count, error,
-                        "the server is shutting down" if error == P.NBD_ESHUTDOWN
-                        else "invalid request"))
-                    continue
-                if inline_only:
-                    try:
-                        batch.add(handle(cmd, flags, cookie, offset, count, payload, batch))
-                    finally:
-                        if owned is not None:
-                            self._give_back_payload_buffer(owned, count)
-                elif slow_backing and cmd == NBD_CMD_READ and count and \
-                        engine.needs_backing(count, offset) and \
-                        self._start_read(cookie, flags, offset, count, batch):
-                    pass  # its reply comes from the replier thread when the backing answers
-                elif owned is not None or (cmd == NBD_CMD_READ and count >= LARGE_REQUEST) or (
-                        slow_backing and count and (
-                            engine.needs_backing(count, offset) if cmd in _READS_BACKING
-                            else cmd in _WRITES_PARTIAL and
-                            engine.needs_backing(count, offset, True))):
-                    # Overlap where it pays: a large transfer, or a wait for a slow backing.
-                    batch.flush()
-                    if payload is not None and owned is None:
-                        payload = bytes(payload)    # a view of the receive buffer: keep a copy
-                    workers = self.workers or self._start_workers()
-                    with self._in_workers_lock:
-                        self.in_workers += 1
-                    workers.submit((cmd, flags, cookie, offset, count, payload, owned))
-                else:
-                    batch.add(handle(cmd, flags, cookie, offset, count, payload, batch))
-        except TimeoutError as e:  # a WRITE payload stopped arriving (_Receiver): we end here
-            log.warning("connection %d: %s", self.id, e)
-            try:
+            elif slow_backing and cmd == NBD_CMD_READ and count and \
+                    engine.needs_backing(count, offset) and \
+                    self._start_read(cookie, flags, offset, count, batch):
+                pass  # its reply comes from the replier thread when the backing answers
+            elif owned is not None or (cmd == NBD_CMD_READ and count >= LARGE_REQUEST) or (
+                    slow_backing and count and (
+                        engine.needs_backing(count, offset) if cmd in _READS_BACKING
+                        else cmd in _WRITES_PARTIAL and
+                        engine.needs_backing(count, offset, True))):
+                # Overlap where it pays: a large transfer, or a wait for a slow backing.
                 batch.flush()
-            except OSError:
-                pass
-        except Exception:
-            # A bad magic (the stream is out of step) or our own bug: nothing more is read,
-            # but every request executed so far still gets its reply before the hang-up
-            # (workers' replies are sent before run() closes the socket).
-            try:
-                batch.flush()
-            except OSError:
-                pass
-            raise
-        finally:
-            proto.disconnect()
+                if payload is not None and owned is None:
+                    payload = bytes(payload)    # a view of the receive buffer: keep a copy
+                workers = self.workers or self._start_workers()
+                with self._in_workers_lock:
+                    self.in_workers += 1
+                workers.submit((cmd, flags, cookie, offset, count, payload, owned))
+            else:
+                batch.add(handle(cmd, flags, cookie, offset, count, payload, batch))
+
+    def _receive_payload(self, count: int, batch) -> tuple:
+        """(payload, owned): a WRITE's payload, a view of the receive buffer or, when large, in
+        a payload buffer of its own (owned) that a worker can keep; (None, None) if the stream
+        ends inside it."""
+        rx = self.rx
+        if rx.end - rx.start < count:
+            batch.flush()
+        owned = None
+        if count >= LARGE_REQUEST or count > RECV_BUFFER:  # own buffer, for a worker
+            owned = self._take_payload_buffer(count)
+            payload = memoryview(owned)[:count]
+            ok = rx.read_into(payload)
+        else:
+            payload = rx.read(count, True)
+            ok = payload is not None
+        if not ok:
+            log.info("connection %d: truncated WRITE payload: nothing written", self.id)
+            if owned is not None:
+                self._give_back_payload_buffer(owned, count)
+            return None, None
+        return payload, owned
+
+    def _configure_serve(self) -> None:
+        """Tell the engine what Engine.serve needs of this connection (its Transmission)."""
+        proto = self.proto
+        self.tx.configure(self.sock.fileno(), structured=proto.structured_replies,
+                          fua=bool(proto.transmission_flags & P.NBD_FLAG_SEND_FUA),
+                          readonly=proto.readonly, size=proto.size,
+                          max_payload=proto.max_payload,
+                          slow_backing=self.server.slow_backing, large_request=LARGE_REQUEST,
+                          zero_copy_read=ZERO_COPY_READ, zero_copy_write=ZERO_COPY_WRITE,
+                          recv_ahead=RECV_CHUNK, exact_reads=EXACT_READS,
+                          payload_timeout=self.rx.payload_timeout)
+
+    def _serve_failed_reply(self, info) -> bytes:
+        """The error reply to a request Engine.serve failed (SERVE_FAILED)."""
+        cookie, cmd, flags, offset, count, e = info
+        return self._error_reply(cookie, cmd, flags, offset, count,
+                                 nbd_error_from_errno(e.errno), client_message(e), e)
+
+    def _serve_ended(self, status: int, info) -> None:
+        """Engine.serve ended the stream (SERVE_EOF, SERVE_TRUNCATED, SERVE_BROKEN): say why."""
+        if status == SERVE_EOF:
+            self._log_end_of_stream()
+        elif status == SERVE_TRUNCATED:
+            if info == errno.ETIMEDOUT:
+                log.warning("connection %d: %s", self.id, self.rx.stalled())
+            else:
+                log.info("connection %d: truncated WRITE payload: nothing written", self.id)
+        elif status == SERVE_BROKEN:
+            log.info("connection %d: closing: %s", self.id, os.strerror(info))
+            self.broken = True
+            shutdown_socket(self.sock, socket.SHUT_RDWR)
+
+    def _refusal(self, cookie, cmd, flags, offset, count, error: int) -> bytes:
+        """The error reply to a request check_request refused."""
+        return self._error_reply(cookie, cmd, flags, offset, count, error,
+                                 _refusal_message(error))
+
+    def _refuse_payload(self, cookie, flags, offset, count, error: int, message: str,
+                        batch) -> bool:
+        """Refuse a WRITE without taking its payload: it is dropped in pieces, then the error
+        reply is added to batch.  False: the stream ended inside the payload."""
         batch.flush()
+        if not self.rx.skip(count):
+            log.info("connection %d: truncated WRITE payload", self.id)
+            return False
+        batch.add(self._error_reply(cookie, NBD_CMD_WRITE, flags, offset, count, error, message))
+        return True
 
     def _log_end_of_stream(self) -> None:
         if self.stopping:
@@ -279,14 +325,8 @@ class _RequestLoop:
         rx = self.rx
         error = self.proto.check_request(NBD_CMD_WRITE, flags, offset, count)
         if error:
-            batch.flush()
-            if not rx.skip(count):
-                log.info("connection %d: truncated WRITE payload", self.id)
-                return False
-            batch.add(self._error_reply(cookie, NBD_CMD_WRITE, flags, offset, count, error,
-                                        "the server is shutting down"
-                                        if error == P.NBD_ESHUTDOWN else "invalid request"))
-            return True
+            return self._refuse_payload(cookie, flags, offset, count, error,
+                                        _refusal_message(error), batch)
         batch.flush()  # the reply of what was served meanwhile: the payload may take a while
         try:
             self.engine.pwrite_from(self.sock.fileno(), count, offset, rx.take(count),
