@@ -185,6 +185,13 @@ class _Connection(_Handshake, _RequestLoop, _OffTheReader):
         if (self.waiting or self.tx.waiting) and not self.in_workers:
             shutdown_socket(self.sock, socket.SHUT_RD)
 
+    def _client_gone(self, why) -> None:
+        """A reply could not be sent: the client is gone.  Every thread of the connection
+        stops: the reader, blocked or not, sees the stream end."""
+        log.info("connection %d: closing: %s", self.id, why)
+        self.broken = True
+        shutdown_socket(self.sock, socket.SHUT_RDWR)
+
     def _worker_done(self) -> None:
         """A worker answered a request: at shutdown, the last one wakes a waiting reader."""
         with self._in_workers_lock:

@@ -43,7 +43,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import socket
 import traceback
 
 from cow import protocol as P
@@ -74,7 +73,6 @@ from cow.protocol import (
 )
 from cow.server.errors import client_message, nbd_error_from_errno
 from cow.server.replies import _PlannedReply, _ReplyBatch
-from cow.server.sockets import shutdown_socket
 from cow.server.tuning import (
     EXACT_READS,
     KEEP_BUFFER,
@@ -291,9 +289,7 @@ class _RequestLoop:
             else:
                 log.info("connection %d: truncated WRITE payload: nothing written", self.id)
         elif status == SERVE_BROKEN:
-            log.info("connection %d: closing: %s", self.id, os.strerror(info))
-            self.broken = True
-            shutdown_socket(self.sock, socket.SHUT_RDWR)
+            self._client_gone(os.strerror(info))
 
     def _refusal(self, cookie, cmd, flags, offset, count, error: int) -> bytes:
         """The error reply to a request check_request refused."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import socket
 import threading
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,7 @@ from cow.engine import ReadQueue
 from cow.protocol import NBD_CMD_READ, READ_REPLY_PREFIX
 from cow.server.errors import client_message, nbd_error_from_errno
 from cow.server.replies import _WorkerSpace
-from cow.server.sockets import sendmsg_all, shutdown_socket
+from cow.server.sockets import sendmsg_all
 from cow.server.tuning import MAX_QUEUED_PER_CONNECTION
 
 if TYPE_CHECKING:
@@ -108,10 +107,8 @@ class _OffTheReader:
                 if not self.broken:
                     with self.send_lock:
                         sendmsg_all(self.sock, replies)
-            except OSError as e:  # the client is gone: make the reader stop too
-                log.info("connection %d: closing: %s", self.id, e)
-                self.broken = True
-                shutdown_socket(self.sock, socket.SHUT_RDWR)
+            except OSError as e:
+                self._client_gone(e)
             finally:
                 replies.clear()
                 for token, _ in done:
@@ -164,10 +161,8 @@ class _Workers:
             try:
                 if not conn.broken:
                     conn._send(conn._handle(cmd, flags, cookie, offset, count, payload, space))
-            except OSError as e:  # the client is gone: make the reader stop too
-                log.info("connection %d: closing: %s", conn.id, e)
-                conn.broken = True
-                shutdown_socket(conn.sock, socket.SHUT_RDWR)
+            except OSError as e:
+                conn._client_gone(e)
             finally:
                 space.release()
                 if owned is not None:
