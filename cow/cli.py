@@ -195,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: a built-in sample disk).  Or, after --, a command that "
                         "serves NBD on systemd socket activation, e.g. -- nbdkit curl URL "
                         "(as nbdinfo's [ CMD ARGS ], which is accepted too)")
+    # One function an option group, in --help's order.
+    _listen_options(p)
+    _tls_options(p)
+    _export_options(p)
+    _backing_options(p)
+    _cow_options(p)
+    _view_options(p)
+    _running_options(p)
+    return p
+
+
+def _listen_options(p: argparse.ArgumentParser) -> None:
     net = p.add_argument_group("where to listen (default: TCP on 127.0.0.1:10809)")
     net.add_argument("-U", "--unix", metavar="PATH",
                      help="listen on a Unix socket, e.g. -U /tmp/disk.sock ('-' = a private "
@@ -221,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "received for this many seconds (nothing of it is written), e.g. "
                           f"--payload-timeout 20 (default {DEFAULT_PAYLOAD_TIMEOUT:g}; 0: wait "
                           "forever)")
+
+
+def _tls_options(p: argparse.ArgumentParser) -> None:
     sec = p.add_argument_group("TLS (as nbdkit: see nbdkit-tls(1))")
     sec.add_argument("--tls", choices=("off", "on", "require"),
                      help="off: refuse STARTTLS; on: the client chooses; require: nothing but "
@@ -235,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pre-shared keys instead of certificates: a psktool file of "
                           "username:hexkey lines, e.g. --tls-psk /etc/cow/keys.psk (needs Python "
                           "3.13+)")
+
+
+def _export_options(p: argparse.ArgumentParser) -> None:
     exp = p.add_argument_group("export")
     exp.add_argument("-e", "--exportname", type=_export_name, metavar="NAME", default="",
                      help="export name, e.g. -e disk (the default export \"\" works too). With "
@@ -252,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "that must wait for it go to workers, started as needed (default: "
                           f"{MAX_QUEUED_PER_CONNECTION} over an NBD backing, one per request in "
                           f"flight; {LARGE_WORKERS} over a file)")
+
+
+def _backing_options(p: argparse.ArgumentParser) -> None:
     remote = p.add_argument_group("an NBD backing (a URI, or a command after --)")
     remote.add_argument("--backing-connections", type=_backing_connections, metavar="N",
                         default=DEFAULT_BACKING_CONNECTIONS,
@@ -269,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "ones do at once until it is back; reads the overlay serves never "
                              "wait. e.g. --backing-wait 120 to ride out a server's reboot, "
                              f"--backing-wait 0 to fail at once (default {DEFAULT_BACKING_WAIT:g})")
+
+
+def _cow_options(p: argparse.ArgumentParser) -> None:
     cow = p.add_argument_group("copy-on-write (the names of nbdkit's cow filter)")
     cow.add_argument("--cow-block-size", metavar="SIZE",
                      help="overlay block size, a power of two from 4K to 4M, e.g. "
@@ -303,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "--overlay FILE recorded: refuse (default), or accept it and record "
                           "the new one, e.g. --overlay-backing-changed=accept when you know the "
                           "overlay's changes still fit the backing")
+
+
+def _view_options(p: argparse.ArgumentParser) -> None:
     views = p.add_argument_group(
         "many views of one backing: a view per export name (nbd+unix:///NAME?socket=...)")
     views.add_argument("--overlay-dir", metavar="DIR",
@@ -335,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "and changes. By default it lists none but the default view of -e: "
                             "a view's name is all a client needs to read and write it, so one "
                             "client must not learn the others' names")
+
+
+def _running_options(p: argparse.ArgumentParser) -> None:
     run = p.add_argument_group("running")
     run.add_argument("-P", "--pidfile", metavar="FILE",
                      help="write the server's PID to FILE once it is listening (removed on "
@@ -351,7 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true",
                      help="log connections and every request to stderr, e.g. "
                           "'READ offset=0 count=4096 flags=0x0 -> OK'")
-    return p
 
 
 def _fail(message: str, status: int = 1) -> int:
