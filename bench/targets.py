@@ -257,8 +257,9 @@ class CowServer(Target):
     nbd_backing = True
 
     def available(self, ctx):
-        r = subprocess.run([ctx.python, "-P", "-c", "import cow.server"], capture_output=True,
-                           text=True, env=ctx.env, cwd="/")
+        # cow.server.accept, not the cow.server package, whose import needs no engine.
+        r = subprocess.run([ctx.python, "-P", "-c", "import cow.server.accept"],
+                           capture_output=True, text=True, env=ctx.env, cwd="/")
         if r.returncode != 0:
             err = (r.stderr.strip().splitlines() or ["?"])[-1]
             return f"cannot import cow.server (run ./dev setup): {err}"
