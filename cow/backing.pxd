@@ -136,6 +136,7 @@ cdef class Backing:
     cdef object proc_pid                # a command: its pid while it runs, else None
     cdef int proc_owner                 # ... the process that started it (and stops it)
     cdef double start_timeout           # a command: seconds to serve NBD after its start
+    cdef bint connections_given         # Backing(connections=N): N, whatever the backing says
 
     cdef readonly str description       # the path, URI or command, for messages
     cdef readonly bint is_nbd           # an NBD export (a URI or a command)

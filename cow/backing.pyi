@@ -4,6 +4,9 @@ import os
 from collections.abc import Buffer, Sequence
 
 START_TIMEOUT: float  # seconds a backing command has to finish the NBD handshake
+DEFAULT_CONNECTIONS: int  # most connections to an NBD backing ...
+DEFAULT_CONNECTIONS_MULTI_CONN: int  # ... or to one that advertises multi-conn
+DEFAULT_WAIT: float  # seconds reads wait for a backing that is down
 STOP_TIMEOUT: float  # seconds between SIGTERM and SIGKILL when a backing command is stopped
 
 def is_nbd_uri(s: object) -> bool:
@@ -21,13 +24,16 @@ class Backing:
 
     source: a file or block device path, an NBD URI, or a command (a sequence: argv) that serves
     NBD on systemd socket activation (started here, stopped at close).  connections: most
-    libnbd handles for an export that advertises multi-conn (else one).  start_timeout: seconds
-    a command has to finish the NBD handshake (START_TIMEOUT).  Over NBD any number of requests
-    are in flight on each handle.
+    libnbd handles, one at open and more as load needs them, multi-conn or not (None:
+    DEFAULT_CONNECTIONS, or DEFAULT_CONNECTIONS_MULTI_CONN where the backing advertises
+    multi-conn).  start_timeout: seconds a command has to finish the NBD handshake
+    (START_TIMEOUT).  wait: seconds reads wait for a backing whose connection broke to come back
+    (DEFAULT_WAIT; 0: fail at once).  Over NBD any number of requests are in flight on each
+    handle.
     """
 
-    def __init__(self, source: str | Sequence[str], *, connections: int = 4,
-                 start_timeout: float | None = None) -> None: ...
+    def __init__(self, source: str | Sequence[str], *, connections: int | None = None,
+                 start_timeout: float | None = None, wait: float | None = None) -> None: ...
     def command_status(self) -> int | None: ...  # a command's exit code once it has exited
     def stop_command(self) -> None: ...
     @property
@@ -39,7 +45,12 @@ class Backing:
     @property
     def command(self) -> tuple[str, ...] | None: ...
     @property
-    def connections(self) -> int: ...  # libnbd handles (0 for a file)
+    def connections(self) -> int: ...  # libnbd handles open now (0 for a file)
+    @property
+    def max_connections(self) -> int: ...  # most it may open (0 for a file)
+    @property
+    def wait(self) -> float: ...  # seconds reads wait for a backing that is down
+    def give_up_waiting(self) -> None: ...  # reads waiting for it fail at once (shutdown)
     @property
     def error(self) -> str | None: ...  # what broke the NBD connection, if it broke
     @property

@@ -41,6 +41,7 @@ from cow.server.tuning import (
 )
 
 DEFAULT_BACKING_CONNECTIONS = 8  # cow.backing.DEFAULT_CONNECTIONS
+DEFAULT_BACKING_CONNECTIONS_MULTI_CONN = 4  # cow.backing.DEFAULT_CONNECTIONS_MULTI_CONN
 DEFAULT_BACKING_WAIT = 30.0  # cow.backing.DEFAULT_WAIT
 
 log = logging.getLogger("cow.cli")
@@ -275,13 +276,16 @@ def _export_options(p: argparse.ArgumentParser) -> None:
 def _backing_options(p: argparse.ArgumentParser) -> None:
     remote = p.add_argument_group("an NBD backing (a URI, or a command after --)")
     remote.add_argument("--backing-connections", type=_backing_connections, metavar="N",
-                        default=DEFAULT_BACKING_CONNECTIONS,
+                        default=None,
                         help="most connections to the backing, 1 to 64: one is opened at start, "
                              "more while every open one has requests in flight, whether or not "
                              "the backing advertises multi-conn (it is only read). A backing "
                              "that refuses one more, or does not greet it within 5 s, is served "
                              "through those it took. e.g. --backing-connections 1 for a server "
-                             f"that must see one client (default {DEFAULT_BACKING_CONNECTIONS})")
+                             f"that must see one client (default {DEFAULT_BACKING_CONNECTIONS}, or "
+                             f"{DEFAULT_BACKING_CONNECTIONS_MULTI_CONN} where the backing "
+                             "advertises multi-conn: such servers serve many requests on one "
+                             "connection)")
     remote.add_argument("--backing-wait", type=_seconds, metavar="SECONDS",
                         default=DEFAULT_BACKING_WAIT,
                         help="when the backing's connection breaks, it is connected again with "
@@ -708,8 +712,7 @@ def _open_views(args, backing, kwargs: dict, what: str, cleanup: list):
         if why:
             raise _StartupError(f"--overlay-dir {directory}: {why}")
     try:
-        shared = Backing(backing, connections=kwargs.pop("nbd_connections",
-                                                         DEFAULT_BACKING_CONNECTIONS),
+        shared = Backing(backing, connections=kwargs.pop("nbd_connections", None),
                          wait=kwargs.pop("backing_wait", None))
     except CommandError as e:
         raise _StartupError(_command_error(e, backing)) from None

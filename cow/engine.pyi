@@ -111,7 +111,7 @@ class Engine:
         lock_mode: Literal["fine", "global"] = "fine",
         tmpdir: str | None = None,  # default $TMPDIR, else /var/tmp
         overlay_max_size: int | None = None,  # bytes; writes needing more fail with ENOSPC
-        nbd_connections: int = 4,  # most libnbd handles, for a backing that has multi-conn
+        nbd_connections: int | None = None,  # most libnbd handles (None: 8, or 4 with multi-conn)
         overlay: str | os.PathLike[str] | OverlayFile | None = None,
         readonly: bool = False,  # writes fail with EROFS; a persistent overlay is opened shared
         backing_changed: Literal["refuse", "accept"] = "refuse",  # a file backing modified since

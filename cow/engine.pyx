@@ -49,7 +49,6 @@ from cow.backing cimport Backing, runs_t, runs_add, runs_full, runs_free, piece_
 import os
 
 from cow import overlayfile
-from cow.backing import DEFAULT_CONNECTIONS
 
 include "bitmap.pxi"
 include "overlay.pxi"
@@ -429,9 +428,8 @@ cdef class Engine(BlockCore):
         if backing_changed not in overlayfile.BACKING_CHANGED_CHOICES:
             raise ValueError(f"invalid backing_changed {backing_changed!r}: expected 'refuse' or "
                              f"'accept'")
-        if nbd_connections is None:
-            nbd_connections = DEFAULT_CONNECTIONS
-        if not isinstance(nbd_connections, int) or not 1 <= nbd_connections <= 64:
+        if nbd_connections is not None and (not isinstance(nbd_connections, int)
+                                            or not 1 <= nbd_connections <= 64):
             raise ValueError(f"invalid nbd_connections {nbd_connections}: expected 1 to 64")
         cap = None
         if overlay_max_size is not None:

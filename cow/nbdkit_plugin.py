@@ -18,7 +18,8 @@ view's engine, and max-exports=N caps the views (default 128, cow.views.DEFAULT_
 cap).  A listing shows no view unless list-views=true: a view's name is all a client needs to open
 it.  nbdkit opens the plugin for NBD_OPT_INFO as for NBD_OPT_GO, so a view this shim made is removed
 again when it closes with nothing written to it.  backing-connections=N: most connections to an NBD
-backing (1 to 64, default cow.backing.DEFAULT_CONNECTIONS), opened as load needs them, as python -m
+backing (1 to 64; default cow.backing.DEFAULT_CONNECTIONS, or DEFAULT_CONNECTIONS_MULTI_CONN where
+it advertises multi-conn), opened as load needs them, as python -m
 cow.server --backing-connections N.  backing-wait=SECONDS: how long reads wait for an NBD backing
 whose connection broke to come back (it is connected again with backoff), as python -m cow.server
 --backing-wait (default cow.backing.DEFAULT_WAIT).

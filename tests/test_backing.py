@@ -88,6 +88,23 @@ def test_dozens_of_reads_in_flight_on_one_connection(held, engines, tmp_path, th
     assert len(re.findall(r"connection=\d+ Connect ", back.text())) == 1
 
 
+def test_the_default_limit_is_lower_where_the_backing_advertises_multi_conn(nbdkit, tmp_path):
+    """A server that advertises multi-conn serves many requests on one connection at once (more
+    connections only cost CPU): 4 by default; one that does not (a request at a time per
+    connection, as nbdkit's curl plugin): 8.  A limit given is kept either way."""
+    from cow.backing import DEFAULT_CONNECTIONS, DEFAULT_CONNECTIONS_MULTI_CONN
+
+    assert (DEFAULT_CONNECTIONS_MULTI_CONN, DEFAULT_CONNECTIONS) == (4, 8)
+    with_mc = slow_backing(nbdkit, tmp_path / "a.log", multi_conn=True, delay="0")
+    without = slow_backing(nbdkit, tmp_path / "b.log", delay="0")
+    with Backing(with_mc) as b:
+        assert b.max_connections == DEFAULT_CONNECTIONS_MULTI_CONN
+    with Backing(without) as b:
+        assert b.max_connections == DEFAULT_CONNECTIONS
+    with Backing(with_mc, connections=8) as b:
+        assert b.max_connections == 8
+
+
 def test_one_connection_at_open_more_as_load_needs_them(nbdkit, tmp_path):
     """Extra connections are opened as load needs them, multi-conn or not (see
     test_backing_connections.py): at open there is one."""

@@ -40,6 +40,7 @@ def test_cli_repeats_the_backings_default():
     """--help shows the default without importing the engine."""
     from cow import backing, cli
     assert cli.DEFAULT_BACKING_CONNECTIONS == backing.DEFAULT_CONNECTIONS
+    assert cli.DEFAULT_BACKING_CONNECTIONS_MULTI_CONN == backing.DEFAULT_CONNECTIONS_MULTI_CONN
 
 
 @pytest.mark.parametrize("bad", ["0", "65", "x"])
