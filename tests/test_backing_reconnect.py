@@ -112,8 +112,11 @@ def command_child(server_pid):
     threads)."""
     kids = []
     for task in os.listdir(f"/proc/{server_pid}/task"):
-        with open(f"/proc/{server_pid}/task/{task}/children") as f:
-            kids += [int(p) for p in f.read().split()]
+        try:
+            with open(f"/proc/{server_pid}/task/{task}/children") as f:
+                kids += [int(p) for p in f.read().split()]
+        except FileNotFoundError:
+            continue        # a thread that ended meanwhile: it started no child
     assert len(kids) == 1, kids
     return kids[0]
 
