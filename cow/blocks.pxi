@@ -35,6 +35,13 @@ cdef struct aread_t:
     rq_t *queue
     int status
     aread_t *next
+    # A read started by Engine.serve (areads.pxi): no Python object; the reply's own buffer
+    uint8_t *mem                # reply header, then the data
+    size_t memsize
+    uint64_t cookie
+    uint64_t offset
+    uint32_t count
+    uint16_t flags
 
 
 cdef struct rq_t:
@@ -130,6 +137,7 @@ cdef class BlockCore:
     cdef bint c_cow_on_cache
 
     cdef int active                     # calls in progress (changed with the GIL held)
+    cdef int served_reads               # reads started by serve() not yet answered (atomic)
     cdef bint closing
 
     cdef readonly str backing

@@ -31,6 +31,11 @@ SERVE_TRUNCATED: int      # the stream ended inside a WRITE payload, or it stall
                           # ETIMEDOUT, after the payload timeout; else 0): nothing written
 SERVE_BROKEN: int         # a reply could not be sent (info: its errno)
 SERVE_FAILED: int         # a request failed (info: cookie, command, flags, offset, count, OSError)
+# What serve_replies returns
+REPLIED_END: int          # the reads are closed and none is pending: the replier ends
+REPLIED_FAILED: int       # info: [(cookie, flags, offset, count, errno)] for the caller to answer
+REPLIED_BROKEN: int       # a reply could not be sent (info: its errno); the rest are dropped
+REPLIED_IDLE: int         # the last read in flight was answered while the server shuts down
 
 def pipe_budget() -> int:
     """The most pipes the process keeps open for WRITE payloads (Engine.pwrite_from,
@@ -80,8 +85,47 @@ class Transmission:
     @property
     def waiting(self) -> bool:
         """serve() is waiting for the next request."""
+    def configure_reads(self, budget: ReadBudget, max_reads: int, *, serve: bool) -> None:
+        """The connection's read budget and read slots (at most max_reads reads in flight over
+        an NBD backing).  serve: Engine.serve starts and answers such READs itself (someone
+        must then run serve_replies); else it leaves them to the caller."""
+    @property
+    def read_in_use(self) -> int:
+        """Bytes of READ replies this connection holds (charged to its ReadBudget)."""
+    @property
+    def reads_in_flight(self) -> int:
+        """Reads over an NBD backing in flight (serve()'s and the caller's)."""
+    def take_read_slot(self) -> None:
+        """Wait for a read slot; OSError(ESHUTDOWN) once stopped, OSError(ECONNRESET) once
+        broken, if still waiting."""
+    def give_read_slot(self) -> None: ...
+    def mark_broken(self) -> None:
+        """The client is gone: waiters give up, replies are dropped."""
+    def close_reads(self) -> None:
+        """serve_replies returns REPLIED_END once nothing is pending any more."""
+    def wake_waiters(self) -> None: ...
     def __enter__(self) -> Transmission: ...
     def __exit__(self, *exc: object) -> None: ...
+
+
+class ReadBudget:
+    """Bytes of READ replies held in memory, per connection (its Transmission) and server-wide
+    (see cow/areads.pxi)."""
+    def __init__(self, per_connection: int, total: int, always: int) -> None: ...
+    @property
+    def in_use(self) -> int: ...
+    def try_take(self, tx: Transmission, count: int) -> bool: ...
+    def take(self, tx: Transmission, count: int) -> None:
+        """Charge count bytes to tx, waiting for room; OSError(ESHUTDOWN) once the server is
+        shutting down, OSError(ECONNRESET) once the connection is broken, if still waiting."""
+    def give(self, tx: Transmission, count: int) -> None: ...
+    def wake(self) -> None:
+        """Make every waiter look again."""
+
+
+def serve_replies(engine: Engine, tx: Transmission) -> tuple[int, object]:
+    """Send the replies of the READs Engine.serve started on tx as they finish, without the
+    GIL; returns (REPLIED_..., info) when the caller has something to do."""
 
 
 class Engine:

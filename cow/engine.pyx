@@ -33,7 +33,8 @@ on error.
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.errno cimport errno, EIO, ENOSPC, ENOMEM, EINVAL, EOPNOTSUPP, EISDIR, EINTR, EAGAIN, \
-    EPIPE, EROFS, ETIMEDOUT
+    EPIPE, EROFS, ETIMEDOUT, ESHUTDOWN, ECONNRESET
+from posix.time cimport timespec, clock_gettime, CLOCK_REALTIME
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memset, memcpy
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, UINT64_MAX, INT64_MAX
@@ -553,7 +554,7 @@ cdef class Engine(BlockCore):
         self.closing = True
         if self.owns_backing and self.b is not None and self.b.is_nbd:
             self.b.give_up_waiting()    # reads waiting for a backing that is down: EIO now
-        while self.active:
+        while self.active or cow_atomic_load(&self.served_reads):
             with nogil:
                 usleep(1000)
         if self.ov.fd >= 0 and self.ov.persistent and not self.ov.readonly:
@@ -1201,3 +1202,4 @@ def _parse_cow_on_read(value):
 
 
 include "serve.pxi"
+include "areads.pxi"

@@ -113,14 +113,82 @@ cdef class Transmission:
     cdef size_t pos
     cdef psrc_t src
     cdef wait_t wait                # how a payload is waited for (sends the replies held back)
+    # Reads over an NBD backing (areads.pxi)
+    cdef rq_t rq                    # serve()'s reads come out here; rq.m also guards reads
+    cdef pthread_cond_t slot_cond   # a read slot was given back
+    cdef int reads                  # reads in flight, serve()'s and the front end's
+    cdef int max_reads
+    cdef int broken                 # the client is gone: replies are dropped (atomic)
+    cdef uint64_t read_in_use       # bytes of READ replies held (the budget's, under its lock)
+    cdef budget_t *budget           # NULL: serve() leaves reads over the backing to the front end
+    cdef object budget_obj
 
     def __cinit__(self):
         pthread_mutex_init(&self.send_mutex, NULL)
+        pthread_mutex_init(&self.rq.m, NULL)
+        pthread_cond_init(&self.rq.cond, NULL)
+        pthread_cond_init(&self.slot_cond, NULL)
         self.sock = -1
+        self.max_reads = 1
 
     def __dealloc__(self):
         free(self.arena)
+        pthread_cond_destroy(&self.slot_cond)
+        pthread_cond_destroy(&self.rq.cond)
+        pthread_mutex_destroy(&self.rq.m)
         pthread_mutex_destroy(&self.send_mutex)
+
+    def configure_reads(self, ReadBudget budget not None, int max_reads, *, bint serve):
+        """The connection's read budget and read slots (at most max_reads reads in flight over
+        an NBD backing).  serve: Engine.serve starts and answers such reads itself (someone
+        must then run serve_replies); else it leaves them to the front end."""
+        self.budget_obj = budget
+        self.budget = &budget.b if serve else NULL
+        self.max_reads = max(1, max_reads)
+
+    @property
+    def read_in_use(self):
+        """Bytes of READ replies this connection holds (charged to its ReadBudget)."""
+        return self.read_in_use
+
+    @property
+    def reads_in_flight(self):
+        """Reads over an NBD backing in flight (serve()'s and the front end's)."""
+        return cow_sc_load(&self.reads)
+
+    def take_read_slot(self):
+        """Wait for a read slot (the front end's own reads over the backing share them).
+        OSError(ESHUTDOWN) once the server is shutting down, OSError(ECONNRESET) once the
+        connection is broken, if still waiting."""
+        cdef int r
+        with nogil:
+            r = slot_take(self)
+        if r < 0:
+            raise OSError(-r, "the server is shutting down" if r == -ESHUTDOWN
+                          else os.strerror(-r))
+
+    def give_read_slot(self):
+        with nogil:
+            slot_give(self, 1)
+
+    def mark_broken(self):
+        """The client is gone: waiters for a slot or the budget give up, replies are dropped."""
+        cow_atomic_store(&self.broken, 1)
+        self.wake_waiters()
+
+    def close_reads(self):
+        """serve_replies returns REPLIED_END once nothing is pending any more."""
+        with nogil:
+            pthread_mutex_lock(&self.rq.m)
+            self.rq.closed = True
+            pthread_cond_broadcast(&self.rq.cond)
+            pthread_mutex_unlock(&self.rq.m)
+
+    def wake_waiters(self):
+        with nogil:
+            pthread_mutex_lock(&self.rq.m)
+            pthread_cond_broadcast(&self.slot_cond)
+            pthread_mutex_unlock(&self.rq.m)
 
     def configure(self, int sock, *, bint structured, bint fua, bint readonly, size,
                   max_payload, bint slow_backing, large_request, zero_copy_read,
@@ -158,6 +226,7 @@ cdef class Transmission:
         so that either serve() sees it or the caller sees serve() waiting (and wakes it by
         shutting the socket for reading)."""
         cow_sc_store(&self.stopping, 1)
+        self.wake_waiters()
 
     @property
     def waiting(self):
@@ -416,27 +485,34 @@ cdef int serve_ok(Transmission tx, uint64_t cookie, failure_t *fail) noexcept no
     return 0
 
 
-cdef bint front_ends(Engine e, Transmission tx, uint16_t cmd, uint16_t flags, uint64_t offset,
-                     uint32_t count) noexcept nogil:
-    """Is this request the front end's: not READ, WRITE or FLUSH, not valid (the front end says
-    why), or one that waits for a slow backing (the front end overlaps those)?"""
+cdef enum:                          # front_ends()
+    SERVED_HERE = 0
+    FRONT_END = 1
+    BACKING_READ = 2                # a READ that waits for the NBD backing (areads.pxi)
+
+
+cdef int front_ends(Engine e, Transmission tx, uint16_t cmd, uint16_t flags, uint64_t offset,
+                    uint32_t count) noexcept nogil:
+    """Is this request the front end's (FRONT_END): not READ, WRITE or FLUSH, not valid (the
+    front end says why), or one that waits for a slow backing (the front end overlaps those),
+    except a READ that serve() starts itself (BACKING_READ)?"""
     cdef uint64_t first, last, mask = e.blksize - 1
     cdef bint r
     cdef uint16_t allowed = CMD_FLAG_FUA if tx.fua else 0
     if cmd == CMD_FLUSH:
-        return (flags & ~allowed) != 0 or offset != 0 or count != 0
+        return FRONT_END if (flags & ~allowed) != 0 or offset != 0 or count != 0 else SERVED_HERE
     if cmd == CMD_READ:
         if tx.structured:
             allowed |= CMD_FLAG_DF
     elif cmd != CMD_WRITE or tx.readonly:
-        return True
+        return FRONT_END
     if (flags & ~allowed) or count == 0 or count > tx.max_payload or offset > tx.size or \
             count > tx.size - offset:
-        return True
-    if cmd == CMD_READ and count >= tx.large_request:
-        return True
+        return FRONT_END
+    if cmd == CMD_READ and count >= tx.large_request and not (tx.slow_backing and tx.budget):
+        return FRONT_END
     if not tx.slow_backing:
-        return False
+        return SERVED_HERE
     first = offset >> e.blkshift
     last = (offset + count - 1) >> e.blkshift
     pthread_mutex_lock(&e.bm.lock)
@@ -447,7 +523,9 @@ cdef bint front_ends(Engine e, Transmission tx, uint16_t cmd, uint16_t flags, ui
             ((offset + count) & mask != 0 and offset + count != e.c_size and
              bitmap_get_blk(&e.bm, last) == BLOCK_NOT_ALLOCATED)
     pthread_mutex_unlock(&e.bm.lock)
-    return r
+    if not r:
+        return FRONT_END if cmd == CMD_READ and count >= tx.large_request else SERVED_HERE
+    return BACKING_READ if cmd == CMD_READ and tx.budget != NULL else FRONT_END
 
 
 cdef int serve_loop(Engine e, Transmission tx, uint8_t *rx, size_t cap, size_t *start,
@@ -457,7 +535,7 @@ cdef int serve_loop(Engine e, Transmission tx, uint8_t *rx, size_t cap, size_t *
     cdef uint16_t flags, cmd
     cdef uint32_t count
     cdef uint64_t cookie, offset, take
-    cdef int r, got
+    cdef int r, got, where
     while True:
         r = rx_fill(tx, rx, cap, start, end, REQUEST_BYTES, True, fail)
         if r:
@@ -468,8 +546,11 @@ cdef int serve_loop(Engine e, Transmission tx, uint8_t *rx, size_t cap, size_t *
         cookie = cow_get64(h + 8)
         offset = cow_get64(h + 16)
         count = cow_get32(h + 24)
-        if cow_get32(h) != REQUEST_MAGIC or cow_sc_load(&tx.stopping) or \
-                front_ends(e, tx, cmd, flags, offset, count):
+        if cow_get32(h) != REQUEST_MAGIC or cow_sc_load(&tx.stopping):
+            r = ST_FRONT_END
+            break
+        where = front_ends(e, tx, cmd, flags, offset, count)
+        if where == FRONT_END:
             r = ST_FRONT_END
             break
         fail.cookie = cookie
@@ -509,6 +590,15 @@ cdef int serve_loop(Engine e, Transmission tx, uint8_t *rx, size_t cap, size_t *
                 start[0] += REQUEST_BYTES + count
                 if r == 0 and flags & CMD_FLAG_FUA:
                     r = overlay_flush(&e.ov, &e.bm)
+            elif cmd == CMD_READ and where == BACKING_READ:
+                r = serve_backing_read(e, tx, cookie, flags, offset, count, fail)
+                if r == LEAVE_IT:
+                    r = ST_FRONT_END
+                    break                   # its header stays: the front end's
+                start[0] += REQUEST_BYTES
+                if r:
+                    break
+                continue
             elif cmd == CMD_READ:
                 start[0] += REQUEST_BYTES
                 r = serve_read(e, tx, cookie, flags, offset, count, fail)

@@ -21,8 +21,9 @@ import threading
 import time
 
 from cow import protocol as P
+from cow.engine import ReadBudget
 from cow.server.connection import _Connection
-from cow.server.replies import _BufferPool, _ReadBudget
+from cow.server.replies import _BufferPool
 from cow.server.sockets import shutdown_socket
 from cow.server.tuning import (
     ACCEPT_LOG_INTERVAL,
@@ -33,6 +34,9 @@ from cow.server.tuning import (
     DEFAULT_PAYLOAD_TIMEOUT,
     LARGE_WORKERS,
     MAX_QUEUED_PER_CONNECTION,
+    READ_ALWAYS,
+    READ_BUDGET,
+    SERVER_READ_BUDGET,
     SHUTDOWN_GRACE,
     SHUTDOWN_HANDSHAKE_WAIT,
     SOCKET_BUFFER,
@@ -80,7 +84,7 @@ class Server:
         self.max_connections = max_connections  # 0: no limit
         self.handshake_timeout = handshake_timeout  # 0: none
         self.payload_timeout = payload_timeout  # 0: none (see _Receiver)
-        self.read_budget = _ReadBudget()
+        self.read_budget = ReadBudget(READ_BUDGET, SERVER_READ_BUDGET, READ_ALWAYS)
         self._refused = 0
         self._lock = threading.Lock()
         self._connections: dict[int, tuple[_Connection, threading.Thread]] = {}

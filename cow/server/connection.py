@@ -62,12 +62,14 @@ class _Connection(_Handshake, _RequestLoop, _OffTheReader):
         self._payload_free: list[bytearray] = []
         self._payload_in_use = 0
         self._payload_cond = threading.Condition()
-        # Reads waiting for a slow backing, without a thread each (see _start_read).
+        # Reads waiting for a slow backing, without a thread each: those Engine.serve starts
+        # (their replier: served_replier) and the front end's own (see _start_read).  They
+        # share the connection's read slots (the Transmission's) and the read budget.
+        self.tx.configure_reads(server.read_budget, MAX_QUEUED_PER_CONNECTION, serve=False)
+        self.served_replier: threading.Thread | None = None
         self.reads = None  # the engine's ReadQueue, made at the first such read
         self.replier: threading.Thread | None = None
-        self._read_slots = threading.BoundedSemaphore(MAX_QUEUED_PER_CONNECTION)
         self._read_buffers = server.read_buffers
-        self.read_in_use = 0  # bytes of READ replies held (server.read_budget's, under its lock)
         self.zero_copy = False  # large READs are sent with sendfile (set for transmission)
 
     # -- plumbing
@@ -101,8 +103,11 @@ class _Connection(_Handshake, _RequestLoop, _OffTheReader):
             if self.reads is not None:
                 self.reads.close()  # the replier sends what is still coming, then returns
                 self.replier.join()
-            if self.read_in_use:  # nothing of ours runs any more: whatever is left is free
-                self.server.read_budget.give(self, self.read_in_use)
+            if self.served_replier is not None:
+                self.tx.close_reads()  # the same for the reads Engine.serve started
+                self.served_replier.join()
+            if self.tx.read_in_use:  # nothing of ours runs any more: whatever is left is free
+                self.server.read_budget.give(self.tx, self.tx.read_in_use)
             self._close(linger)
             self._release_view()
             self.server._forget(self)
@@ -182,22 +187,31 @@ class _Connection(_Handshake, _RequestLoop, _OffTheReader):
         self.stop_deadline = handshake_until
         self.stopping = True
         self.tx.stop()
-        if (self.waiting or self.tx.waiting) and not self.in_workers:
+        if (self.waiting or self.tx.waiting) and self._idle():
             shutdown_socket(self.sock, socket.SHUT_RD)
+
+    def _idle(self) -> bool:
+        """Nothing in flight: no request with a worker, no read waiting for the backing."""
+        return not self.in_workers and not self.tx.reads_in_flight
 
     def _client_gone(self, why) -> None:
         """A reply could not be sent: the client is gone.  Every thread of the connection
         stops: the reader, blocked or not, sees the stream end."""
         log.info("connection %d: closing: %s", self.id, why)
         self.broken = True
+        self.tx.mark_broken()
+        self.server.read_budget.wake()  # its reader may be waiting for the budget
         shutdown_socket(self.sock, socket.SHUT_RDWR)
 
     def _worker_done(self) -> None:
         """A worker answered a request: at shutdown, the last one wakes a waiting reader."""
         with self._in_workers_lock:
             self.in_workers -= 1
-            idle = not self.in_workers
-        if idle and self.stopping and (self.waiting or self.tx.waiting):
+        self._wake_if_idle()
+
+    def _wake_if_idle(self) -> None:
+        """At shutdown, the last request in flight to finish wakes a waiting reader."""
+        if self.stopping and (self.waiting or self.tx.waiting) and self._idle():
             shutdown_socket(self.sock, socket.SHUT_RD)
 
     def handshake_overdue(self, now: float) -> bool:

@@ -1,16 +1,15 @@
 """The reply machinery: batches of inline replies (_ReplyBatch), reply buffers (_BufferPool,
-_WorkerSpace), READs sent from the files (_PlannedReply), and the read budget (_ReadBudget).
+_WorkerSpace) and READs sent from the files (_PlannedReply).
 
 Memory and descriptors.  READ replies held in memory (reads in flight to an NBD backing, READs read
-by workers) are charged to a read budget, READ_BUDGET per connection and SERVER_READ_BUDGET in all
-(_ReadBudget): a client at its budget is not read from until its replies leave, so one that never
-reads them holds its budget and no more; large WRITE payloads have PAYLOAD_BUDGET per connection.
+by workers) are charged to the server's read budget (the engine's ReadBudget, shared with the reads
+Engine.serve starts), READ_BUDGET per connection and SERVER_READ_BUDGET in all: a client at its
+budget is not read from until its replies leave, so one that never reads them holds its budget and
+no more; large WRITE payloads have PAYLOAD_BUDGET per connection.
 """
 
 from __future__ import annotations
 
-import errno
-import os
 import threading
 from typing import TYPE_CHECKING
 
@@ -20,87 +19,11 @@ from cow.server.tuning import (
     BATCH_BUFFER,
     KEEP_BUFFER,
     MAX_BATCH_REPLIES,
-    READ_ALWAYS,
-    READ_BUDGET,
     READ_POOL_BUDGET,
-    SERVER_READ_BUDGET,
 )
 
 if TYPE_CHECKING:
     from cow.server.connection import _Connection
-
-
-class _ReadBudget:
-    """Bytes of READ replies held in memory, per connection and server-wide.
-
-    A reply's buffer is charged from before it is allocated until the reply has left (or
-    failed): reads started over an NBD backing, READs read by workers, and under TLS a READ
-    larger than the batch buffer.  A connection over its READ_BUDGET, or the server over
-    SERVER_READ_BUDGET, waits before the next such READ, and its reader stops reading requests
-    meanwhile: a client that never reads its replies holds at most its own budget, never the
-    server's.  A connection with nothing charged may always take one READ however large
-    (a request above the budget is served alone), as long as the server has room, or holds
-    nothing, or it is at most READ_ALWAYS: so that however many clients hold their budgets,
-    every other client can still have one READ of a usual size at a time.  The server holds
-    at most SERVER_READ_BUDGET, plus READ_ALWAYS for each connection (whose receive and batch
-    buffers cost about as much: --max-connections bounds both).  A waiter gives up with
-    ESHUTDOWN once the server is shutting down, so that shutdown never waits for it."""
-
-    __slots__ = ("per_connection", "total", "in_use", "waiting", "cond")
-
-    def __init__(self, per_connection: int = READ_BUDGET, total: int = SERVER_READ_BUDGET):
-        self.per_connection = per_connection
-        self.total = total
-        self.in_use = 0
-        self.waiting = 0
-        self.cond = threading.Condition(threading.Lock())
-
-    def _fits(self, conn: _Connection, count: int) -> bool:
-        mine, used = conn.read_in_use, self.in_use
-        if mine and mine + count > self.per_connection:
-            return False
-        return not used or used + count <= self.total or (not mine and count <= READ_ALWAYS)
-
-    def try_take(self, conn: _Connection, count: int) -> bool:
-        with self.cond:
-            if not self._fits(conn, count):
-                return False
-            conn.read_in_use += count
-            self.in_use += count
-            return True
-
-    def take(self, conn: _Connection, count: int) -> None:
-        """Charge count bytes to conn, waiting for room.  OSError(ESHUTDOWN) once the server
-        is shutting down, OSError(ECONNRESET) once the connection is broken, if still waiting."""
-        with self.cond:
-            if not self._fits(conn, count):
-                self.waiting += 1
-                try:
-                    while True:
-                        if conn.stopping:
-                            raise OSError(errno.ESHUTDOWN, "the server is shutting down")
-                        if conn.broken:
-                            raise OSError(errno.ECONNRESET, os.strerror(errno.ECONNRESET))
-                        self.cond.wait(1.0)  # woken by give() and wake(); the timeout: a net
-                        if self._fits(conn, count):
-                            break
-                finally:
-                    self.waiting -= 1
-            conn.read_in_use += count
-            self.in_use += count
-
-    def give(self, conn: _Connection, count: int) -> None:
-        with self.cond:
-            conn.read_in_use -= count
-            self.in_use -= count
-            if self.waiting:
-                self.cond.notify_all()
-
-    def wake(self) -> None:
-        """Make every waiter look again (shutdown, a connection broken)."""
-        with self.cond:
-            if self.waiting:
-                self.cond.notify_all()
 
 
 class _WorkerSpace:
@@ -118,11 +41,11 @@ class _WorkerSpace:
         """(buffer, base): the reply header ends and the data begins at base+READ_REPLY_PREFIX."""
         conn = self.conn
         budget = conn.server.read_budget
-        budget.take(conn, count)
+        budget.take(conn.tx, count)
         try:
             self.buf = conn._read_buffers.get(count)
         except BaseException:
-            budget.give(conn, count)
+            budget.give(conn.tx, count)
             raise
         self.count = count
         return self.buf, 0
@@ -132,7 +55,7 @@ class _WorkerSpace:
         if buf is not None:
             conn = self.conn
             conn._read_buffers.put(buf)
-            conn.server.read_budget.give(conn, self.count)
+            conn.server.read_budget.give(conn.tx, self.count)
 
 
 class _BufferPool:
@@ -191,7 +114,7 @@ class _ReplyBatch:
         if need > len(self.buf):  # (under TLS: everything else is a worker's)
             self.flush()  # what is held back leaves first, and gives back its budget
             conn = self.conn
-            conn.server.read_budget.take(conn, count)
+            conn.server.read_budget.take(conn.tx, count)
             self.charged = count
             return bytearray(need), 0
         if self.pos + need > len(self.buf):
@@ -232,7 +155,7 @@ class _ReplyBatch:
             self.pos = 0
         finally:
             if self.charged:
-                self.conn.server.read_budget.give(self.conn, self.charged)
+                self.conn.server.read_budget.give(self.conn.tx, self.charged)
                 self.charged = 0
 
 

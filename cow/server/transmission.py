@@ -9,11 +9,12 @@ connection).  Requests on other connections run in parallel because the engine r
 Overlap within a connection is used only where it pays: large READ/WRITE (from 128 KiB), whose
 transfer then overlaps with the next request's, and, when the backing is an NBD server (a request
 may wait milliseconds for it), every request that will read the backing (the engine says which).  A
-READ of blocks not yet copied up is started with the engine's pread_start and the reader goes on:
-the engine fills the reply's buffer as the backing answers, and the connection's replier thread
-sends finished replies, all that finished together in one sendmsg.  So a client's whole queue depth
-becomes backing reads in flight with no thread each (a thread per request measured 2.6x the context
-switches and 1.8x the CPU).  The rest (a READ with cow-on-read, a CACHE or BLOCK_STATUS there, a
+READ of blocks not yet copied up is started by Engine.serve itself, which goes on reading requests:
+the engine fills the reply's buffer as the backing answers, and the connection's served replier
+sends finished replies, all that finished together in one sendmsg, both without the GIL
+(cow/areads.pxi; under --verbose, the same with pread_start and a replier in Python, in
+cow/server/workers.py).  So a client's whole queue depth becomes backing reads in flight with no
+thread each (a thread per request measured 2.6x the context switches and 1.8x the CPU).  The rest (a READ with cow-on-read, a CACHE or BLOCK_STATUS there, a
 WRITE, ZERO or TRIM whose partial head or tail block needs a copy-up) goes to worker threads of the
 connection, started as they are needed, up to one per request in flight (``-t`` caps them).
 Replies then leave out of order, each written whole under the connection's send lock.
@@ -78,6 +79,7 @@ from cow.server.tuning import (
     KEEP_BUFFER,
     KEEP_PAYLOAD_BUFFERS,
     LARGE_REQUEST,
+    MAX_QUEUED_PER_CONNECTION,
     PAYLOAD_BUDGET,
     RECV_BUFFER,
     RECV_CHUNK,
@@ -169,7 +171,7 @@ class _RequestLoop:
                 # The reader may now block for the next request.  At shutdown, once
                 # nothing is in flight, the connection ends here (see begin_shutdown).
                 self.waiting = True
-                if self.stopping and not self.in_workers:
+                if self.stopping and self._idle():
                     self.waiting = False
                     log.info("connection %d: closing: the server is shutting down", self.id)
                     break
@@ -262,8 +264,14 @@ class _RequestLoop:
         return payload, owned
 
     def _configure_serve(self) -> None:
-        """Tell the engine what Engine.serve needs of this connection (its Transmission)."""
+        """Tell the engine what Engine.serve needs of this connection (its Transmission).
+        Over an NBD backing Engine.serve starts and answers READs of blocks not copied up itself
+        (cow/areads.pxi), with the connection's served replier."""
         proto = self.proto
+        if self.server.slow_backing:
+            self.tx.configure_reads(self.server.read_budget, MAX_QUEUED_PER_CONNECTION,
+                                    serve=True)
+            self._start_served_replier()
         self.tx.configure(self.sock.fileno(), structured=proto.structured_replies,
                           fua=bool(proto.transmission_flags & P.NBD_FLAG_SEND_FUA),
                           readonly=proto.readonly, size=proto.size,

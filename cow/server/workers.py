@@ -1,6 +1,11 @@
 """Requests served off the reader thread: reads started over an NBD backing, whose replies the
-connection's replier thread sends (_OffTheReader, a part of cow/server/connection.py's
-_Connection), and the connection's worker threads (_Workers)."""
+connection's replier threads send (_OffTheReader, a part of cow/server/connection.py's
+_Connection), and the connection's worker threads (_Workers).
+
+Most reads over an NBD backing never come here: Engine.serve starts them and serve_replies, on the
+connection's served replier thread, answers them, both without the GIL (cow/areads.pxi).  The
+front end's own path (_start_read and _reply_reads) serves the rest: under --verbose, and what
+Engine.serve leaves to it."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from cow import protocol as P
-from cow.engine import ReadQueue
+from cow.engine import REPLIED_BROKEN, REPLIED_END, REPLIED_FAILED, ReadQueue, serve_replies
 from cow.protocol import NBD_CMD_READ, READ_REPLY_PREFIX
 from cow.server.errors import client_message, nbd_error_from_errno
 from cow.server.replies import _WorkerSpace
@@ -38,19 +43,24 @@ class _OffTheReader:
             self.replier = threading.Thread(target=self._reply_reads, daemon=True,
                                             name=f"cow-conn{self.id}-replier")
             self.replier.start()
-        self._read_slots.acquire()  # a client that never reads its replies stops being read
-        budget = self.server.read_budget
-        if not budget.try_take(self, count):
-            # Over the read budget: no more requests are read until replies leave.  What is
-            # held back leaves first (the client may wait for it before reading on).
+        tx, budget = self.tx, self.server.read_budget
+        if tx.reads_in_flight >= MAX_QUEUED_PER_CONNECTION or not budget.try_take(tx, count):
+            # At a bound: no more requests are read until replies leave.  What is held back
+            # leaves first (the client may wait for it before reading on).
             batch.flush()
             try:
-                budget.take(self, count)
+                tx.take_read_slot()  # a client that never reads its replies stops being read
+                try:
+                    budget.take(tx, count)
+                except OSError:
+                    tx.give_read_slot()
+                    raise
             except OSError as e:  # shutting down (or broken): this one is not started
-                self._read_slots.release()
                 batch.add(self._error_reply(cookie, NBD_CMD_READ, flags, offset, count,
                                             nbd_error_from_errno(e.errno), client_message(e)))
                 return True
+        else:
+            tx.take_read_slot()  # free: no wait
         buf = self._read_buffers.get(count)
         at = READ_REPLY_PREFIX
         with self._in_workers_lock:
@@ -62,10 +72,10 @@ class _OffTheReader:
             started = e
         if started is False:
             return True
-        self._read_slots.release()
+        tx.give_read_slot()
         with self._in_workers_lock:
             self.in_workers -= 1
-        budget.give(self, count)
+        budget.give(tx, count)
         if started is None:
             self._read_buffers.put(buf)
             return False
@@ -85,7 +95,7 @@ class _OffTheReader:
     def _reply_reads(self) -> None:
         """The replier: send the replies of started reads as they finish, all that finished
         together in one sendmsg."""
-        reads, proto, budget = self.reads, self.proto, self.server.read_budget
+        reads, proto, budget, tx = self.reads, self.proto, self.server.read_budget, self.tx
         while True:
             done = reads.wait()
             if not done:
@@ -113,9 +123,37 @@ class _OffTheReader:
                 replies.clear()
                 for token, _ in done:
                     self._read_buffers.put(token[4])
-                    budget.give(self, token[3])
-                    self._read_slots.release()
+                    budget.give(tx, token[3])
+                    tx.give_read_slot()
                     self._worker_done()
+
+    def _start_served_replier(self) -> None:
+        self.served_replier = threading.Thread(target=self._reply_served, daemon=True,
+                                               name=f"cow-conn{self.id}-served")
+        self.served_replier.start()
+
+    def _reply_served(self) -> None:
+        """The served replier: serve_replies sends the replies of the reads Engine.serve
+        started, and comes back here only for reads that failed (their error replies are
+        worded here), a client gone, or the last read answered at shutdown."""
+        engine, tx = self.engine, self.tx
+        while True:
+            status, info = serve_replies(engine, tx)
+            if status == REPLIED_END:
+                return
+            if status == REPLIED_FAILED:
+                replies = [self._error_reply(cookie, NBD_CMD_READ, flags, offset, count,
+                                             nbd_error_from_errno(err), os.strerror(err))
+                           for cookie, flags, offset, count, err in info]
+                try:
+                    if not self.broken:
+                        with self.send_lock:
+                            sendmsg_all(self.sock, replies)
+                except OSError as e:
+                    self._client_gone(e)
+            elif status == REPLIED_BROKEN:
+                self._client_gone(os.strerror(info))
+            self._wake_if_idle()
 
     def _start_workers(self) -> _Workers:
         self.workers = _Workers(self, self.server.max_workers)
