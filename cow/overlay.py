@@ -671,6 +671,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _header_now(path: str) -> F.Header | None:
+    """path's header as an interrupted command left it (read without the lock), or None where
+    it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            return F.read_header(fd, path)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return None
+
+
 def _after_interrupt(args) -> str:
     """What an interrupted command left, and what to run next."""
     if args.command == "export":
@@ -678,29 +691,17 @@ def _after_interrupt(args) -> str:
             return f"; remove the incomplete {args.out} and run the export again"
         return f"; {args.out} was not made (run the export again)"
     if args.command == "reset":
-        try:
-            fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-            try:
-                resetting = F.read_header(fd, args.file).resetting
-            finally:
-                os.close(fd)
-        except (OSError, ValueError):
-            return ""
-        if resetting:
+        h = _header_now(args.file)
+        if h is not None and h.resetting:
             return (f"; {args.file} is partly reset and says so: run the same command again "
                     f"to finish the reset")
         return ""
     if args.command != "commit":
         return ""
-    try:
-        fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            committing = F.read_header(fd, args.file).committing
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):
+    h = _header_now(args.file)
+    if h is None:
         return ""
-    if committing:
+    if h.committing:
         return (f"; {args.into} is partly written and {args.file} says so: run the same "
                 f"command again to finish the commit")
     return "; nothing was committed"
