@@ -473,6 +473,7 @@ def commit(path: str, into: str, backing_changed: str = "refuse",
                             f"overlay's backing is {h.kind_name} {F.shown(h.backing)} (use "
                             f"export instead)")
         _refuse_interrupted_reset(path, h)
+        finishing = h.committing
         runs = _runs(fd, h)
         bfd = _open_target(path, into)
         try:
@@ -507,7 +508,8 @@ def commit(path: str, into: str, backing_changed: str = "refuse",
                backing_mtime_ns=st.st_mtime_ns if is_file else 0)
     finally:
         os.close(fd)
-    return {"backing": h.backing, "written_bytes": written, "trimmed_bytes": zeroed}
+    return {"backing": h.backing, "written_bytes": written, "trimmed_bytes": zeroed,
+            "finished_interrupted": finishing}
 
 
 # -- reset ---------------------------------------------------------------------------------------
@@ -516,6 +518,7 @@ def reset(path: str) -> dict:
     fd, h = F.open_locked(path, exclusive=True)
     try:
         _refuse_interrupted_commit(path, h)
+        finishing = h.resetting
         alloc, trimmed = F.bitmap_counts(F.read_bitmap(fd, h), path)
         changes = {}
         # Empty, the overlay fits any backing of its size: record the backing as it is now.
@@ -534,7 +537,8 @@ def reset(path: str) -> dict:
         _empty(fd, h, flags=h.flags & ~F.FLAG_RESETTING, **changes)
     finally:
         os.close(fd)
-    return {"discarded_blocks": alloc, "discarded_trims": trimmed}
+    return {"discarded_blocks": alloc, "discarded_trims": trimmed,
+            "finished_interrupted": finishing}
 
 
 # -- fork ----------------------------------------------------------------------------------------
@@ -707,6 +711,11 @@ def _after_interrupt(args) -> str:
     return "; nothing was committed"
 
 
+def _finished(d: dict, what: str) -> str:
+    """The words that open the report of a commit or reset that finished one interrupted."""
+    return f"finished the {what} that was interrupted: " if d["finished_interrupted"] else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = f"{PROG} {args.command}"
@@ -729,14 +738,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ToolError(f"{args.file}: commit writes into {args.into} for good; add "
                                 f"--yes to do it")
             d = commit(args.file, args.into, args.backing_changed, args.progress)
-            print(f"{d['backing']}: {_human(d['written_bytes'])} written, "
-                  f"{_human(d['trimmed_bytes'])} trimmed; {args.file} is now empty")
+            print(f"{d['backing']}: {_finished(d, 'commit')}{_human(d['written_bytes'])} "
+                  f"written, {_human(d['trimmed_bytes'])} trimmed; {args.file} is now empty")
         elif args.command == "reset":
             if not args.yes:
                 raise ToolError(f"{args.file}: reset discards every change; add --yes to do it")
             d = reset(args.file)
-            print(f"{args.file}: {d['discarded_blocks']} changed and {d['discarded_trims']} "
-                  f"trimmed blocks discarded")
+            print(f"{args.file}: {_finished(d, 'reset')}{d['discarded_blocks']} changed and "
+                  f"{d['discarded_trims']} trimmed blocks discarded")
         elif args.command == "fork":
             d = fork(args.file, args.new)
             print(f"{d['new']}: forked from {args.file} ({d['method']}"
