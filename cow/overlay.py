@@ -30,7 +30,6 @@ import os
 import shlex
 import stat
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -548,32 +547,46 @@ def fork(path: str, new: str) -> dict:
     try:
         if os.path.lexists(new):
             raise ToolError(f"{new}: already exists; remove it or choose another name")
-        folder = os.path.dirname(os.path.abspath(new))
         try:
-            tfd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(new)}.", suffix=".new",
-                                        dir=folder)
-        except OSError as e:    # (its message would name the temporary file, not NEW)
+            dir_fd = os.open(os.path.dirname(os.path.abspath(new)),
+                             os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
             raise ToolError(f"{new}: cannot create it: {e.strerror}") from None
-        placed = False
         try:
-            try:
-                fcntl.ioctl(tfd, FICLONE, fd)
-                how, copied = "reflink", 0
-            except OSError:
-                how, copied = "sparse copy", _sparse_copy(fd, tfd)
-            os.fsync(tfd)
-            F.put_in_place(tmp, new)    # one name at any moment: NEW may be a view's file
-            placed = True
-        except FileExistsError:
-            raise ToolError(f"{new}: already exists; remove it or choose another name") from None
+            how, copied = _copy_into_place(fd, dir_fd, os.path.basename(new), new)
         finally:
-            os.close(tfd)
-            if not placed:
-                os.unlink(tmp)
-        F.fsync_dir(new)
+            os.close(dir_fd)
     finally:
         os.close(fd)
     return {"new": os.path.abspath(new), "method": how, "copied_bytes": copied}
+
+
+def _copy_into_place(fd: int, dir_fd: int, name: str, new: str) -> tuple[str, int]:
+    """Copy the file fd into a temporary beside name in the folder dir_fd (F.temporary_at: one
+    that a fork cut short leaves is removed by a later fork or creation of that name), sync it
+    and put it in place in one step (NEW may be a view's file); how, and the bytes copied."""
+    try:
+        tfd, tmp = F.temporary_at(dir_fd, name)
+    except OSError as e:    # (its message would name the temporary file, not NEW)
+        raise ToolError(f"{new}: cannot create it: {e.strerror}") from None
+    placed = False
+    try:
+        try:
+            fcntl.ioctl(tfd, FICLONE, fd)
+            how, copied = "reflink", 0
+        except OSError:
+            how, copied = "sparse copy", _sparse_copy(fd, tfd)
+        os.fsync(tfd)
+        F.put_in_place(tmp, name, dir_fd)
+        placed = True
+    except FileExistsError:
+        raise ToolError(f"{new}: already exists; remove it or choose another name") from None
+    finally:
+        os.close(tfd)
+        if not placed:
+            os.unlink(tmp, dir_fd=dir_fd)
+    os.fsync(dir_fd)
+    return how, copied
 
 
 def _sparse_copy(src: int, dst: int) -> int:
