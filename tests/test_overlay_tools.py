@@ -6,7 +6,6 @@ import json
 import os
 import struct
 import subprocess
-import time
 import zlib
 
 import nbd
@@ -14,6 +13,7 @@ import pytest
 
 from conftest import PYTHON, sha256_file, write_sample
 from support_server import start_server
+from support_temporaries import PlantedTemporaries
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -344,42 +344,12 @@ def test_a_fork_removes_what_a_fork_cut_short_left_and_nothing_else(backing_fact
     those over a minute old that are regular files of this user whose lock nobody holds, and
     never follows a link: not a fresh one (a fork may still be at work), a locked one, a
     symbolic link (nor what it points at), one of another user or another name."""
-    from cow import overlayfile
     disk = backing_factory(2 * MiB)
     ov = tmp_path / "vm.cow"
     served = changes(disk, ov, tmp_path, "64K")
-    old = time.time() - 2 * overlayfile.STALE_TEMPORARY_S
-
-    def planted(name, *, age=old):
-        p = tmp_path / name
-        p.write_bytes(b"copied overlay data" * 4096)
-        os.utime(p, (age, age))
-        return p
-
-    stale = planted(".experiment.cow.0123456789ab.new")
-    fresh = planted(".experiment.cow.00000000000f.new", age=time.time())
-    held = planted(".experiment.cow.aaaaaaaaaaaa.new")
-    other_name = planted(".other.cow.0123456789ab.new")
-    not_ours = planted(".experiment.cow.0123456789ab.new.keep")
-    target = planted("elsewhere")
-    link = tmp_path / ".experiment.cow.bbbbbbbbbbbb.new"
-    link.symlink_to(target)
-    kept = [fresh, held, other_name, not_ours, target]
-    if os.geteuid() == 0:                   # (only root can give a file to another user)
-        theirs = planted(".experiment.cow.cccccccccccc.new")
-        os.chown(theirs, 65534, 65534)
-        os.utime(theirs, (old, old))
-        kept.append(theirs)
-    holder = os.open(held, os.O_RDWR)
-    overlayfile.lock(holder, str(held), exclusive=True)    # a fork still at work
-    try:
-        out = ok("fork", ov, tmp_path / "experiment.cow")
-    finally:
-        os.close(holder)
-    assert "forked from" in out
-    assert not stale.exists()
-    assert all(p.exists() for p in kept), [p.name for p in kept if not p.exists()]
-    assert link.is_symlink() and target.read_bytes() == b"copied overlay data" * 4096
+    with PlantedTemporaries(tmp_path, "experiment.cow") as planted:
+        assert "forked from" in ok("fork", ov, tmp_path / "experiment.cow")
+    planted.check()
     assert view(disk, tmp_path / "experiment.cow", tmp_path) == served
 
 
