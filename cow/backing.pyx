@@ -762,13 +762,19 @@ cdef bint reconnect(shared_t *s, bint *other_disk) noexcept nogil:
     return install(s, c, h) == 0
 
 
-cdef void fail_parked(shared_t *s) noexcept nogil:
+cdef req_t *take_parked(shared_t *s) noexcept nogil:
+    """The parked reads, taken off the list under the lock (the list is left empty)."""
     cdef req_t *r
-    cdef req_t *nxt
     pthread_mutex_lock(&s.m)
     r = s.parked
     s.parked = NULL
     pthread_mutex_unlock(&s.m)
+    return r
+
+
+cdef void fail_parked(shared_t *s) noexcept nogil:
+    cdef req_t *r = take_parked(s)
+    cdef req_t *nxt
     while r != NULL:
         nxt = r.next
         batch_end_one(r.w, ENOTCONN)
@@ -777,13 +783,9 @@ cdef void fail_parked(shared_t *s) noexcept nogil:
 
 cdef void resubmit_parked(shared_t *s) noexcept nogil:
     """Send the parked reads again, on live connections (those left when none is: kept)."""
-    cdef req_t *r
+    cdef req_t *r = take_parked(s)
     cdef req_t *nxt
     cdef conn_t *c
-    pthread_mutex_lock(&s.m)
-    r = s.parked
-    s.parked = NULL
-    pthread_mutex_unlock(&s.m)
     while r != NULL:
         nxt = r.next
         c = pick_conn(s)

@@ -30,7 +30,6 @@ import os
 import shlex
 import stat
 import sys
-import tempfile
 import textwrap
 import time
 
@@ -473,6 +472,7 @@ def commit(path: str, into: str, backing_changed: str = "refuse",
                             f"overlay's backing is {h.kind_name} {F.shown(h.backing)} (use "
                             f"export instead)")
         _refuse_interrupted_reset(path, h)
+        finishing = h.committing
         runs = _runs(fd, h)
         bfd = _open_target(path, into)
         try:
@@ -507,7 +507,8 @@ def commit(path: str, into: str, backing_changed: str = "refuse",
                backing_mtime_ns=st.st_mtime_ns if is_file else 0)
     finally:
         os.close(fd)
-    return {"backing": h.backing, "written_bytes": written, "trimmed_bytes": zeroed}
+    return {"backing": h.backing, "written_bytes": written, "trimmed_bytes": zeroed,
+            "finished_interrupted": finishing}
 
 
 # -- reset ---------------------------------------------------------------------------------------
@@ -516,6 +517,7 @@ def reset(path: str) -> dict:
     fd, h = F.open_locked(path, exclusive=True)
     try:
         _refuse_interrupted_commit(path, h)
+        finishing = h.resetting
         alloc, trimmed = F.bitmap_counts(F.read_bitmap(fd, h), path)
         changes = {}
         # Empty, the overlay fits any backing of its size: record the backing as it is now.
@@ -534,7 +536,8 @@ def reset(path: str) -> dict:
         _empty(fd, h, flags=h.flags & ~F.FLAG_RESETTING, **changes)
     finally:
         os.close(fd)
-    return {"discarded_blocks": alloc, "discarded_trims": trimmed}
+    return {"discarded_blocks": alloc, "discarded_trims": trimmed,
+            "finished_interrupted": finishing}
 
 
 # -- fork ----------------------------------------------------------------------------------------
@@ -544,32 +547,46 @@ def fork(path: str, new: str) -> dict:
     try:
         if os.path.lexists(new):
             raise ToolError(f"{new}: already exists; remove it or choose another name")
-        folder = os.path.dirname(os.path.abspath(new))
         try:
-            tfd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(new)}.", suffix=".new",
-                                        dir=folder)
-        except OSError as e:    # (its message would name the temporary file, not NEW)
+            dir_fd = os.open(os.path.dirname(os.path.abspath(new)),
+                             os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
             raise ToolError(f"{new}: cannot create it: {e.strerror}") from None
-        placed = False
         try:
-            try:
-                fcntl.ioctl(tfd, FICLONE, fd)
-                how, copied = "reflink", 0
-            except OSError:
-                how, copied = "sparse copy", _sparse_copy(fd, tfd)
-            os.fsync(tfd)
-            F.put_in_place(tmp, new)    # one name at any moment: NEW may be a view's file
-            placed = True
-        except FileExistsError:
-            raise ToolError(f"{new}: already exists; remove it or choose another name") from None
+            how, copied = _copy_into_place(fd, dir_fd, os.path.basename(new), new)
         finally:
-            os.close(tfd)
-            if not placed:
-                os.unlink(tmp)
-        F.fsync_dir(new)
+            os.close(dir_fd)
     finally:
         os.close(fd)
     return {"new": os.path.abspath(new), "method": how, "copied_bytes": copied}
+
+
+def _copy_into_place(fd: int, dir_fd: int, name: str, new: str) -> tuple[str, int]:
+    """Copy the file fd into a temporary beside name in the folder dir_fd (F.temporary_at: one
+    that a fork cut short leaves is removed by a later fork or creation of that name), sync it
+    and put it in place in one step (NEW may be a view's file); how, and the bytes copied."""
+    try:
+        tfd, tmp = F.temporary_at(dir_fd, name)
+    except OSError as e:    # (its message would name the temporary file, not NEW)
+        raise ToolError(f"{new}: cannot create it: {e.strerror}") from None
+    placed = False
+    try:
+        try:
+            fcntl.ioctl(tfd, FICLONE, fd)
+            how, copied = "reflink", 0
+        except OSError:
+            how, copied = "sparse copy", _sparse_copy(fd, tfd)
+        os.fsync(tfd)
+        F.put_in_place(tmp, name, dir_fd)
+        placed = True
+    except FileExistsError:
+        raise ToolError(f"{new}: already exists; remove it or choose another name") from None
+    finally:
+        os.close(tfd)
+        if not placed:
+            os.unlink(tmp, dir_fd=dir_fd)
+    os.fsync(dir_fd)
+    return how, copied
 
 
 def _sparse_copy(src: int, dst: int) -> int:
@@ -671,6 +688,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _header_now(path: str) -> F.Header | None:
+    """path's header as an interrupted command left it (read without the lock), or None where
+    it cannot be read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            return F.read_header(fd, path)
+        finally:
+            os.close(fd)
+    except (OSError, ValueError):
+        return None
+
+
 def _after_interrupt(args) -> str:
     """What an interrupted command left, and what to run next."""
     if args.command == "export":
@@ -678,32 +708,25 @@ def _after_interrupt(args) -> str:
             return f"; remove the incomplete {args.out} and run the export again"
         return f"; {args.out} was not made (run the export again)"
     if args.command == "reset":
-        try:
-            fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-            try:
-                resetting = F.read_header(fd, args.file).resetting
-            finally:
-                os.close(fd)
-        except (OSError, ValueError):
-            return ""
-        if resetting:
+        h = _header_now(args.file)
+        if h is not None and h.resetting:
             return (f"; {args.file} is partly reset and says so: run the same command again "
                     f"to finish the reset")
         return ""
     if args.command != "commit":
         return ""
-    try:
-        fd = os.open(args.file, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            committing = F.read_header(fd, args.file).committing
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):
+    h = _header_now(args.file)
+    if h is None:
         return ""
-    if committing:
+    if h.committing:
         return (f"; {args.into} is partly written and {args.file} says so: run the same "
                 f"command again to finish the commit")
     return "; nothing was committed"
+
+
+def _finished(d: dict, what: str) -> str:
+    """The words that open the report of a commit or reset that finished one interrupted."""
+    return f"finished the {what} that was interrupted: " if d["finished_interrupted"] else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -728,14 +751,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ToolError(f"{args.file}: commit writes into {args.into} for good; add "
                                 f"--yes to do it")
             d = commit(args.file, args.into, args.backing_changed, args.progress)
-            print(f"{d['backing']}: {_human(d['written_bytes'])} written, "
-                  f"{_human(d['trimmed_bytes'])} trimmed; {args.file} is now empty")
+            print(f"{d['backing']}: {_finished(d, 'commit')}{_human(d['written_bytes'])} "
+                  f"written, {_human(d['trimmed_bytes'])} trimmed; {args.file} is now empty")
         elif args.command == "reset":
             if not args.yes:
                 raise ToolError(f"{args.file}: reset discards every change; add --yes to do it")
             d = reset(args.file)
-            print(f"{args.file}: {d['discarded_blocks']} changed and {d['discarded_trims']} "
-                  f"trimmed blocks discarded")
+            print(f"{args.file}: {_finished(d, 'reset')}{d['discarded_blocks']} changed and "
+                  f"{d['discarded_trims']} trimmed blocks discarded")
         elif args.command == "fork":
             d = fork(args.file, args.new)
             print(f"{d['new']}: forked from {args.file} ({d['method']}"

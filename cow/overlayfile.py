@@ -587,8 +587,8 @@ def _initialise(fd: int, h: Header) -> None:
     os.fsync(fd)
 
 
-# A temporary file of a creation (create_at) this much older than now was left by one that
-# never finished (a crash or a power cut before it was put in place).
+# A temporary file (temporary_at: of a creation, or of a fork) this much older than now was left
+# by one that never finished (a crash or a power cut before it was put in place).
 STALE_TEMPORARY_S = 60.0
 
 
@@ -597,11 +597,11 @@ def _temporary_pattern(name: str) -> re.Pattern[str]:
 
 
 def remove_stale_temporaries(dir_fd: int, name: str) -> list[str]:
-    """Remove the temporary files that creations of name cut short left in the folder dir_fd:
-    regular files of this user, older than STALE_TEMPORARY_S, whose lock nobody holds (a
-    creation in progress holds it).  No link is followed.  They hold no data: a creation
-    writes only the header and puts the file in place before anything else.  The names
-    removed."""
+    """Remove the temporary files that makings of name cut short (temporary_at) left in the
+    folder dir_fd: regular files of this user, older than STALE_TEMPORARY_S, whose lock nobody
+    holds (a making in progress holds it).  No link is followed.  They hold nothing that is not
+    elsewhere: a creation writes only the header before it puts the file in place, a fork a
+    copy of an overlay that is still there.  The names removed."""
     pattern = _temporary_pattern(name)
     removed = []
     try:
@@ -631,14 +631,12 @@ def remove_stale_temporaries(dir_fd: int, name: str) -> list[str]:
     return removed
 
 
-def create_at(dir_fd: int, name: str, h: Header) -> int:
-    """Create the overlay name in the folder dir_fd, locked (exclusive), mode 0600, atomically:
-    made under a temporary name beside it (O_EXCL, no link followed), synced, and put in place
-    (put_in_place: a rename that fails with FileExistsError on anything already at name, a
-    dangling symbolic link included), so no half-made file is ever seen there, nothing else is
-    written, and a crash leaves the file with one name (a temporary .NAME.*.new, or name).
-    Temporary files of earlier creations of name that never finished are removed first.
-    Returns its descriptor."""
+def temporary_at(dir_fd: int, name: str) -> tuple[int, str]:
+    """A new file, to be put in place as name in the folder dir_fd (put_in_place) once written:
+    .NAME.<12 hex digits>.new beside it, mode 0600, made with O_EXCL (no link followed) and
+    locked (exclusive: remove_stale_temporaries leaves it alone while it is being written, however
+    long that takes).  The temporaries of earlier makings of name that never finished are
+    removed first.  Returns (its descriptor, its name)."""
     remove_stale_temporaries(dir_fd, name)
     for _ in range(100):
         tmp = f".{name}.{os.urandom(6).hex()}.new"
@@ -653,14 +651,34 @@ def create_at(dir_fd: int, name: str, h: Header) -> int:
     try:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         lock(fd, tmp, exclusive=True)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp, dir_fd)
+        raise
+    return fd, tmp
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def create_at(dir_fd: int, name: str, h: Header) -> int:
+    """Create the overlay name in the folder dir_fd, locked (exclusive), mode 0600, atomically:
+    made under a temporary name beside it (temporary_at), synced, and put in place
+    (put_in_place: a rename that fails with FileExistsError on anything already at name, a
+    dangling symbolic link included), so no half-made file is ever seen there, nothing else is
+    written, and a crash leaves the file with one name (a temporary .NAME.*.new, or name).
+    Returns its descriptor."""
+    fd, tmp = temporary_at(dir_fd, name)
+    try:
         _initialise(fd, h)
         put_in_place(tmp, name, dir_fd)
     except BaseException:
         os.close(fd)
-        try:
-            os.unlink(tmp, dir_fd=dir_fd)
-        except OSError:
-            pass
+        _unlink_quietly(tmp, dir_fd)
         raise
     os.fsync(dir_fd)
     return fd

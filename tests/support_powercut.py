@@ -39,6 +39,7 @@ import errno
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,7 @@ import threading
 import time
 
 SECTOR = 512
+MODES = ("all", "none", "subset", "subset")  # a subset is the cut that finds ordering bugs
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -446,6 +448,43 @@ class PowerCutFS:
                 self.proc.wait()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control)
+
+
+def load_and_cut(fs, proc, rng, armed, make_clients, counts, modes):
+    """Load a server and cut the power under it: start the clients make_clients(killed) makes
+    (threads with .ops and .unexpected, which stop counting errors as failures once killed is
+    set), wait until the change armed = (kind, n) freezes (up to 5 s; 1 s for a change of
+    names, which may never come) or, armed None, for a random moment; kill proc (the server),
+    cut (a mode of MODES, recorded in modes), power on once it is reaped, and join the clients:
+    none may hang or have failed before the kill.  Adds the cut's lost, kept and frozen and the
+    clients' ops to counts; returns the cut's report."""
+    if armed:
+        fs.arm(armed[1], armed[0])
+    killed = threading.Event()     # errors are the test's failure until it is set
+    clients = make_clients(killed)
+    for c in clients:
+        c.start()
+    if armed:
+        deadline = time.monotonic() + (1 if armed[0] == "name" else 5)
+        while not fs.stats()["frozen"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    else:
+        time.sleep(rng.uniform(0.05, 0.6))
+    killed.set()
+    proc.send_signal(signal.SIGKILL)
+    mode = rng.choice(MODES)
+    modes.append(mode)
+    cut = fs.cut(mode, rng.randrange(1 << 30), stay_off=True)
+    proc.wait()                    # what it still had in flight failed
+    fs.power_on()
+    for k in ("lost", "kept", "frozen"):
+        counts[k] += cut[k]
+    for c in clients:
+        c.join(30)
+        assert not c.is_alive(), "a client hung after the kill"
+        assert c.unexpected is None, repr(c.unexpected)
+        counts["ops"] += c.ops
+    return cut
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 
 from conftest import PYTHON, sha256_file, write_sample
 from support_server import start_server
+from support_temporaries import PlantedTemporaries
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -268,6 +269,39 @@ def test_an_interrupted_commit_is_finished_by_running_it_again(tmp_path):
     assert disk.read_bytes() == served and not info(ov)["commit_interrupted"]
 
 
+@pytest.mark.parametrize("command", ["commit", "reset"])
+def test_rerunning_an_interrupted_commit_or_reset_says_it_finishes_one(tmp_path, command):
+    """The header as a cut or Ctrl-C in the middle leaves it (flag 1: a commit was under way,
+    the backing partly written; flag 2: a reset was): the same command again finishes the work
+    and its one line of output says that it finished one that was interrupted; run once more,
+    on an overlay nothing interrupted, it does not say so."""
+    disk = write_sample(tmp_path / "disk.img", 1 * MiB)
+    original = disk.read_bytes()
+    ov = tmp_path / "vm.cow"
+    served = changes(disk, ov, tmp_path, "4K")
+    if command == "commit":
+        _set_flags(ov, 1)
+        with open(disk, "r+b") as f:
+            f.write(served[:4096 * 3])
+        args = ("commit", ov, "--into", disk, "--yes")
+    else:
+        _set_flags(ov, 2)
+        args = ("reset", ov, "--yes")
+    assert info(ov)[f"{command}_interrupted"]
+    r = tool(*args)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1 and f"finished the {command} that was interrupted: " in lines[0], \
+        r.stdout
+    d = info(ov)
+    assert not d[f"{command}_interrupted"] and (d["allocated_blocks"], d["trimmed_blocks"]) == \
+        (0, 0)
+    assert disk.read_bytes() == (served if command == "commit" else original)
+    assert view(disk, ov, tmp_path) == disk.read_bytes()
+    again = ok(*args)
+    assert "that was interrupted" not in again and len(again.splitlines()) == 1, again
+
+
 # -- reset ----------------------------------------------------------------------------------
 
 def test_reset_discards_everything(backing_factory, tmp_path):
@@ -303,6 +337,20 @@ def test_fork_makes_two_views_that_diverge(backing_factory, tmp_path):
     line = fails("fork", ov, tmp_path / "no-such-dir" / "x.cow",
                  words=(f"{tmp_path}/no-such-dir/x.cow: cannot create it",))
     assert ".new" not in line                       # not the internal temporary name
+
+
+def test_a_fork_removes_what_a_fork_cut_short_left_and_nothing_else(backing_factory, tmp_path):
+    """A fork cut short leaves `.NEW.<hex>.new` beside NEW.  The next fork of that name removes
+    those over a minute old that are regular files of this user whose lock nobody holds, and
+    never follows a link: not a fresh one (a fork may still be at work), a locked one, a
+    symbolic link (nor what it points at), one of another user or another name."""
+    disk = backing_factory(2 * MiB)
+    ov = tmp_path / "vm.cow"
+    served = changes(disk, ov, tmp_path, "64K")
+    with PlantedTemporaries(tmp_path, "experiment.cow") as planted:
+        assert "forked from" in ok("fork", ov, tmp_path / "experiment.cow")
+    planted.check()
+    assert view(disk, tmp_path / "experiment.cow", tmp_path) == served
 
 
 # -- long work: progress, and Ctrl-C --------------------------------------------------------
@@ -350,6 +398,7 @@ def test_ctrl_c_is_one_line_and_says_what_to_run_next(tmp_path, command):
     assert r.stderr == ""               # not a terminal, no -p: no progress
     if command == "commit":
         assert not info(ov)["commit_interrupted"] and info(ov)["allocated_blocks"] == 0
+        assert "finished the commit that was interrupted" in r.stdout, r.stdout
 
 
 def test_progress_counts_to_100_percent(tmp_path):

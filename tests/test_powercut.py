@@ -23,20 +23,19 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import nbd
 import pytest
 
-from support_powercut import PowerCutFS, _punch
+import support_powercut
+from support_powercut import MODES, PowerCutFS, _punch
 from support_server import server_command, start_server
 from test_overlay_crash import GROUP, MiB, KiB, Client, Sector, SECTORS_PER_GROUP, \
     check_and_rebase
 
 ROUNDS = int(os.environ.get("COW_POWERCUT_ROUNDS", "80"))
 SEED = os.environ.get("COW_POWERCUT_SEED", "powercut")
-MODES = ("all", "none", "subset", "subset")  # a subset is the cut that finds ordering bugs
 
 
 @pytest.fixture
@@ -119,37 +118,17 @@ def test_power_cut_under_load_loses_nothing_flushed(fs, tmp_path, block_size):
     info = None
 
     def load_and_cut(uri, proc):
-        armed = rng.random() < 0.8
-        if armed:                                   # the cut at an exact change or sync,
+        armed = None
+        if rng.random() < 0.8:                      # the cut at an exact change or sync,
             if rng.random() < 0.7:                  # at a sync above all: the moments where
-                fs.arm(rng.randint(1, 20), "sync")  # order matters
+                armed = ("sync", rng.randint(1, 20))    # order matters
             else:
-                fs.arm(rng.randint(1, 1500))
-        killed = threading.Event()     # errors are the test's failure until it is set
-        clients = [Client(uri, owned[k], model, ids, rng.random(), killed)
-                   for k in range(nthreads)]
-        for c in clients:
-            c.start()
-        if armed:
-            deadline = time.monotonic() + 5
-            while not fs.stats()["frozen"] and time.monotonic() < deadline:
-                time.sleep(0.01)
-        else:                                       # or at a random moment
-            time.sleep(rng.uniform(0.05, 0.6))
-        killed.set()
-        proc.send_signal(signal.SIGKILL)
-        mode = rng.choice(MODES)
-        modes.append(mode)
-        r = fs.cut(mode, rng.randrange(1 << 30), stay_off=True)
-        proc.wait()                                 # what it still had in flight failed
-        fs.power_on()
-        for k in ("lost", "kept", "frozen"):
-            counts[k] += r[k]
-        for c in clients:
-            c.join(30)
-            assert not c.is_alive(), "a client hung after the kill"
-            assert c.unexpected is None, repr(c.unexpected)
-            counts["ops"] += c.ops
+                armed = (None, rng.randint(1, 1500))
+        # (else at a random moment)
+        support_powercut.load_and_cut(
+            fs, proc, rng, armed, lambda killed: [
+                Client(uri, owned[k], model, ids, rng.random(), killed) for k in range(nthreads)],
+            counts, modes)
 
     for round_no in range(1, ROUNDS + 2):
         with start_server(disk, "--overlay", ov, "--cow-block-size", block_size,

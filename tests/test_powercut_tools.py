@@ -304,3 +304,51 @@ def test_a_cut_during_reset_never_leaves_a_mix_that_nothing_reports(fs, tmp_path
             assert held(info) == 0 and not info.get("reset_interrupted")
             os.unlink(ov)
     print(f"cuts during reset: {outcomes}")
+
+
+def test_a_fork_cut_short_leaves_a_temporary_that_a_later_fork_removes(fs, tmp_path):
+    """A cut while fork copies (frozen at the sync of its copy) leaves NEW absent and its
+    temporary `.NEW.<hex>.new` beside it, as large as the data copied.  A fork of that name
+    right after leaves it (it may be a fork still at work); once it is over a minute old, the
+    next fork of that name removes it, and makes NEW, which serves the view."""
+    import re
+    from cow import overlayfile
+    rng = random.Random(f"{SEED}-fork-leftover")
+    disk = tmp_path / "disk.img"                    # outside the mount: never cut
+    disk.write_bytes(rng.randbytes(SIZE))
+    ov = fs.path / "vm.cow"
+    new = fs.path / "experiment.cow"
+    with start_server(disk, "--overlay", ov, tmp_path=tmp_path) as (uri, _):
+        e = change(uri, rng, 65536)
+    ours = re.compile(r"\.experiment\.cow\.[0-9a-f]{12}\.new")
+
+    def temporaries():
+        return sorted(x for x in os.listdir(fs.path) if x.startswith(".experiment.cow."))
+
+    fs.arm(1, "sync")
+    p = subprocess.Popen([sys.executable, "-P", "-m", "cow.overlay", "fork", ov, new],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not fs.stats()["frozen"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fs.stats()["frozen"], "fork never synced its copy"
+    p.send_signal(signal.SIGKILL)
+    fs.cut("none", stay_off=True)
+    p.wait()
+    fs.power_on()
+    left = temporaries()
+    assert not new.exists() and len(left) == 1 and ours.fullmatch(left[0]), left
+    stale = fs.path / left[0]
+    assert stale.stat().st_size > 0
+
+    r = tool("fork", ov, new)                       # fresh: it could be a fork at work
+    assert r.returncode == 0, r.stderr
+    assert temporaries() == left
+    os.unlink(new)
+    old = time.time() - 2 * overlayfile.STALE_TEMPORARY_S
+    os.utime(stale, (old, old))
+    r = tool("fork", ov, new)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert temporaries() == [] and new.exists()
+    with start_server(disk, "--overlay", new, "-r", tmp_path=tmp_path) as (uri, _):
+        assert read_view(uri) == e

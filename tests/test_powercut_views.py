@@ -25,10 +25,10 @@ import time
 import nbd
 import pytest
 
-from support_powercut import PowerCutFS
+from support_powercut import MODES, PowerCutFS, load_and_cut
 from support_server import start_server
 from test_overlay_crash import GROUP, MiB, Client, Sector, SECTORS_PER_GROUP, check_and_rebase
-from test_powercut import MODES, ROUNDS, SEED, make_backing, overlay_info
+from test_powercut import ROUNDS, SEED, make_backing, overlay_info
 
 NAMES = [f"vm-{i}" for i in range(10)]
 
@@ -116,36 +116,11 @@ def test_power_cut_under_views_loses_nothing_flushed(fs, tmp_path):
                 armed = ("sync", rng.randint(1, 12))
             elif r < 0.85:
                 armed = (None, rng.randint(1, 600))
-            if armed:
-                fs.arm(armed[1], armed[0])
-            killed = threading.Event()     # errors are the test's failure until it is set
-            clients = [Client(view_uri(proc, name), views[name].groups, views[name].model, ids,
-                              rng.random(), killed) for name in chosen]
-            for c in clients:
-                c.start()
-            if armed:
-                # (a second change of names may never come: then a cut after a second)
-                deadline = time.monotonic() + (1 if armed[0] == "name" else 5)
-                while not fs.stats()["frozen"] and time.monotonic() < deadline:
-                    time.sleep(0.01)
-            else:
-                time.sleep(rng.uniform(0.05, 0.6))
-            killed.set()
-            proc.send_signal(signal.SIGKILL)
-            mode = rng.choice(MODES)
-            modes.append(mode)
-            cut = fs.cut(mode, rng.randrange(1 << 30), stay_off=True)
-            proc.wait()
-            fs.power_on()
-            for k in ("lost", "kept", "frozen"):
-                counts[k] += cut[k]
+            cut = load_and_cut(fs, proc, rng, armed, lambda killed: [
+                Client(view_uri(proc, name), views[name].groups, views[name].model, ids,
+                       rng.random(), killed) for name in chosen], counts, modes)
             if armed and armed[0] == "name" and cut["frozen"]:
                 counts["at a name"] += 1
-            for c in clients:
-                c.join(30)
-                assert not c.is_alive(), "a client hung after the kill"
-                assert c.unexpected is None, repr(c.unexpected)
-                counts["ops"] += c.ops
         for name in chosen:
             if name in new:
                 counts["made at the cut"] += not (folder / f"{name}.cow").exists()

@@ -21,6 +21,7 @@ from cow.views import (
     ViewSet,
     name_problem,
 )
+from support_temporaries import PlantedTemporaries
 
 MiB = 1024 * 1024
 
@@ -360,30 +361,8 @@ def test_a_creation_cut_short_leaves_a_temporary_that_the_next_creation_removes(
     # A crash or a power cut between making a view's file and linking it into place leaves
     # `.NAME.cow.<hex>.new` (no `.cow` name points at it).  The next creation of that name
     # removes those that are old and unlocked, and nothing else.
-    old = time.time() - 2 * overlayfile.STALE_TEMPORARY_S
-
-    def planted(name, *, age=old):
-        p = folder / name
-        p.write_bytes(b"\0" * 4096)
-        os.utime(p, (age, age))
-        return p
-
-    stale = planted(".a.cow.0123456789ab.new")
-    fresh = planted(".a.cow.00000000000f.new", age=time.time())
-    held = planted(".a.cow.aaaaaaaaaaaa.new")
-    other_view = planted(".b.cow.0123456789ab.new")
-    not_ours = planted(".a.cow.0123456789ab.new.keep")
-    target = planted("elsewhere")
-    link = folder / ".a.cow.bbbbbbbbbbbb.new"
-    link.symlink_to(target)
-    holder = os.open(held, os.O_RDWR)
-    overlayfile.lock(holder, str(held), exclusive=True)    # a creation still at work
-    try:
+    with PlantedTemporaries(folder, "a.cow") as planted:
         views = ViewSet(backing, directory=str(folder))
         views.release(views.acquire("a"))
-    finally:
-        os.close(holder)
-    assert not stale.exists()
-    assert all(p.exists() for p in (fresh, held, other_view, not_ours, target))
-    assert link.is_symlink()
+    planted.check()
     assert (folder / "a.cow").is_file()
