@@ -18,8 +18,7 @@
 
 cdef enum:
     LEAVE_IT = -1                   # serve_backing_read: the front end's
-    AREAD_POOL_MIN_SHIFT = 16       # reply buffers kept by size class, 64 KiB up
-    AREAD_POOL_CLASSES = 8          # ... to 8 MiB (larger ones are not kept)
+    SEND_REPLIES = 32               # replies gathered into one sendmsg (SEND_IOV: two buffers each)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,28 +154,36 @@ cdef class ReadBudget:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reply buffers, kept for reuse by size class (a stream of reads would otherwise map, fault in
-# and unmap fresh memory for each one)
+# Data buffers of the reads in flight, kept for reuse by size class (powers of two from 4 KiB),
+# up to POOL_BUDGET idle bytes: a fresh buffer costs a page fault and a zeroed page for every
+# 4 KiB the backing's data lands in, as much CPU here as the data's copies.  The buffers hold
+# only data (the reply's header is the aread's own), so that a read of 256 KiB takes a buffer
+# of 256 KiB.  Buffers over POOL_MAX are not kept.
+
+cdef enum:
+    POOL_MIN_SHIFT = 12             # classes 4 KiB ...
+    POOL_CLASSES = 12               # ... to 8 MiB (POOL_MAX)
+    POOL_BUDGET = 64 * 1024 * 1024
 
 cdef pthread_mutex_t apool_m
 pthread_mutex_init(&apool_m, NULL)
-cdef void *apool_free[AREAD_POOL_CLASSES]       # a list per class, linked through the buffers
-cdef uint64_t apool_idle = 0
-cdef uint64_t apool_budget = 64 * 1024 * 1024  # idle bytes kept at most
+cdef void *apool_free[POOL_CLASSES]     # a list per class, linked through the buffers
+cdef size_t apool_idle = 0
 
 
 cdef int apool_class(size_t need, size_t *size) noexcept nogil:
     """The class of a buffer of at least need bytes (and its size), or -1: not kept."""
     cdef int c = 0
-    cdef size_t s = <size_t>1 << AREAD_POOL_MIN_SHIFT
+    cdef size_t s = <size_t>1 << POOL_MIN_SHIFT
     while s < need:
         s <<= 1
         c += 1
     size[0] = s
-    return c if c < AREAD_POOL_CLASSES else -1
+    return c if c < POOL_CLASSES else -1
 
 
 cdef uint8_t *apool_get(size_t need, size_t *size) noexcept nogil:
+    """A buffer of at least need bytes (*size: its size), or NULL."""
     global apool_idle
     cdef int c = apool_class(need, size)
     cdef void *p = NULL
@@ -200,7 +207,7 @@ cdef void apool_put(uint8_t *p, size_t size) noexcept nogil:
     cdef int c = apool_class(size, &s)
     if c >= 0 and s == size:
         pthread_mutex_lock(&apool_m)
-        if apool_idle + size <= apool_budget:
+        if apool_idle + size <= POOL_BUDGET:
             (<void **>p)[0] = apool_free[c]
             apool_free[c] = p
             apool_idle += size
@@ -269,7 +276,7 @@ cdef int serve_backing_read(Engine e, Transmission tx, uint64_t cookie, uint16_t
     the front end's) or ST_BROKEN."""
     cdef size_t head = DATA_CHUNK_BYTES if tx.structured else SIMPLE_BYTES
     cdef aread_t *r
-    cdef iovec iov
+    cdef iovec iov[2]
     cdef int rc
     fail.op = "pread"
     if tx.reads >= tx.max_reads or not budget_try_take(tx.budget, tx, count):
@@ -291,7 +298,7 @@ cdef int serve_backing_read(Engine e, Transmission tx, uint64_t cookie, uint16_t
         rc = slot_take(tx)          # a slot is free: no wait
     r = <aread_t *>calloc(1, sizeof(aread_t))
     if r != NULL:
-        r.mem = apool_get(head + count, &r.memsize)
+        r.mem = apool_get(count, &r.memsize)
     if r == NULL or r.mem == NULL:
         free(r)
         budget_give(tx.budget, tx, count)
@@ -307,7 +314,7 @@ cdef int serve_backing_read(Engine e, Transmission tx, uint64_t cookie, uint16_t
     tx.rq.pending += 1
     pthread_mutex_unlock(&tx.rq.m)
     cow_atomic_add(&e.served_reads, 1)
-    rc = e.c_pread_start(r.mem + head, count, offset, r)
+    rc = e.c_pread_start(r.mem, count, offset, r)
     if rc == 1:
         return 0                    # the replier answers it
     pthread_mutex_lock(&tx.rq.m)
@@ -317,10 +324,12 @@ cdef int serve_backing_read(Engine e, Transmission tx, uint64_t cookie, uint16_t
         rc = tx_flush(tx)
         if rc == 0:
             put_reply_head(tx, r)
-            iov.iov_base = r.mem
-            iov.iov_len = head + count
+            iov[0].iov_base = r.head
+            iov[0].iov_len = head
+            iov[1].iov_base = r.mem
+            iov[1].iov_len = count
             pthread_mutex_lock(&tx.send_mutex)
-            rc = send_iov(tx.sock, &iov, 1, 0)
+            rc = send_iov(tx.sock, iov, 2, 0)
             pthread_mutex_unlock(&tx.send_mutex)
         if rc < 0:
             fail.err = -rc
@@ -338,9 +347,9 @@ cdef int serve_backing_read(Engine e, Transmission tx, uint64_t cookie, uint16_t
 
 cdef void put_reply_head(Transmission tx, aread_t *r) noexcept nogil:
     if tx.structured:
-        put_chunk(r.mem, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, r.cookie, r.count + 8, r.offset)
+        put_chunk(r.head, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, r.cookie, r.count + 8, r.offset)
     else:
-        put_simple(r.mem, r.cookie)
+        put_simple(r.head, r.cookie)
 
 
 cdef int reply_batch(Engine e, Transmission tx, aread_t *r, aread_t **failed) noexcept nogil:
@@ -348,12 +357,12 @@ cdef int reply_batch(Engine e, Transmission tx, aread_t *r, aread_t **failed) no
     held; the failed ones are moved to *failed (their buffers freed) for the front end to
     answer.  0 or -errno of the send (the client is gone: the rest are dropped)."""
     cdef iovec iov[SEND_IOV]
-    cdef aread_t *batch[SEND_IOV]
+    cdef aread_t *batch[SEND_REPLIES]
     cdef aread_t *nxt
     cdef int n = 0, i, err = 0
     cdef size_t head = DATA_CHUNK_BYTES if tx.structured else SIMPLE_BYTES
     while r != NULL or n:
-        if r != NULL and n < SEND_IOV:
+        if r != NULL and n < SEND_REPLIES:
             nxt = r.next
             if r.status == 0 and r.cor != NULL:     # cow-on-read: copy up what was read
                 e.cor_finish(r.cor)
@@ -363,15 +372,17 @@ cdef int reply_batch(Engine e, Transmission tx, aread_t *r, aread_t **failed) no
                 failed[0] = r
             else:
                 put_reply_head(tx, r)
-                iov[n].iov_base = r.mem
-                iov[n].iov_len = head + r.count
+                iov[2 * n].iov_base = r.head
+                iov[2 * n].iov_len = head
+                iov[2 * n + 1].iov_base = r.mem
+                iov[2 * n + 1].iov_len = r.count
                 batch[n] = r
                 n += 1
             r = nxt
             continue
         if err == 0 and not cow_atomic_load(&tx.broken):
             pthread_mutex_lock(&tx.send_mutex)
-            err = send_iov(tx.sock, iov, n, 0)
+            err = send_iov(tx.sock, iov, 2 * n, 0)
             pthread_mutex_unlock(&tx.send_mutex)
             if err < 0:
                 cow_atomic_store(&tx.broken, 1)

@@ -36,7 +36,8 @@ cdef struct aread_t:
     int status
     aread_t *next
     # A read started by Engine.serve (areads.pxi): no Python object; the reply's own buffer
-    uint8_t *mem                # reply header, then the data
+    uint8_t head[32]            # the reply's header (28 bytes at most)
+    uint8_t *mem                # the data
     size_t memsize
     uint64_t cookie
     uint64_t offset
