@@ -104,6 +104,26 @@ class Served:
         self.engine.close()
 
 
+def send_held(s, back, n, *, at_backing):
+    """Send n READs of 64 KiB (cookies 0..n-1) while the backing holds requests; once
+    at_backing of them have reached it, note (reads at the backing, reads in flight, bytes
+    charged to the connection), release the backing and check every reply.  Returns the note."""
+    back.hold()
+    for i in range(n):
+        s.read(i * 64 * KiB, 64 * KiB, cookie=i)
+    try:
+        back.wait_for(r" Read id=\d+ ", count=at_backing)
+        seen = (len(back.pending()), s.tx.reads_in_flight, s.tx.read_in_use)
+    finally:
+        back.release()
+    got = {}
+    for _ in range(n):
+        cookie, error, data = s.simple_reply(64 * KiB)
+        got[cookie] = (error, data)
+    assert got == {i: (0, pattern(i * 64 * KiB, 64 * KiB)) for i in range(n)}
+    return seen
+
+
 @pytest.fixture
 def served():
     made = []
@@ -179,17 +199,7 @@ def test_the_read_slots_bound_the_reads_in_flight(held, served):  # noqa: F811
     slot (sending what it holds back first) and goes on as replies leave."""
     back = held("pattern", "16M", nbdkit_args=("-t", "64"))
     s = served(back.uri, max_reads=4)
-    back.hold()
-    for i in range(12):
-        s.read(i * 64 * KiB, 64 * KiB, cookie=i)
-    try:
-        back.wait_for(r" Read id=\d+ ", count=4)
-        assert len(back.pending()) == 4
-        assert s.tx.reads_in_flight == 4
-    finally:
-        back.release()
-    got = sorted(s.simple_reply(64 * KiB)[0] for _ in range(12))
-    assert got == list(range(12))
+    assert send_held(s, back, 12, at_backing=4) == (4, 4, 256 * KiB)
     s.finish()
     assert back.text().count(" Read id=") >= 12
 
@@ -198,16 +208,9 @@ def test_the_read_budget_bounds_the_bytes_in_flight(held, served):  # noqa: F811
     """A per-connection budget of 256 KiB lets 4 READs of 64 KiB be in flight, not more."""
     back = held("pattern", "16M", nbdkit_args=("-t", "64"))
     s = served(back.uri, budget=(256 * KiB, 256 * MiB))
-    back.hold()
-    for i in range(8):
-        s.read(i * 64 * KiB, 64 * KiB, cookie=i)
-    try:
-        back.wait_for(r" Read id=\d+ ", count=4)
-        assert len(back.pending()) == 4
-        assert s.tx.read_in_use == 256 * KiB and s.budget.in_use == 256 * KiB
-    finally:
-        back.release()
-    assert sorted(s.simple_reply(64 * KiB)[0] for _ in range(8)) == list(range(8))
+    at_backing, _, charged = send_held(s, back, 8, at_backing=4)
+    assert (at_backing, charged) == (4, 256 * KiB)  # (the reader holds a fifth slot, waiting)
+    assert s.budget.in_use == 0
     s.finish()
     assert s.budget.in_use == 0
 

@@ -114,11 +114,7 @@ class _OffTheReader:
                         log.info("connection %d: READ offset=%d count=%d flags=0x%x -> OK",
                                  self.id, offset, count, flags)
             try:
-                if not self.broken:
-                    with self.send_lock:
-                        sendmsg_all(self.sock, replies)
-            except OSError as e:
-                self._client_gone(e)
+                self._send_replies(replies)
             finally:
                 replies.clear()
                 for token, _ in done:
@@ -126,6 +122,16 @@ class _OffTheReader:
                     budget.give(tx, token[3])
                     tx.give_read_slot()
                     self._worker_done()
+
+    def _send_replies(self, replies: list) -> None:
+        """Send replies together (one sendmsg, under the send lock), unless the client is
+        gone; a send that fails means it is."""
+        try:
+            if not self.broken:
+                with self.send_lock:
+                    sendmsg_all(self.sock, replies)
+        except OSError as e:
+            self._client_gone(e)
 
     def _start_served_replier(self) -> None:
         self.served_replier = threading.Thread(target=self._reply_served, daemon=True,
@@ -142,15 +148,10 @@ class _OffTheReader:
             if status == REPLIED_END:
                 return
             if status == REPLIED_FAILED:
-                replies = [self._error_reply(cookie, NBD_CMD_READ, flags, offset, count,
-                                             nbd_error_from_errno(err), os.strerror(err))
-                           for cookie, flags, offset, count, err in info]
-                try:
-                    if not self.broken:
-                        with self.send_lock:
-                            sendmsg_all(self.sock, replies)
-                except OSError as e:
-                    self._client_gone(e)
+                self._send_replies([
+                    self._error_reply(cookie, NBD_CMD_READ, flags, offset, count,
+                                      nbd_error_from_errno(err), os.strerror(err))
+                    for cookie, flags, offset, count, err in info])
             elif status == REPLIED_BROKEN:
                 self._client_gone(os.strerror(info))
             self._wake_if_idle()
