@@ -14,6 +14,7 @@ import pytest
 
 from cow import protocol as P
 from cow.engine import (
+    REPLIED_BROKEN,
     REPLIED_END,
     REPLIED_FAILED,
     SERVE_EOF,
@@ -234,3 +235,25 @@ def test_a_broken_connection_stops_a_reader_waiting_for_a_slot(held, served):  #
     s.replier.join(30)
     assert not s.replier.is_alive()
     assert s.tx.reads_in_flight == 0 and s.budget.in_use == 0
+
+
+def test_a_client_gone_with_reads_in_flight_leaves_nothing_held(held, served):  # noqa: F811
+    """The client hangs up with 16 reads held at the backing: once the backing answers, the
+    replier finds the client gone (REPLIED_BROKEN, EPIPE), drops the rest, and every slot,
+    byte of budget and buffer is given back."""
+    back = held("pattern", "16M", nbdkit_args=("-t", "64"))
+    s = served(back.uri)
+    back.hold()
+    for i in range(16):
+        s.read(i * 64 * KiB, 64 * KiB, cookie=i)
+    back.wait_for(r" Read id=\d+ ", count=16)
+    s.client.close()
+    s.reader.join(30)
+    assert s.served == [(SERVE_EOF, None)]
+    back.release()
+    s.tx.close_reads()
+    s.replier.join(30)
+    assert not s.replier.is_alive()
+    assert s.replied[0] == (REPLIED_BROKEN, errno.EPIPE)
+    assert s.replied[-1] == (REPLIED_END, None)
+    assert s.tx.reads_in_flight == 0 and s.tx.read_in_use == 0 and s.budget.in_use == 0
