@@ -25,6 +25,7 @@ from cow.engine import (
     serve_replies,
 )
 from support_hold import held  # noqa: F401 - a fixture
+from test_serve import Session
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -78,13 +79,7 @@ class Served:
     def read(self, offset, count, cookie):
         self.client.sendall(P.pack_request(P.NBD_CMD_READ, offset, count, cookie=cookie))
 
-    def recv_exact(self, n):
-        out = bytearray()
-        while len(out) < n:
-            got = self.client.recv(n - len(out))
-            assert got, "the server end closed"
-            out += got
-        return bytes(out)
+    recv_exact = Session.recv_exact   # n bytes from self.client
 
     def simple_reply(self, count):
         magic, error, cookie = SIMPLE.unpack(self.recv_exact(SIMPLE.size))
