@@ -416,18 +416,7 @@ def serve_replies(Engine e not None, Transmission tx not None):
     cdef int n, err = 0, status
     with nogil:
         while True:
-            pthread_mutex_lock(&tx.rq.m)
-            while tx.rq.head == NULL and not (tx.rq.closed and tx.rq.pending == 0):
-                pthread_cond_wait(&tx.rq.cond, &tx.rq.m)
-            r = tx.rq.head
-            tx.rq.head = tx.rq.tail = NULL
-            n = 0
-            nxt = r
-            while nxt != NULL:
-                n += 1
-                nxt = nxt.next
-            tx.rq.pending -= n
-            pthread_mutex_unlock(&tx.rq.m)
+            r = rq_take(&tx.rq, &n)
             if r == NULL:
                 status = RP_END
                 break

@@ -70,6 +70,26 @@ cdef void aread_done(batch_t *w) noexcept nogil:
     pthread_mutex_unlock(&q.m)
 
 
+cdef aread_t *rq_take(rq_t *q, int *n) noexcept nogil:
+    """Wait for finished reads and take them all off q (*n: how many); NULL once q is closed
+    and nothing is pending."""
+    cdef aread_t *r
+    cdef aread_t *nxt
+    pthread_mutex_lock(&q.m)
+    while q.head == NULL and not (q.closed and q.pending == 0):
+        pthread_cond_wait(&q.cond, &q.m)
+    r = q.head
+    q.head = q.tail = NULL
+    n[0] = 0
+    nxt = r
+    while nxt != NULL:
+        n[0] += 1
+        nxt = nxt.next
+    q.pending -= n[0]
+    pthread_mutex_unlock(&q.m)
+    return r
+
+
 # The pieces of a read that a front end sends itself (Engine.read_plan): each is count bytes of
 # a file at pos (the overlay or a file backing), or count zero bytes (fd -1).
 

@@ -195,17 +195,7 @@ cdef class ReadQueue:
         cdef aread_t *nxt
         cdef int n = 0
         with nogil:
-            pthread_mutex_lock(&self.q.m)
-            while self.q.head == NULL and not (self.q.closed and self.q.pending == 0):
-                pthread_cond_wait(&self.q.cond, &self.q.m)
-            r = self.q.head
-            self.q.head = self.q.tail = NULL
-            nxt = r
-            while nxt != NULL:
-                n += 1
-                nxt = nxt.next
-            self.q.pending -= n
-            pthread_mutex_unlock(&self.q.m)
+            r = rq_take(&self.q, &n)
         done = []
         while r != NULL:
             nxt = r.next
